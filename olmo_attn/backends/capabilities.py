@@ -1,0 +1,253 @@
+"""The one capability table.
+
+Each backend declares, as data, what it supports. ``AttentionBackend.assert_*``, automatic backend
+choice, every "not supported" error, ``olmo-attn info`` and the conformance case matrix read this
+table and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import StrEnum
+from ..exceptions import BackendUnavailableError, UnsupportedFeatureError
+from ..hardware import DeviceInfo, info_for, package_status
+
+
+class Feature(StrEnum):
+    """Features a backend may have. Conformance builds one case family per feature."""
+
+    causal = "causal"
+    non_causal = "non_causal"  # kernel level only: the modules are always causal
+    gqa = "gqa"  # grouped / multi-query heads without materialising repeated K/V
+    sliding_window = "sliding_window"
+    documents = "documents"  # intra-document masking with one segmentation (cu_doc_lens)
+    documents_qk = "documents_qk"  # separate query / key segmentations (llama3 CP)
+    kv_cache = "kv_cache"
+    kv_cache_leftpad = "kv_cache_leftpad"
+    packed_qkv = "packed_qkv"
+    ring_cp = "ring_cp"
+    ulysses_cp = "ulysses_cp"
+    dropout = "dropout"
+    deterministic = "deterministic"  # bit-identical backward on repeated runs
+    lse = "lse"  # kernel returns the log-sum-exp (needed by our ring attention)
+    custom_scale = "custom_scale"
+
+
+ALL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
+HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
+SM = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What one backend supports, where it runs, and how to get it."""
+
+    name: str
+    class_name: str
+    module: str | None  # module whose import proves the package is there (None: always there)
+    distribution: str | None  # PyPI distribution for the version / install hint
+    install: str  # how a user gets it
+    devices: frozenset[str]  # "cpu" and/or "cuda"
+    sm_min: SM | None = None  # inclusive compute-capability range on CUDA
+    sm_max: SM | None = None
+    dtypes: frozenset[torch.dtype] = ALL_DTYPES
+    head_dim_max: int = 256
+    head_dim_multiple: int = 1
+    features: frozenset[Feature] = frozenset()
+    ring_strategies: tuple[str, ...] = ()  # load balancers its ring CP can run
+    # where a feature needs a second package (flash_2's ring via ring-flash-attn is optional for us)
+    feature_modules: dict[Feature, str] = field(default_factory=dict)
+    verified_on_hardware: bool = False  # passed conformance on a real device in this project
+    alternative_modules: tuple[str, ...] = ()  # other import names that also provide it
+    notes: str = ""
+
+    def arch_ok(self, dev: DeviceInfo) -> bool:
+        if dev.type not in self.devices:
+            return False
+        if dev.type == "cuda" and dev.sm is not None:
+            if self.sm_min is not None and dev.sm < self.sm_min:
+                return False
+            if self.sm_max is not None and dev.sm > self.sm_max:
+                return False
+        return True
+
+    def arch_text(self) -> str:
+        parts = []
+        if "cpu" in self.devices:
+            parts.append("CPU")
+        if "cuda" in self.devices:
+            lo = f"sm_{self.sm_min[0]}{self.sm_min[1]}" if self.sm_min else "any"
+            hi = f"sm_{self.sm_max[0]}{self.sm_max[1]}" if self.sm_max else "newer"
+            parts.append("CUDA" if not (self.sm_min or self.sm_max) else f"CUDA {lo}–{hi}")
+        return " / ".join(parts)
+
+
+_F = Feature
+_EVERYTHING = frozenset(Feature)
+
+TABLE: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec(
+            name="torch",
+            class_name="TorchAttentionBackend",
+            module=None,
+            distribution="torch",
+            install="included (PyTorch)",
+            devices=frozenset({"cpu", "cuda"}),
+            features=_EVERYTHING - {_F.deterministic},
+            ring_strategies=("zig_zag", "llama3"),
+            verified_on_hardware=True,
+            notes="SDPA (cuDNN/flash) for plain masks, FlexAttention on CUDA and a blockwise kernel on CPU "
+            "for windows, documents and KV cache; never a dense T×T mask",
+        ),
+        BackendSpec(
+            name="flash_2",
+            class_name="FlashAttention2Backend",
+            module="flash_attn",
+            distribution="flash-attn",
+            install="pip install flash-attn --no-build-isolation (Ampere or newer NVIDIA GPU)",
+            devices=frozenset({"cuda"}),
+            sm_min=(8, 0),
+            dtypes=HALF_DTYPES,
+            head_dim_max=256,
+            head_dim_multiple=8,
+            features=_EVERYTHING,
+            ring_strategies=("zig_zag", "llama3"),
+            feature_modules={},
+            notes="flash_attn_func / varlen / with_kvcache / qkvpacked; ring CP through our LSE ring "
+            "(ring-flash-attn used when installed)",
+        ),
+        BackendSpec(
+            name="flash_3",
+            class_name="FlashAttention3Backend",
+            module="flash_attn_interface",
+            alternative_modules=("flash_attn_3.flash_attn_interface",),
+            distribution="flash-attn-3",
+            install="build flash-attn's hopper/ directory (python setup.py install) on an H100/H800",
+            devices=frozenset({"cuda"}),
+            sm_min=(9, 0),
+            sm_max=(9, 0),
+            dtypes=HALF_DTYPES,
+            head_dim_max=256,
+            head_dim_multiple=8,
+            features=_EVERYTHING - {_F.dropout},
+            ring_strategies=("zig_zag", "llama3"),
+            notes="Hopper only; no dropout",
+        ),
+        BackendSpec(
+            name="flash_4",
+            class_name="FlashAttention4Backend",
+            module="flash_attn.cute",
+            distribution="flash-attn-4",
+            install="pip install flash-attn-4 (CuTe DSL; Hopper sm_90 or Blackwell sm_100–sm_103)",
+            devices=frozenset({"cuda"}),
+            sm_min=(9, 0),
+            sm_max=(10, 3),
+            dtypes=HALF_DTYPES,
+            head_dim_max=128,
+            head_dim_multiple=8,
+            features=_EVERYTHING - {_F.dropout},
+            ring_strategies=("zig_zag", "llama3"),
+            notes="to be verified on the lent H100/H200",
+        ),
+        BackendSpec(
+            name="te",
+            class_name="TEAttentionBackend",
+            module="transformer_engine.pytorch",
+            distribution="transformer-engine",
+            install="pip install transformer-engine[pytorch] (Hopper or newer recommended)",
+            devices=frozenset({"cuda"}),
+            sm_min=(8, 0),
+            dtypes=HALF_DTYPES,
+            head_dim_max=256,
+            head_dim_multiple=8,
+            features=_EVERYTHING - {_F.kv_cache, _F.kv_cache_leftpad, _F.lse, _F.documents_qk},
+            ring_strategies=("zig_zag",),
+            notes="DotProductAttention; ring CP through TE's own p2p implementation",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> BackendSpec:
+    try:
+        return TABLE[str(name)]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(TABLE)}") from None
+
+
+def unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """``None`` if backend ``name`` can run on ``device`` here, else the exact reason."""
+    spec = get_spec(name)
+    dev = info_for(device)
+    if spec.module is not None:
+        status = package_status(spec.module, spec.distribution)
+        if not status:
+            for alt in spec.alternative_modules:
+                if package_status(alt, spec.distribution):
+                    status = package_status(alt, spec.distribution)
+                    break
+        if not status:
+            return f"{spec.module} {status.reason}; install with: {spec.install}"
+    if not spec.arch_ok(dev):
+        return (
+            f"backend '{name}' needs {spec.arch_text()}, but this is {dev.type} {dev.name} ({dev.arch}); "
+            f"on this device use: {', '.join(n for n in available_backends(device)) or 'torch'}"
+        )
+    return None
+
+
+def is_available(name: str, device: torch.device | str | None = None) -> bool:
+    return unavailable_reason(name, device) is None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    return [n for n in TABLE if unavailable_reason(n, device) is None]
+
+
+def supporting(feature: Feature | str, device: torch.device | str | None = None) -> list[str]:
+    """Backends whose table entry has ``feature`` (available here or not)."""
+    f = Feature(feature)
+    return [n for n, s in TABLE.items() if f in s.features]
+
+
+def assert_available(name: str, device: torch.device | str | None = None) -> None:
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"attention backend '{name}' is unavailable: {reason}")
+
+
+def assert_feature(name: str, feature: Feature | str, detail: str = "") -> None:
+    """Raise :class:`UnsupportedFeatureError` naming the backends that do support ``feature``."""
+    spec = get_spec(name)
+    f = Feature(feature)
+    if f in spec.features:
+        return
+    others = [n for n in supporting(f) if n != name]
+    raise UnsupportedFeatureError(
+        f"attention backend '{name}' does not support {f.value.replace('_', ' ')}{detail}; "
+        f"backends that do: {', '.join(others) or 'none'}"
+    )
+
+
+def assert_dtype(name: str, dtype: torch.dtype) -> None:
+    spec = get_spec(name)
+    if dtype not in spec.dtypes:
+        ok = sorted(str(d).replace("torch.", "") for d in spec.dtypes)
+        raise UnsupportedFeatureError(
+            f"attention backend '{name}' does not support dtype {dtype}; it needs one of {ok} "
+            "(run the model under torch.autocast, or choose backend='torch')"
+        )
+
+
+def assert_head_dim(name: str, head_dim: int) -> None:
+    spec = get_spec(name)
+    if head_dim > spec.head_dim_max or head_dim % spec.head_dim_multiple:
+        raise UnsupportedFeatureError(
+            f"attention backend '{name}' does not support head_dim={head_dim}; it needs a multiple of "
+            f"{spec.head_dim_multiple} up to {spec.head_dim_max} (backend='torch' takes any head_dim)"
+        )

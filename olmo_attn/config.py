@@ -1,0 +1,236 @@
+"""Config base class, ``StrEnum`` and ``DType``.
+
+Configs are dataclasses with ``as_dict`` / ``from_dict`` and JSON / YAML round trips. ``from_dict``
+accepts the dict shape OLMo-core configs serialise to: a ``_CLASS_`` key (the class path) is
+ignored when the target class is known, and registrable configs carry a ``type`` discriminator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from .exceptions import ConfigurationError
+
+C = TypeVar("C", bound="Config")
+
+
+class StrEnum(str, enum.Enum):
+    """String-valued enum: members equal their value and ``str(member) == member.value``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"'{self.value}'"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float64 = "float64"
+
+    @classmethod
+    def from_pt(cls, dtype: torch.dtype) -> DType:
+        for member in cls:
+            if member.as_pt() == dtype:
+                return member
+        raise ValueError(f"dtype={dtype} has no DType member; use one of {[m.value for m in cls]}")
+
+    def as_pt(self) -> torch.dtype:
+        return getattr(torch, self.value)
+
+
+def _is_config_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Convert ``value`` (plain JSON data) to the annotated type ``tp``."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        for arg in args:  # first that accepts the value without error
+            try:
+                return _coerce(arg, value)
+            except (TypeError, ValueError, ConfigurationError):
+                continue
+        return value
+    if origin in (list, tuple, typing.List, typing.Tuple):  # noqa: UP006
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v) for v in value]
+        return items if origin in (list, typing.List) else tuple(items)  # noqa: UP006
+    if origin is dict:
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {k: _coerce(vt, v) for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value if isinstance(value, tp) else tp(value)
+    if _is_config_type(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return tp.from_dict(value) if hasattr(tp, "from_dict") else tp(**value)
+    if tp is torch.dtype and isinstance(value, str):
+        return DType(value.replace("torch.", "")).as_pt()
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _to_plain(
+    value: Any, *, exclude_none: bool, include_class_name: bool, json_safe: bool, recurse: bool
+) -> Any:
+    if isinstance(value, Config):
+        if not recurse:
+            return value
+        return value.as_dict(
+            exclude_none=exclude_none,
+            include_class_name=include_class_name,
+            json_safe=json_safe,
+            recurse=True,
+        )
+    if isinstance(value, enum.Enum):
+        return value.value if json_safe else value
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "") if json_safe else value
+    if isinstance(value, (list, tuple)):
+        out = [
+            _to_plain(
+                v,
+                exclude_none=exclude_none,
+                include_class_name=include_class_name,
+                json_safe=json_safe,
+                recurse=recurse,
+            )
+            for v in value
+        ]
+        return out if (json_safe or isinstance(value, list)) else tuple(out)
+    if isinstance(value, dict):
+        return {
+            k: _to_plain(
+                v,
+                exclude_none=exclude_none,
+                include_class_name=include_class_name,
+                json_safe=json_safe,
+                recurse=recurse,
+            )
+            for k, v in value.items()
+        }
+    return value
+
+
+@dataclasses.dataclass
+class Config:
+    """Base class of every config: a dataclass with dict / JSON / YAML round trips."""
+
+    CLASS_NAME_FIELD: ClassVar[str] = "_CLASS_"
+
+    def as_dict(
+        self,
+        *,
+        exclude_none: bool = False,
+        exclude_private_fields: bool = False,
+        include_class_name: bool = False,
+        json_safe: bool = False,
+        recurse: bool = True,
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if include_class_name:
+            out[self.CLASS_NAME_FIELD] = f"{type(self).__module__}.{type(self).__qualname__}"
+        for field in dataclasses.fields(self):
+            if exclude_private_fields and field.name.startswith("_"):
+                continue
+            value = getattr(self, field.name)
+            if exclude_none and value is None:
+                continue
+            out[field.name] = _to_plain(
+                value,
+                exclude_none=exclude_none,
+                include_class_name=include_class_name,
+                json_safe=json_safe,
+                recurse=recurse,
+            )
+        return out
+
+    def as_config_dict(self) -> dict[str, Any]:
+        """The JSON-safe dict OLMo-core writes into checkpoints and experiment configs."""
+        return self.as_dict(
+            exclude_none=True, exclude_private_fields=True, include_class_name=True, json_safe=True
+        )
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        data = {k: v for k, v in data.items() if k != cls.CLASS_NAME_FIELD}
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigurationError(
+                f"{cls.__name__}.from_dict: unknown field(s) {unknown}; valid fields are {sorted(names)}"
+            )
+        kwargs = {k: _coerce(hints.get(k, Any), v) for k, v in data.items()}
+        return cls(**kwargs)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.as_dict(json_safe=True, exclude_none=True), **kwargs)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.as_dict(json_safe=True, exclude_none=True), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls: type[C], text: str) -> C:
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(text))
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+class Registrable:
+    """Mixin for config families with a ``type`` discriminator (``SequenceMixerConfig``).
+
+    ``@Base.register("attention")`` records a subclass; ``Base.from_dict({"type": "attention", ...})``
+    builds it. Subclasses' ``from_dict`` ignores a matching ``type`` key.
+    """
+
+    _registry: ClassVar[dict[str, type]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_registry" not in cls.__dict__ and not any("_registry" in b.__dict__ for b in cls.__mro__[1:]):
+            cls._registry = {}
+
+    @classmethod
+    def register(cls, name: str):
+        def deco(sub: type) -> type:
+            cls._registry[name] = sub
+            sub._registered_name = name  # type: ignore[attr-defined]
+            return sub
+
+        return deco
+
+    @classmethod
+    def resolve(cls, name: str) -> type:
+        try:
+            return cls._registry[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"unknown {cls.__name__} type={name!r}; registered types are {sorted(cls._registry)}"
+            ) from None
