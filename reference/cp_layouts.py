@@ -174,8 +174,8 @@ def llama3_metadata(cu_doc_lens, rank: int, world: int) -> dict:
     """
     cu = _check_cu(cu_doc_lens).astype(np.int64)
     total = int(cu[-1])
-    if total % world:
-        raise ValueError(f"llama3 metadata needs cu_doc_lens[-1]={total} divisible by W={world}")
+    if total == 0 or total % world:
+        raise ValueError(f"llama3 metadata needs cu_doc_lens[-1]={total} > 0 and divisible by W={world}")
     L = total // world
     a, e = rank * L, (rank + 1) * L
     left = int(np.flatnonzero(cu <= a)[-1])
