@@ -166,7 +166,6 @@ def test_document_shards_cover_every_token_once_and_invert(lens, world, lm):
 def test_zigzag_causal_work_is_balanced(lens, world):
     """Causal work of a token = its position in its document + 1; zig-zag gives every rank the same
     total (chunks r and 2W−1−r of each padded document sum to a constant)."""
-    cu = np.concatenate([[0], np.cumsum(lens)])
     padded = [-(-n // (2 * world)) * 2 * world for n in lens]
     work = np.concatenate([np.arange(1, p + 1) for p in padded])[None]  # per token, padded docs
     cu_padded = np.concatenate([[0], np.cumsum(padded)])
@@ -174,7 +173,6 @@ def test_zigzag_causal_work_is_balanced(lens, world):
     assert len(set(per_rank)) == 1
     plain = [cp.zigzag_shard(np.arange(1, 2 * world * 3 + 1)[None], 1, r, world).sum() for r in range(world)]
     assert len(set(plain)) == 1
-    assert cu[-1] == sum(lens)
 
 
 @settings(max_examples=10, deadline=None)
