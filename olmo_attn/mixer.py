@@ -74,6 +74,8 @@ class SequenceMixerConfig(Config, Registrable, Generic[M]):
         target: type = cls
         if name is not None and cls is SequenceMixerConfig:
             target = cls.resolve(name)
+            if target.__dict__.get("from_dict") is not None:  # the subclass's own loader
+                return target.from_dict(data)
         elif name is not None and getattr(cls, "_registered_name", name) != name:
             raise ConfigurationError(
                 f"{cls.__name__}.from_dict got type={name!r}, expected {cls._registered_name!r}"
