@@ -8,6 +8,7 @@ validated :class:`DocSegments` (or ``None``) and a window tuple whose meaning is
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -46,19 +47,25 @@ class DocSegments:
         return len(self.cu_q_host) - 1
 
 
-_HOST_CACHE: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
+_HOST_CACHE: OrderedDict[tuple, tuple[weakref.ref, tuple[int, ...]]] = OrderedDict()
 
 
 def _host_values(t: torch.Tensor) -> tuple[int, ...]:
-    """``t.tolist()`` as a tuple, cached per (storage, version) so 32 layers pay one sync."""
+    """``t.tolist()`` as a tuple, cached per (storage, version) so 32 layers pay one sync.
+
+    The entry also holds a weak reference to the tensor: a new tensor allocated at a freed one's
+    address (same pointer, size and version) must not inherit its values.
+    """
     key = (t.device, t.data_ptr(), t.storage_offset(), t.numel(), t._version)
-    hit = _HOST_CACHE.get(key)
-    if hit is None:
-        hit = tuple(int(x) for x in t.tolist())
-        _HOST_CACHE[key] = hit
-        if len(_HOST_CACHE) > 64:
-            _HOST_CACHE.popitem(last=False)
-    return hit
+    entry = _HOST_CACHE.get(key)
+    if entry is not None and entry[0]() is t:
+        return entry[1]
+    values = tuple(int(x) for x in t.tolist())
+    _HOST_CACHE[key] = (weakref.ref(t), values)
+    _HOST_CACHE.move_to_end(key)
+    if len(_HOST_CACHE) > 64:
+        _HOST_CACHE.popitem(last=False)
+    return values
 
 
 def validate_cu_seqlens(cu: torch.Tensor, name: str, total: int) -> tuple[int, ...]:
