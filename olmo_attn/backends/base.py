@@ -237,14 +237,16 @@ class AttentionBackend(nn.Module):
             q, k, v = qkv
         self._check_inputs(q, k, v)
         B, T = q.shape[:2]
+        # Ulysses attends over the whole sequence: its document offsets are global (W x the shard)
+        cp_factor = self._ulysses_world() if self.cp_enabled and self.ring is None else 1
         total_k = (
             (local_k_slice.stop - local_k_slice.start)
             if local_k_slice is not None
-            else k.shape[0] * k.shape[1]
+            else k.shape[0] * k.shape[1] * cp_factor
         )
         docs = (
             resolve_doc_args(
-                total_q=B * T,
+                total_q=B * T * cp_factor,
                 total_k=total_k,
                 cu_doc_lens=cu_doc_lens,
                 cu_doc_lens_q=cu_doc_lens_q,
@@ -295,6 +297,11 @@ class AttentionBackend(nn.Module):
         if packed:
             return self._attend_packed(qkv, docs, dropout_p)
         return self._attend(q, k, v, docs, dropout_p)
+
+    def _ulysses_world(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.cp_pg)
 
     def _check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):
