@@ -109,7 +109,7 @@ TABLE: dict[str, BackendSpec] = {
             class_name="FlashAttention2Backend",
             module="flash_attn",
             distribution="flash-attn",
-            install="pip install flash-attn --no-build-isolation (Ampere or newer NVIDIA GPU)",
+            install="pip install flash-attn --no-build-isolation (>= 2.7; Ampere sm_80 or newer NVIDIA GPU)",
             devices=frozenset({"cuda"}),
             sm_min=(8, 0),
             dtypes=HALF_DTYPES,
@@ -117,17 +117,19 @@ TABLE: dict[str, BackendSpec] = {
             head_dim_multiple=8,
             features=_EVERYTHING,
             ring_strategies=("zig_zag", "llama3"),
-            feature_modules={},
-            notes="flash_attn_func / varlen / with_kvcache / qkvpacked; ring CP through our LSE ring "
-            "(ring-flash-attn used when installed)",
+            verified_on_hardware=False,
+            notes="NOT VERIFIED ON HARDWARE HERE (no flash-attn wheel for the lent GPUs); adapter written "
+            "against flash-attn 2.8.3: flash_attn_func / varlen / qkvpacked / with_kvcache (cache_leftpad); "
+            "LSE kernel _wrapped_flash_attn_{forward,backward}; ring CP via ring-flash-attn when installed "
+            "(zig-zag without window, llama3), else our LSE ring",
         ),
         BackendSpec(
             name="flash_3",
             class_name="FlashAttention3Backend",
             module="flash_attn_interface",
             alternative_modules=("flash_attn_3.flash_attn_interface",),
-            distribution="flash-attn-3",
-            install="build flash-attn's hopper/ directory (python setup.py install) on an H100/H800",
+            distribution="flash_attn_3",
+            install="build flash-attn's hopper/ directory (cd hopper && python setup.py install) on an H100/H800",
             devices=frozenset({"cuda"}),
             sm_min=(9, 0),
             sm_max=(9, 0),
@@ -136,38 +138,56 @@ TABLE: dict[str, BackendSpec] = {
             head_dim_multiple=8,
             features=_EVERYTHING - {_F.dropout},
             ring_strategies=("zig_zag", "llama3"),
-            notes="Hopper only; no dropout",
+            verified_on_hardware=False,
+            notes="NOT VERIFIED ON HARDWARE HERE (no FA3 wheel for the lent GPUs); Hopper only, no dropout; "
+            "adapter written against flash-attn 2.8.3's hopper/flash_attn_interface.py; ring CP through our "
+            "LSE ring on _flash_attn_forward/_backward",
         ),
         BackendSpec(
             name="flash_4",
             class_name="FlashAttention4Backend",
             module="flash_attn.cute",
             distribution="flash-attn-4",
-            install="pip install flash-attn-4 (CuTe DSL; Hopper sm_90 or Blackwell sm_100–sm_103)",
+            install="pip install flash-attn-4 (CuTe DSL; Hopper sm_90 or Blackwell sm_100-sm_103)",
             devices=frozenset({"cuda"}),
             sm_min=(9, 0),
             sm_max=(10, 3),
             dtypes=HALF_DTYPES,
-            head_dim_max=128,
+            head_dim_max=256,
             head_dim_multiple=8,
             features=_EVERYTHING - {_F.dropout},
             ring_strategies=("zig_zag", "llama3"),
-            notes="to be verified on the lent H100/H200",
+            verified_on_hardware=False,
+            notes="adapter written against flash-attn-4 4.0.0b36; head_dim 8-256 on sm_90, 8-128 or 256 on "
+            "sm_100 (checked at construction); KV cache honours cache_leftpad through varlen cu_seqlens_k "
+            "offsets + seqused_k; ring CP through our LSE ring on _flash_attn_fwd/_bwd; deterministic "
+            "backward on sm_90 and sm_100; verified_on_hardware flips after the GPU conformance run",
         ),
         BackendSpec(
             name="te",
             class_name="TEAttentionBackend",
             module="transformer_engine.pytorch",
             distribution="transformer-engine",
-            install="pip install transformer-engine[pytorch] (Hopper or newer recommended)",
+            install="pip install transformer-engine[pytorch] (Ampere sm_80 or newer; Hopper recommended)",
             devices=frozenset({"cuda"}),
             sm_min=(8, 0),
             dtypes=HALF_DTYPES,
             head_dim_max=256,
             head_dim_multiple=8,
-            features=_EVERYTHING - {_F.kv_cache, _F.kv_cache_leftpad, _F.lse, _F.documents_qk},
+            features=_EVERYTHING
+            - {
+                _F.kv_cache,
+                _F.kv_cache_leftpad,
+                _F.lse,
+                _F.documents_qk,
+                _F.non_causal,  # no kernel-level entry point: TE returns no LSE
+                _F.deterministic,  # decided by TE at construction (NVTE_ALLOW_NONDETERMINISTIC_ALGO)
+            },
             ring_strategies=("zig_zag",),
-            notes="DotProductAttention; ring CP through TE's own p2p implementation",
+            verified_on_hardware=False,
+            notes="NOT VERIFIED ON HARDWARE HERE (TE's core library does not fit the lent machines); "
+            "DotProductAttention bshd, thd + cu_seqlens for documents; ring CP through TE's p2p ring "
+            "(zig-zag layout, no window/documents); Ulysses through our all-to-all",
         ),
     )
 }
@@ -196,9 +216,15 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
     if not spec.arch_ok(dev):
         return (
             f"backend '{name}' needs {spec.arch_text()}, but this is {dev.type} {dev.name} ({dev.arch}); "
-            f"on this device use: {', '.join(n for n in available_backends(device)) or 'torch'}"
+            f"on this device use: {', '.join(n for n, s in TABLE.items() if _runs_here(s, dev)) or 'torch'}"
         )
     return None
+
+
+def _runs_here(spec: BackendSpec, dev: DeviceInfo) -> bool:
+    """Package importable and architecture supported (no message, so no recursion through it)."""
+    modules = () if spec.module is None else (spec.module, *spec.alternative_modules)
+    return (not modules or any(package_status(m, spec.distribution) for m in modules)) and spec.arch_ok(dev)
 
 
 def is_available(name: str, device: torch.device | str | None = None) -> bool:

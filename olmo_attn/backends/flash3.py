@@ -1,0 +1,229 @@
+"""``flash_3``: the FlashAttention-3 adapter (flash-attn's ``hopper/`` build, Hopper sm_90).
+
+The build installs the module ``flash_attn_interface`` (newer builds also ``flash_attn_3.
+flash_attn_interface``); written against the interface shipped in flash-attn 2.8.3's ``hopper/``.
+Entry points:
+
+=====================================  ==========================================================
+call                                   flash_attn_interface function
+=====================================  ==========================================================
+``(q, k, v)``, no documents            ``flash_attn_func``
+``(q, k, v)`` with documents           ``flash_attn_varlen_func`` on the flattened batch
+packed ``[B, T, 3, H, D]``             ``flash_attn_qkvpacked_func`` (FA3 has no varlen packed
+                                       function: documents use views and the varlen function)
+KV cache                               ``flash_attn_with_kvcache`` (in place, ``cache_leftpad``)
+``kernel()`` (ring attention)          ``_flash_attn_forward`` / ``_flash_attn_backward``
+=====================================  ==========================================================
+
+FA3 has no dropout: ``dropout_p > 0`` is refused at construction by the capability table. Window,
+scale, GQA and document conventions are those of :mod:`.flash2`. Depending on the build,
+``flash_attn_func`` returns ``out`` or ``(out, lse)``; both are handled.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..exceptions import BackendUnavailableError
+from ..masks import DocSegments
+from ..ops.kernel import KernelCall
+from . import capabilities as caps
+from .base import AttentionBackend
+from .flash2 import (
+    deterministic_requested,
+    first,
+    flat_keys,
+    flatten_batch,
+    import_backend_module,
+    kv_cache_position,
+    lse_to_flash,
+    lse_to_ours,
+    max_seqlens,
+    refuse_kv_cache_dropout,
+)
+
+if TYPE_CHECKING:
+    from ..kv_cache import KVCacheManager
+
+
+def fa3_interface() -> ModuleType:
+    """The FA3 Python interface module, whichever name this build installed."""
+    spec = caps.get_spec("flash_3")
+    errors = []
+    for name in (spec.module, *spec.alternative_modules):
+        assert name is not None
+        try:
+            return import_backend_module("flash_3", name)
+        except BackendUnavailableError as e:
+            errors.append(str(e))
+    raise BackendUnavailableError("; ".join(errors))
+
+
+def _no_dropout(call: KernelCall) -> None:
+    if call.dropout_p > 0.0:
+        caps.assert_feature("flash_3", "dropout", " (its kernels have no dropout; use flash_2 or torch)")
+
+
+class Flash3Kernel:
+    """FA3 forward with log-sum-exp and its backward (``AttentionKernel`` protocol).
+
+    Dense: ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]`` -> ``out [B, Tq, Hq, D]``, ``lse [B, Hq, Tq]``.
+    Varlen: ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]`` -> ``out [total_q, Hq, D]``,
+    ``lse [Hq, total_q]``.
+    """
+
+    name = "flash_3"
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: KernelCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _no_dropout(call)
+        fi = fa3_interface()
+        max_q, max_k = max_seqlens(call) if call.varlen else (None, None)
+        with torch.no_grad():
+            out, lse, *_ = fi._flash_attn_forward(
+                q=q,
+                k=k,
+                v=v,
+                k_new=None,
+                v_new=None,
+                qv=None,
+                out=None,
+                cu_seqlens_q=call.cu_seqlens_q,
+                cu_seqlens_k=call.cu_seqlens_k,
+                cu_seqlens_k_new=None,
+                seqused_q=None,
+                seqused_k=None,
+                max_seqlen_q=max_q,
+                max_seqlen_k=max_k,
+                page_table=None,
+                kv_batch_idx=None,
+                leftpad_k=None,
+                rotary_cos=None,
+                rotary_sin=None,
+                seqlens_rotary=None,
+                q_descale=None,
+                k_descale=None,
+                v_descale=None,
+                softmax_scale=call.scale,
+                causal=call.causal,
+                window_size=tuple(call.window),
+            )
+        return out, lse_to_ours(lse)
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        call: KernelCall,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _no_dropout(call)
+        fi = fa3_interface()
+        max_q, max_k = max_seqlens(call) if call.varlen else (None, None)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        with torch.no_grad():
+            # positional through ``causal`` (FA3 spells two of these names "sequed_q/_k")
+            fi._flash_attn_backward(
+                dout.to(q.dtype),
+                q,
+                k,
+                v,
+                out.to(q.dtype),
+                lse_to_flash(lse),
+                call.cu_seqlens_q,
+                call.cu_seqlens_k,
+                None,  # seqused_q
+                None,  # seqused_k
+                max_q,
+                max_k,
+                dq,
+                dk,
+                dv,
+                call.scale,
+                call.causal,
+                window_size=tuple(call.window),
+                softcap=0.0,
+                deterministic=call.deterministic or deterministic_requested(),
+            )
+        return dq, dk, dv
+
+
+class FlashAttention3Backend(AttentionBackend):
+    """FlashAttention-3 (Hopper): fp16/bf16, head_dim <= 256 (multiple of 8), no dropout.
+
+    Inputs ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` or packed ``[B, T, 3, H, D]``; output
+    ``[B, T, Hq, D]``.
+    """
+
+    name: ClassVar[str] = "flash_3"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        caps.assert_head_dim(self.name, self.head_dim)
+        fa3_interface()
+
+    def kernel(self) -> Flash3Kernel:
+        return Flash3Kernel()
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "softmax_scale": self.softmax_scale,
+            "causal": True,
+            "window_size": self.window_size,
+            "deterministic": deterministic_requested(),
+        }
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocSegments | None, dropout_p: float
+    ) -> torch.Tensor:
+        """``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` -> ``[B, T, Hq, D]``."""
+        fi = fa3_interface()
+        if docs is None:
+            return first(fi.flash_attn_func(q, k, v, **self._common()))
+        out = first(
+            fi.flash_attn_varlen_func(
+                flatten_batch(q),
+                flat_keys(k, docs),
+                flat_keys(v, docs),
+                docs.cu_q,
+                docs.cu_k,
+                docs.max_q,
+                docs.max_k,
+                **self._common(),
+            )
+        )
+        return out.view(q.shape)
+
+    def _attend_packed(self, qkv: torch.Tensor, docs: DocSegments | None, dropout_p: float) -> torch.Tensor:
+        """Packed ``[B, T, 3, H, D]`` -> ``[B, T, H, D]``."""
+        if docs is None:
+            return first(fa3_interface().flash_attn_qkvpacked_func(qkv, **self._common()))
+        return super()._attend_packed(qkv, docs, dropout_p)
+
+    def _attend_kvcache(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, manager: KVCacheManager, dropout_p: float
+    ) -> torch.Tensor:
+        """``flash_attn_with_kvcache``: appends ``k, v [B, T_new, Hkv, D]`` in place, honours leftpad."""
+        refuse_kv_cache_dropout(self.name, dropout_p)
+        pos = kv_cache_position(manager, q, k)
+        return first(
+            fa3_interface().flash_attn_with_kvcache(
+                q,
+                manager.k_cache,
+                manager.v_cache,
+                k=k,
+                v=v,
+                cache_seqlens=pos,
+                cache_leftpad=manager.cache_leftpad,
+                softmax_scale=self.softmax_scale,
+                causal=True,
+                window_size=self.window_size,
+            )
+        )

@@ -1,0 +1,161 @@
+"""flash_3 adapter: argument translation against recording doubles of FlashAttention-3's
+``flash_attn_interface`` (flash-attn 2.8.3 ``hopper/``), and the clear errors here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_flash_doubles import (
+    Recorder,
+    assert_close_bf16,
+    fake_cuda,
+    install_flash3,
+    library_backward,
+    qkv,
+    reference_out,
+)
+
+from olmo_attn import hardware
+from olmo_attn.backends.base import AttentionBackendName
+from olmo_attn.backends.flash3 import Flash3Kernel, FlashAttention3Backend
+from olmo_attn.exceptions import BackendUnavailableError, UnsupportedFeatureError
+from olmo_attn.kv_cache import KVCacheManager
+from olmo_attn.ops.kernel import KernelCall
+from reference.kv_cache import kv_cache_attention
+
+
+@pytest.fixture
+def fa3(monkeypatch: pytest.MonkeyPatch):
+    rec = Recorder()
+    fake_cuda(monkeypatch, (9, 0))
+    install_flash3(monkeypatch, rec)
+    yield rec
+    hardware.clear_caches()
+
+
+def build(**kw) -> FlashAttention3Backend:
+    backend = AttentionBackendName.flash_3.build(**{"head_dim": 16, "n_heads": 4, "n_kv_heads": 2, **kw})
+    assert isinstance(backend, FlashAttention3Backend)
+    return backend.eval()
+
+
+def test_unavailable_here() -> None:
+    hardware.clear_caches()
+    with pytest.raises(BackendUnavailableError, match=r"flash_attn_interface not installed.*hopper/"):
+        build()
+
+
+@pytest.mark.parametrize(("sm", "gpu"), [((8, 0), "Fake A100"), ((10, 0), "Fake B200")])
+def test_hopper_only(monkeypatch: pytest.MonkeyPatch, sm, gpu) -> None:
+    fake_cuda(monkeypatch, sm, gpu)
+    install_flash3(monkeypatch, Recorder())
+    with pytest.raises(BackendUnavailableError, match=r"'flash_3' needs CUDA sm_90–sm_90"):
+        build()
+    hardware.clear_caches()
+
+
+def test_dropout_refused_at_construction(fa3: Recorder) -> None:
+    with pytest.raises(UnsupportedFeatureError, match=r"'flash_3' does not support dropout.*flash_2"):
+        build(dropout_p=0.1)
+
+
+def test_newer_builds_install_flash_attn_3_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder()
+    fake_cuda(monkeypatch)
+    install_flash3(monkeypatch, rec, module="flash_attn_3.flash_attn_interface")
+    q, k, v = qkv()
+    build()((q, k, v))
+    assert rec.names() == ["flash_attn_func"]
+    hardware.clear_caches()
+
+
+def test_dense_window_scale_deterministic(fa3: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = qkv()
+    out = build()((q, k, v))
+    call = fa3.only("flash_attn_func")
+    assert call.kwargs["causal"] is True and call.kwargs["window_size"] == (-1, -1)
+    assert call.kwargs["softmax_scale"] == pytest.approx(1 / math.sqrt(16))
+    assert call.kwargs["deterministic"] is False and call.args[1].shape[2] == 2
+    assert_close_bf16(out, reference_out(q, k, v))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    out = build(window_size=(6, 0), scale=0.3)((q, k, v))
+    call = fa3.calls[-1]
+    assert call.kwargs["window_size"] == (6, 0) and call.kwargs["softmax_scale"] == 0.3
+    assert call.kwargs["deterministic"] is True
+    assert_close_bf16(out, reference_out(q, k, v, scale=0.3, window=(6, 0)))
+
+
+def test_documents_and_packed(fa3: Recorder) -> None:
+    q, k, v = qkv(Hq=4, Hkv=4)
+    cu = torch.tensor([0, 9, 30, 48], dtype=torch.int32)
+    out = build(n_kv_heads=4)((q, k, v), cu_doc_lens=cu)
+    call = fa3.only("flash_attn_varlen_func")
+    assert call.args[0].shape == (48, 4, 16)
+    assert call.kwargs["cu_seqlens_q"] is cu and call.kwargs["max_seqlen_q"] == 21
+    assert_close_bf16(out, reference_out(q, k, v, cu=cu))
+    packed = torch.stack([q, k, v], dim=2)
+    out = build(n_kv_heads=4)(packed)
+    assert fa3.only("flash_attn_qkvpacked_func").args[0] is packed
+    assert_close_bf16(out, reference_out(q, k, v))
+    out = build(n_kv_heads=4)(packed, cu_doc_lens=cu)  # no varlen packed function in FA3: views
+    assert fa3.names()[-1] == "flash_attn_varlen_func"
+    assert_close_bf16(out, reference_out(q, k, v, cu=cu))
+
+
+def test_kv_cache_with_leftpad(fa3: Recorder) -> None:
+    B, S = 2, 12
+    cache = KVCacheManager(B, S, 2, 16, dtype=torch.bfloat16)
+    cache.record_leftpad(torch.tensor([2, 0], dtype=torch.int32))
+    q, k, v = qkv(B=B, T=5, seed=4)
+    backend = build()
+    backend((q, k, v), kv_cache_manager=cache)
+    cache.update_seqlen(5)
+    q1, k1, v1 = qkv(B=B, T=2, seed=5)
+    out = backend((q1, k1, v1), kv_cache_manager=cache)
+    call = fa3.calls[-1]
+    assert call.name == "flash_attn_with_kvcache" and call.kwargs["cache_seqlens"] == 5
+    assert call.kwargs["cache_leftpad"] is cache.cache_leftpad and call.kwargs["causal"] is True
+    ref, *_ = kv_cache_attention(
+        q1.float().numpy(), k1.float().numpy(), v1.float().numpy(),
+        np.where(np.arange(S)[None, :, None, None] < 5, cache.k_cache.float().numpy(), 0),
+        np.where(np.arange(S)[None, :, None, None] < 5, cache.v_cache.float().numpy(), 0),
+        cache_seqlens=5, cache_leftpad=np.array([2, 0]),
+    )  # fmt: skip
+    assert_close_bf16(out, ref)
+
+
+def test_kernel_forward_backward_keywords(fa3: Recorder) -> None:
+    q, k, v = (x[0] for x in qkv(B=1, T=16))
+    cu_q = torch.tensor([0, 6, 16], dtype=torch.int32)
+    call = KernelCall(
+        scale=0.25, causal=True, window=(2, 0), cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, max_seqlen_q=10,
+        max_seqlen_k=10, deterministic=True,
+    )  # fmt: skip
+    kern = Flash3Kernel()
+    out, lse = kern.forward(q, k, v, call)
+    fwd = fa3.only("_flash_attn_forward")
+    assert fwd.kwargs["cu_seqlens_q"] is cu_q and fwd.kwargs["max_seqlen_k"] == 10
+    assert fwd.kwargs["window_size"] == (2, 0) and fwd.kwargs["softmax_scale"] == 0.25
+    assert fwd.kwargs["leftpad_k"] is None and fwd.kwargs["k_new"] is None
+    assert lse.shape == (4, 16) and torch.isfinite(lse).all()
+    dout = torch.randn_like(q)
+    dq, dk, dv = kern.backward(dout, q, k, v, out, lse, call)
+    bwd = fa3.only("_flash_attn_backward")
+    assert bwd.kwargs["deterministic"] is True and bwd.kwargs["window_size"] == (2, 0)
+    assert bwd.kwargs["sequed_q"] is None and bwd.kwargs["cu_seqlens_k"] is cu_q
+    expected = library_backward(
+        dout, q, k, v, out, lse, scale=0.25, causal=True, window=(2, 0), cu_seqlens_q=cu_q, cu_seqlens_k=cu_q
+    )
+    for mine, ref in zip((dq, dk, dv), expected):
+        torch.testing.assert_close(mine, ref)
+
+
+def test_kernel_empty_rows_and_no_dropout(fa3: Recorder) -> None:
+    q, k, v = qkv(B=1, T=4)
+    out, lse = Flash3Kernel().forward(q, k[:, :2], v[:, :2], KernelCall(scale=0.25))  # Tq 4 > Tk 2
+    assert torch.isneginf(lse[..., :2]).all() and torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))
+    with pytest.raises(UnsupportedFeatureError, match="does not support dropout"):
+        Flash3Kernel().forward(q, k, v, KernelCall(scale=0.25, dropout_p=0.1, dropout_seed=1))
