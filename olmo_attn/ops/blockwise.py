@@ -63,7 +63,17 @@ def _heads(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def _dropout_z(
-    seed: int, p: float, b: int, hq: int, hkv: int, q0: int, q1: int, k0: int, k1: int, device: torch.device
+    seed: int,
+    p: float,
+    b: int,
+    hq: int,
+    hkv: int,
+    q0: int,
+    q1: int,
+    k0: int,
+    k1: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """``keep / (1 - p)`` for one tile, shaped like the folded scores ``[B, Hkv, G·bq, bk]``."""
     keep = keep_tile(
@@ -74,7 +84,7 @@ def _dropout_z(
         torch.arange(q0, q1, device=device),
         torch.arange(k0, k1, device=device),
     )
-    return (keep.to(torch.float32) / (1.0 - p)).reshape(b, hkv, (hq // hkv) * (q1 - q0), k1 - k0)
+    return (keep.to(dtype) / (1.0 - p)).reshape(b, hkv, (hq // hkv) * (q1 - q0), k1 - k0)
 
 
 def _masked(
@@ -128,7 +138,7 @@ def blockwise_forward(
             denom = denom * corr + p.sum(dim=-1, keepdim=True)
             if dropout_p > 0.0:
                 assert dropout_seed is not None
-                p = p * _dropout_z(dropout_seed, dropout_p, B, Hq, Hkv, q0, q1, k0, k1, q.device).to(acc)
+                p = p * _dropout_z(dropout_seed, dropout_p, B, Hq, Hkv, q0, q1, k0, k1, q.device, acc)
             o = o * corr + torch.matmul(p, vh[:, :, k0:k1])
             m = m_new
         nonempty = denom > 0
@@ -189,7 +199,7 @@ def blockwise_backward(
             dp = torch.matmul(doblk, vblk.transpose(-1, -2))
             if dropout_p > 0.0:
                 assert dropout_seed is not None
-                z = _dropout_z(dropout_seed, dropout_p, B, Hq, Hkv, q0, q1, k0, k1, q.device).to(acc)
+                z = _dropout_z(dropout_seed, dropout_p, B, Hq, Hkv, q0, q1, k0, k1, q.device, acc)
                 pz, dp = p * z, dp * z
             else:
                 pz = p

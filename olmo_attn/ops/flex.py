@@ -39,6 +39,13 @@ def flex_supported(q: torch.Tensor, dropout_p: float) -> bool:
     )
 
 
+def flex_attention_fn() -> Callable[..., Any]:
+    """PyTorch's ``flex_attention`` (uncompiled)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
 def _flex_fn(device: torch.device) -> Callable[..., Any]:
     """Compiled ``flex_attention`` on CUDA (compiled once, cached per shape by torch.compile)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -95,7 +102,13 @@ def build_block_mask(index: MaskIndex) -> Any:
     """A FlexAttention ``BlockMask`` for ``index`` (batch extent ``index.batch``, broadcast over heads)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    cls = classify_blocks(index, FLEX_BLOCK, FLEX_BLOCK)  # [Bm, nq, nk]
+    cls = classify_blocks(index, FLEX_BLOCK, FLEX_BLOCK).clone()  # [Bm, nq, nk]
+    # ragged edge tiles run the mask_mod (whose padded vectors hide out-of-range rows/keys) rather
+    # than relying on the kernel's own bounds handling inside "full" tiles
+    if index.tq % FLEX_BLOCK:
+        cls[:, -1] = torch.where(cls[:, -1] == FULL, PARTIAL, cls[:, -1])
+    if index.tk % FLEX_BLOCK:
+        cls[:, :, -1] = torch.where(cls[:, :, -1] == FULL, PARTIAL, cls[:, :, -1])
 
     def listing(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num = sel.sum(dim=-1, dtype=torch.int32)[:, None]  # [Bm, 1, nq]
