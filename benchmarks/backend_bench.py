@@ -1,0 +1,428 @@
+"""Per-backend attention speed, and the measured order that ``backend=None`` picks from.
+
+Every available backend (``olmo_attn`` backend modules, as users call them) on the workloads of
+``/work/shared/BENCHMARKS.md``: causal, sliding window 4096, and packed documents with long-tailed
+lengths; Hq 32, Hkv 8, D 128, T in {2k, 8k, 16k, 32k} with B = 32k / T rows; bf16; forward and
+forward+backward. CUDA events, warm-up, median of >= 20 timed runs, inputs rotated between sets,
+random data. FLOPs count only the (query, key) pairs the mask allows: forward 4·Hq·D·pairs,
+backward 2.5x forward. Each backend's output is first compared with the torch backend's on the
+same inputs (``max_abs_diff_vs_torch``) so a wrong kernel cannot win.
+
+    python benchmarks/backend_bench.py                              # GPU, writes benchmarks/results/
+    python benchmarks/backend_bench.py --write-preference           # ... and olmo_attn/backends/preference.json
+    python benchmarks/backend_bench.py --smoke --out /tmp/b.json    # CPU, tiny shapes (CI / a quick check)
+
+Results: JSON (``--out``; default ``benchmarks/results/<gpu>-<date>-backends.json``) with an
+environment fingerprint, every case (times, TFLOP/s, peak memory, errors) and the derived
+preference; a Markdown table on stdout (and in ``--markdown``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from olmo_attn.backends import capabilities as caps  # noqa: E402
+from olmo_attn.backends import registry  # noqa: E402
+from olmo_attn.backends.base import AttentionBackendName  # noqa: E402
+from olmo_attn.hardware import info_for, package_status  # noqa: E402
+
+MASKS = ("causal", "sliding_window", "documents")
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run's settings."""
+
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    seq_lens: tuple[int, ...] = (2048, 8192, 16384, 32768)
+    tokens: int = 32768  # B = max(1, tokens // T)
+    window: int = 4096
+    masks: tuple[str, ...] = MASKS
+    backends: tuple[str, ...] = ()  # empty: every backend available on the device
+    iters: int = 20
+    warmup: int = 5
+    input_sets: int = 2  # rotated between timed runs
+    mean_doc_len: int = 512  # documents: log-normal lengths around this, a long tail
+    seed: int = 0
+    smoke: bool = False
+
+
+@dataclass
+class CaseResult:
+    """One (backend, mask, T) measurement; times in ms, ``None`` where the case did not run."""
+
+    backend: str
+    mask: str
+    seq_len: int
+    batch: int
+    n_docs: int | None = None
+    pairs: int = 0
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    fwd_tflops: float | None = None
+    fwd_bwd_tflops: float | None = None
+    peak_mem_gib: float | None = None
+    max_abs_diff_vs_torch: float | None = None
+    fwd_times_ms: list[float] = field(default_factory=list)
+    fwd_bwd_times_ms: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+# ----- workloads ----------------------------------------------------------------------------------------
+def document_lengths(T: int, rng: np.random.Generator, mean_len: int) -> list[int]:
+    """Split ``T`` tokens into documents with long-tailed lengths (log-normal: many short, few long)."""
+    sigma = 1.25
+    mu = math.log(mean_len) - sigma**2 / 2  # E[len] = mean_len
+    lengths: list[int] = []
+    left = T
+    while left > 0:
+        n = int(min(max(8, round(rng.lognormal(mu, sigma))), left))
+        lengths.append(n)
+        left -= n
+    return lengths
+
+
+def cu_doc_lens(B: int, T: int, seed: int, mean_len: int) -> tuple[torch.Tensor, int, int]:
+    """``cu_doc_lens`` over the flattened batch (documents never cross a row), max length, count."""
+    rng = np.random.default_rng(seed)
+    lengths = [n for _ in range(B) for n in document_lengths(T, rng, mean_len)]
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+    return cu, max(lengths), len(lengths)
+
+
+def allowed_pairs(mask: str, B: int, T: int, window: int, doc_lens: list[int] | None = None) -> int:
+    """Number of (query, key) pairs the mask allows (causal inside every row / document)."""
+    if mask == "causal":
+        return B * T * (T + 1) // 2
+    if mask == "sliding_window":
+        w = min(window, T)
+        return B * (w * (w + 1) // 2 + (T - w) * w)
+    if mask == "documents":
+        assert doc_lens is not None
+        return sum(n * (n + 1) // 2 for n in doc_lens)
+    raise ValueError(f"mask={mask!r} is not one of {MASKS}")
+
+
+# ----- timing -----------------------------------------------------------------------------------------
+def time_runs(fn: Callable[[int], None], *, iters: int, warmup: int, cuda: bool) -> list[float]:
+    """Milliseconds of ``fn(i)`` for ``iters`` runs after ``warmup`` (CUDA events on GPU)."""
+    for i in range(warmup):
+        fn(i)
+    times: list[float] = []
+    if cuda:
+        torch.cuda.synchronize()
+        for i in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for i in range(iters):
+            t0 = time.perf_counter()
+            fn(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def fingerprint(device: str) -> dict[str, Any]:
+    """GPU, driver, CUDA, torch and every optional backend's version (or why it is missing)."""
+    dev = info_for(device)
+    env: dict[str, Any] = {
+        "device": dev.name,
+        "arch": dev.arch,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "backends": {},
+    }
+    if dev.type == "cuda":
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    for name, spec in caps.TABLE.items():
+        status = package_status(spec.module, spec.distribution) if spec.module else None
+        env["backends"][name] = {
+            "version": (status.version if status else None) if status is not None else torch.__version__,
+            "unavailable": caps.unavailable_reason(name, device),
+            "verified_on_hardware": spec.verified_on_hardware,
+        }
+    return env
+
+
+# ----- one case -----------------------------------------------------------------------------------------
+def _inputs(cfg: BenchConfig, B: int, T: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=cfg.device).manual_seed(seed)
+    shape_q = (B, T, cfg.n_heads, cfg.head_dim)
+    shape_kv = (B, T, cfg.n_kv_heads, cfg.head_dim)
+    q = torch.randn(shape_q, generator=g, device=cfg.device, dtype=dtype)
+    k = torch.randn(shape_kv, generator=g, device=cfg.device, dtype=dtype)
+    v = torch.randn(shape_kv, generator=g, device=cfg.device, dtype=dtype)
+    dout = torch.randn(shape_q, generator=g, device=cfg.device, dtype=dtype)
+    return q, k, v, dout
+
+
+def run_case(
+    cfg: BenchConfig, name: str, mask: str, T: int, reference_out: dict[tuple[str, int], torch.Tensor]
+) -> CaseResult:
+    """Time backend ``name`` on one workload; record an error instead of raising."""
+    dtype = getattr(torch, cfg.dtype)
+    cuda = torch.device(cfg.device).type == "cuda"
+    B = max(1, cfg.tokens // T)
+    res = CaseResult(backend=name, mask=mask, seq_len=T, batch=B)
+    kwargs: dict[str, Any] = {}
+    doc_lens = None
+    if mask == "documents":
+        cu, max_len, n_docs = cu_doc_lens(B, T, cfg.seed + T, cfg.mean_doc_len)
+        kwargs = {"cu_doc_lens": cu.to(cfg.device), "max_doc_len": max_len}
+        doc_lens = np.diff(cu.numpy()).tolist()
+        res.n_docs = n_docs
+    res.pairs = allowed_pairs(mask, B, T, cfg.window, doc_lens)
+    fwd_flops = 4 * cfg.n_heads * cfg.head_dim * res.pairs
+    try:
+        backend = AttentionBackendName(name).build(
+            head_dim=cfg.head_dim,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            window_size=(cfg.window - 1, 0) if mask == "sliding_window" else (-1, -1),
+        )
+        sets = [_inputs(cfg, B, T, cfg.seed + 1000 * i, dtype) for i in range(cfg.input_sets)]
+        with torch.no_grad():
+            out0 = backend(tuple(sets[0][:3]), **kwargs)
+        key = (mask, T)
+        if name == "torch":
+            reference_out[key] = out0
+        elif key in reference_out:
+            res.max_abs_diff_vs_torch = float((out0.float() - reference_out[key].float()).abs().max())
+        del out0
+
+        def fwd(i: int) -> None:
+            q, k, v, _ = sets[i % len(sets)]
+            with torch.no_grad():
+                backend((q, k, v), **kwargs)
+
+        for q, k, v, _ in sets:  # leaves; the forward-only runs above use no_grad
+            q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+
+        def fwd_bwd(i: int) -> None:
+            q, k, v, dout = sets[i % len(sets)]
+            q.grad = k.grad = v.grad = None
+            backend((q, k, v), **kwargs).backward(dout)
+
+        res.fwd_times_ms = time_runs(fwd, iters=cfg.iters, warmup=cfg.warmup, cuda=cuda)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        res.fwd_bwd_times_ms = time_runs(fwd_bwd, iters=cfg.iters, warmup=cfg.warmup, cuda=cuda)
+        if cuda:
+            res.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+        res.fwd_ms = statistics.median(res.fwd_times_ms)
+        res.fwd_bwd_ms = statistics.median(res.fwd_bwd_times_ms)
+        res.fwd_tflops = fwd_flops / (res.fwd_ms * 1e-3) / 1e12
+        res.fwd_bwd_tflops = 3.5 * fwd_flops / (res.fwd_bwd_ms * 1e-3) / 1e12
+    except Exception as e:  # a backend that cannot run a case is a result, not a crash
+        res.error = f"{type(e).__name__}: {e}"[:500]
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    return res
+
+
+# ----- the run ------------------------------------------------------------------------------------------
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    names = list(cfg.backends) or [n for n in caps.TABLE if caps.unavailable_reason(n, cfg.device) is None]
+    names = ["torch", *[n for n in names if n != "torch"]]  # torch first: the agreement baseline
+    skipped = {
+        n: caps.unavailable_reason(n, cfg.device)
+        for n in caps.TABLE
+        if n not in names and caps.unavailable_reason(n, cfg.device)
+    }
+    results: list[CaseResult] = []
+    reference_out: dict[tuple[str, int], torch.Tensor] = {}
+    for mask in cfg.masks:
+        for T in cfg.seq_lens:
+            reference_out.clear()
+            for name in names:
+                r = run_case(cfg, name, mask, T, reference_out)
+                results.append(r)
+                status = r.error or (
+                    f"fwd {r.fwd_ms:.3f} ms ({r.fwd_tflops:.3g} TFLOP/s), fwd+bwd {r.fwd_bwd_ms:.3f} ms "
+                    f"({r.fwd_bwd_tflops:.3g} TFLOP/s), max|diff vs torch| {r.max_abs_diff_vs_torch}"
+                )
+                print(f"[{name:>8}] {mask:<15} T={T:<6} B={r.batch:<3} {status}", flush=True)
+    arch = info_for(cfg.device).arch
+    records = [asdict(r) for r in results]
+    return {
+        "schema": "olmo-attn/backend-bench/1",
+        "env": fingerprint(cfg.device),
+        "config": asdict(cfg),
+        "skipped_backends": skipped,
+        "results": records,
+        "preference": {arch: registry.derive_preferences(records)},
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Markdown: one row per (mask, T), one column per backend: fwd / fwd+bwd ms and TFLOP/s."""
+    rows = report["results"]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    env = report["env"]
+    lines = [
+        f"{env['device']} ({env['arch']}), torch {env['torch']}, {report['config']['dtype']}, "
+        f"Hq {report['config']['n_heads']} Hkv {report['config']['n_kv_heads']} D {report['config']['head_dim']}; "
+        "cells: forward / forward+backward ms (TFLOP/s)",
+        "",
+        "| mask | T | B | " + " | ".join(backends) + " |",
+        "|---|---|---|" + "---|" * len(backends),
+    ]
+    cases = list(dict.fromkeys((r["mask"], r["seq_len"]) for r in rows))
+    for mask, T in cases:
+        cells = []
+        batch = next(r["batch"] for r in rows if r["mask"] == mask and r["seq_len"] == T)
+        for b in backends:
+            r = next((x for x in rows if x["backend"] == b and x["mask"] == mask and x["seq_len"] == T), None)
+            if r is None or r["error"]:
+                cells.append("—" if r is None else "error")
+            else:
+                cells.append(
+                    f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ({r['fwd_tflops']:.3g} / {r['fwd_bwd_tflops']:.3g})"
+                )
+        lines.append(f"| {mask} | {T} | {batch} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for arch, prefs in report["preference"].items():
+        for kind, order in prefs.items():
+            lines.append(f"- preference {arch} {kind}: {' > '.join(order)}")
+    return "\n".join(lines) + "\n"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", default="", help="comma list (default: every backend available here)")
+    p.add_argument("--masks", default=",".join(MASKS))
+    p.add_argument("--seq-lens", default="2048,8192,16384,32768")
+    p.add_argument("--tokens", type=int, default=32768, help="B = max(1, tokens // T)")
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/...)")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the Markdown table here")
+    p.add_argument(
+        "--write-preference",
+        nargs="?",
+        const=str(registry.PREFERENCE_FILE),
+        default=None,
+        metavar="PATH",
+        help="derive the per-arch order from this run and write it (default path: the package's preference.json)",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny shapes, float32, 3 runs: checks the script"
+    )
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    split = lambda s: tuple(x for x in s.split(",") if x)
+    if args.smoke:
+        return BenchConfig(
+            device="cpu",
+            dtype="float32",
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            seq_lens=(64, 128),
+            tokens=256,
+            window=32,
+            masks=split(args.masks),
+            backends=split(args.backends),
+            iters=3,
+            warmup=1,
+            mean_doc_len=24,
+            smoke=True,
+        )
+    if not torch.cuda.is_available():
+        raise SystemExit("backend_bench: no CUDA device here; run with --smoke for the CPU check")
+    return BenchConfig(
+        dtype=args.dtype,
+        seq_lens=tuple(int(t) for t in split(args.seq_lens)),
+        tokens=args.tokens,
+        window=args.window,
+        masks=split(args.masks),
+        backends=split(args.backends),
+        iters=max(20, args.iters),
+        warmup=args.warmup,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    unknown = [m for m in cfg.masks if m not in MASKS]
+    if unknown:
+        raise SystemExit(f"--masks: unknown {unknown}; choose from {list(MASKS)}")
+    report = run(cfg)
+    table = markdown_table(report)
+    print(table)
+    env = report["env"]
+    out = (
+        args.out
+        or ROOT / "benchmarks" / "results" / f"{_slug(env['device'])}-{env['date'][:10]}-backends.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"results: {out}")
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    if args.write_preference is not None:
+        arch = env["arch"]
+        source = (
+            f"benchmarks/backend_bench.py on {env['device']} ({arch}), {env['date'][:10]}, torch {env['torch']}: "
+            f"{cfg.dtype} Hq{cfg.n_heads} Hkv{cfg.n_kv_heads} D{cfg.head_dim}, T {list(cfg.seq_lens)}, "
+            f"B = {cfg.tokens}/T, window {cfg.window}; order by forward+backward time ({out.name})"
+        )
+        path = registry.write_preferences(
+            arch, report["preference"][arch], source=source, path=args.write_preference
+        )
+        print(f"preference for {arch}: {report['preference'][arch]} -> {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
