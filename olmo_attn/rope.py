@@ -457,7 +457,7 @@ class RotaryEmbeddingBase(nn.Module):
 
     @abstractmethod
     def get_buffers_for_positions(
-        self, position_ids: torch.Tensor, device: torch.device | str
+        self, position_ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32
     ) -> RoPEBuffers:
         """Table rows for arbitrary positions: row ``j`` belongs to ``position_ids[j]``."""
 
@@ -493,15 +493,16 @@ class RotaryEmbedding(RotaryEmbeddingBase):
         return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
 
     def get_buffers_for_positions(
-        self, position_ids: torch.Tensor, device: torch.device | str
+        self, position_ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32
     ) -> RoPEBuffers:
         """``pos_sin, pos_cos [N, r]`` with row ``j`` for position ``position_ids[j]`` (``[N]``).
 
         Context parallelism builds these rows from :func:`document_position_ids` (or any global
         positions) *before* sharding and passes the local rows to ``Attention.forward``.
+        ``dtype``: table dtype (float32 as OLMo-core; float64 for float64 models).
         """
         device = torch.device(device)
-        tables = list(self._get_rotary_embedding(self._need_rows(position_ids), device))
+        tables = list(self._get_rotary_embedding(self._need_rows(position_ids), device, dtype))
         pos_sin, pos_cos = self._gather_rows(tables, position_ids, device)
         return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
 
@@ -659,11 +660,11 @@ class FusedRotaryEmbedding(RotaryEmbeddingBase):
         return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
 
     def get_buffers_for_positions(
-        self, position_ids: torch.Tensor, device: torch.device | str
+        self, position_ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32
     ) -> RoPEBuffers:
         """``pos_sin, pos_cos [N, D/2]``, row ``j`` for position ``position_ids[j]``."""
         device = torch.device(device)
-        tables = list(self._get_rotary_embedding(self._need_rows(position_ids), device))
+        tables = list(self._get_rotary_embedding(self._need_rows(position_ids), device, dtype))
         pos_sin, pos_cos = self._gather_rows(tables, position_ids, device)
         return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
 
@@ -779,11 +780,12 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
         return RoPEBuffers(freqs_cis=self._get_rotary_embedding(max_seq_len, torch.device(device)))
 
     def get_buffers_for_positions(
-        self, position_ids: torch.Tensor, device: torch.device | str
+        self, position_ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32
     ) -> RoPEBuffers:
-        """``freqs_cis [N, r/2]``, row ``j`` for position ``position_ids[j]``."""
+        """``freqs_cis [N, r/2]`` (complex64; complex128 for ``dtype=float64``), row ``j`` for
+        position ``position_ids[j]``."""
         device = torch.device(device)
-        table = self._get_rotary_embedding(self._need_rows(position_ids), device)
+        table = self._get_rotary_embedding(self._need_rows(position_ids), device, dtype)
         (rows,) = self._gather_rows([table], position_ids, device)
         return RoPEBuffers(freqs_cis=rows)
 
