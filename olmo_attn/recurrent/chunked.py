@@ -1,0 +1,573 @@
+"""The gated delta rule in chunked (WY / UT-transform) form, in plain PyTorch.
+
+Math (per value head, one sequence; ``docs/CONVENTIONS.md`` "Gated delta rule")::
+
+    S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T        S: [Dk, Dv]
+    o_t = scale * S_t^T q_t
+
+Chunked form (chunk of ``C`` tokens, ``G`` = chunk-local cumulative log-decay, ``S`` = state entering
+the chunk; every exponent below is <= 0, so nothing overflows however strong the decay)::
+
+    A    = strict_lower(diag(b) K K^T * exp(G_i - G_j))                          [C, C]
+    W    = (I + A)^-1 (b exp(G) * K)        U = (I + A)^-1 (b * V)                [C, Dk], [C, Dv]
+    Vn   = U - W S                                                               [C, Dv]
+    O    = scale * ((exp(G) * Q) S + lower_incl(Q K^T * exp(G_i - G_j)) Vn)       [C, Dv]
+    S'   = exp(G_C) S + (exp(G_C - G) * K)^T Vn                                   [Dk, Dv]
+
+Everything except the last line's recurrence is independent per chunk and runs as a few large
+batched matmuls over all chunks at once; the recurrence (``Vn`` and ``S'``) is a loop over chunks
+of three batched kernels each (:class:`_StateScan`). Its backward is written by hand (also three
+kernels per chunk, then batched matmuls), because autograd through the loop would record ~10 ops
+per chunk and save a copy of the state per op; the intra-chunk part (masks, the triangular solve,
+the read-out) goes through autograd, where it is a fixed number of large ops.
+
+Documents (``cu_seqlens``) of any length are laid out chunk-aligned: each document starts a fresh
+chunk, the tail of its last chunk is zero padding (``k = v = q = 0``, ``b = 0``, ``g = 0``: the
+state passes through unchanged). Documents are packed onto "lanes" (longest first, onto the least
+loaded lane) so the sequential loop runs about ``max(longest document, total / lanes)`` chunks
+instead of the sum; the state is reset (to zero or the document's initial state) where a document
+begins and read out where it ends.
+
+All arithmetic is float32 (float64 for float64 inputs); bf16/fp16 inputs are converted once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "chunk_gated_delta_rule",
+    "compute_dtype_for",
+    "l2norm",
+    "validate_gdr_inputs",
+]
+
+DEFAULT_CHUNK_SIZE = 64
+L2NORM_EPS = 1e-6
+
+
+def compute_dtype_for(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs accumulate in float32)."""
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
+
+
+def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
+    """``x / sqrt(sum(x^2, -1) + eps)`` in the dtype of ``x`` (callers pass float32/float64)."""
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
+
+def validate_gdr_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[int, tuple[int, ...] | None]:
+    """Check shapes of the gated-delta-rule arguments.
+
+    Returns ``(n_seq, cu_host)``: the number of independent sequences (``B`` or ``len(cu) - 1``) and
+    the host copy of ``cu_seqlens`` (``None`` without documents). Raises ``TypeError`` /
+    ``ValueError`` naming the argument.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(
+                f"{name} must be a 4-D tensor [B, T, heads, head_dim], got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    B, T, H, Dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:2] != (B, T):
+        raise ValueError(f"v must be [B={B}, T={T}, HV, Dv], got {tuple(v.shape)}")
+    HV = v.shape[2]
+    if HV % H != 0:
+        raise ValueError(
+            f"v has HV={HV} heads, which is not a multiple of the q/k heads H={H}; "
+            "grouped value attention needs HV % H == 0"
+        )
+    for name, t in (("g", g), ("beta", beta)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T, HV):
+            raise ValueError(
+                f"{name} must have shape [B, T, HV] = {(B, T, HV)}, got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+    cu_host: tuple[int, ...] | None = None
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                "cu_seqlens must be an int32 or int64 tensor [n_seq + 1], got "
+                f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}"
+            )
+        from ..masks import validate_cu_seqlens
+
+        cu_host = validate_cu_seqlens(cu_seqlens.to(torch.int32), "cu_seqlens", B * T)
+        n_seq = len(cu_host) - 1
+    else:
+        n_seq = B
+    if initial_state is not None:
+        Dv = v.shape[-1]
+        if tuple(initial_state.shape) != (n_seq, HV, Dk, Dv):
+            raise ValueError(
+                f"initial_state must have shape [n_seq, HV, Dk, Dv] = {(n_seq, HV, Dk, Dv)} "
+                f"(n_seq = {'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}), "
+                f"got {tuple(initial_state.shape)}"
+            )
+    return n_seq, cu_host
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunk layout for documents
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Where, in the chunk loop, state resets and read-outs happen (rows ``n = lane * HV + head``).
+
+    ``*_off`` are host offsets (``len = n_steps + 1``) into the concatenated device index tensors;
+    step ``s`` uses ``[off[s], off[s+1])``.
+    """
+
+    reset_off: tuple[int, ...]
+    reset_rows: torch.Tensor  # [R * HV] state rows reset at their step
+    reset_src: torch.Tensor  # [R * HV] rows of the flattened initial state ``[n_seq * HV]``
+    end_off: tuple[int, ...]
+    end_rows: torch.Tensor  # [E * HV] state rows read out after their step
+    end_dst: torch.Tensor  # [E * HV] rows of the flattened final state
+
+
+@dataclass(frozen=True)
+class _VarlenPlan:
+    """Chunk-aligned placement of documents on lanes (see module docstring)."""
+
+    n_steps: int
+    n_lanes: int
+    src: torch.Tensor  # [S, L, C] int64 flat token index per slot; ``total`` for padding slots
+    dst: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (step, lane, pos) per token, each [total]
+    schedule: _Schedule
+    empty: torch.Tensor | None  # [n_seq] bool, sequences of length 0 (their final state = initial)
+
+
+_PLAN_CACHE: OrderedDict[tuple, _VarlenPlan] = OrderedDict()
+
+
+def _lane_assignment(n_chunks: list[int]) -> tuple[int, list[tuple[int, int]]]:
+    """Longest-processing-time packing of sequences onto lanes.
+
+    Returns ``(n_lanes, [(lane, first_step) per sequence])`` (``(-1, -1)`` for empty sequences).
+    The lane count is ``ceil(total / longest)``, so the loop length stays close to the longest
+    document while the per-step batch grows with the number of documents.
+    """
+    total = sum(n_chunks)
+    longest = max(n_chunks) if n_chunks else 0
+    if total == 0:
+        return 1, [(-1, -1)] * len(n_chunks)
+    n_lanes = max(1, math.ceil(total / longest))
+    heap = [(0, lane) for lane in range(n_lanes)]
+    placement: list[tuple[int, int]] = [(-1, -1)] * len(n_chunks)
+    for i in sorted(range(len(n_chunks)), key=lambda j: -n_chunks[j]):
+        if n_chunks[i] == 0:
+            continue
+        load, lane = heapq.heappop(heap)
+        placement[i] = (lane, load)
+        heapq.heappush(heap, (load + n_chunks[i], lane))
+    return n_lanes, placement
+
+
+def _varlen_plan(cu_host: tuple[int, ...], chunk: int, n_heads: int, device: torch.device) -> _VarlenPlan:
+    key = (cu_host, chunk, n_heads, str(device))
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return hit
+    lens = [b - a for a, b in itertools.pairwise(cu_host)]
+    total = cu_host[-1]
+    n_chunks = [-(-n // chunk) for n in lens]
+    n_lanes, placement = _lane_assignment(n_chunks)
+    n_steps = max([first + n for (_, first), n in zip(placement, n_chunks) if first >= 0] or [1])
+
+    src = np.full((n_steps, n_lanes, chunk), total, dtype=np.int64)
+    d_step = np.empty(total, dtype=np.int64)
+    d_lane = np.empty(total, dtype=np.int64)
+    d_pos = np.empty(total, dtype=np.int64)
+    resets: list[list[int]] = [[] for _ in range(n_steps)]  # (lane, seq) pairs per step, flattened
+    ends: list[list[int]] = [[] for _ in range(n_steps)]
+    for i, ((lane, first), n) in enumerate(zip(placement, lens)):
+        if n == 0:
+            continue
+        j = np.arange(n)
+        step = first + j // chunk
+        pos = j % chunk
+        tok = cu_host[i] + j
+        src[step, lane, pos] = tok
+        d_step[tok], d_lane[tok], d_pos[tok] = step, lane, pos
+        resets[first] += [lane, i]
+        ends[first + n_chunks[i] - 1] += [lane, i]
+
+    heads = np.arange(n_heads)
+
+    def build(per_step: list[list[int]]) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+        off, rows, other = [0], [], []
+        for pairs in per_step:
+            arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+            rows.append((arr[:, :1] * n_heads + heads).reshape(-1))
+            other.append((arr[:, 1:] * n_heads + heads).reshape(-1))
+            off.append(off[-1] + arr.shape[0] * n_heads)
+        r = torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, np.int64)).to(device)
+        o = torch.from_numpy(np.concatenate(other) if other else np.zeros(0, np.int64)).to(device)
+        return tuple(off), r, o
+
+    r_off, r_rows, r_src = build(resets)
+    e_off, e_rows, e_dst = build(ends)
+    empty = [n == 0 for n in lens]
+    plan = _VarlenPlan(
+        n_steps=n_steps,
+        n_lanes=n_lanes,
+        src=torch.from_numpy(src).to(device),
+        dst=tuple(torch.from_numpy(a).to(device) for a in (d_step, d_lane, d_pos)),  # type: ignore[arg-type]
+        schedule=_Schedule(r_off, r_rows, r_src, e_off, e_rows, e_dst),
+        empty=torch.tensor(empty, device=device) if any(empty) else None,
+    )
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > 32:
+        _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sequential part: state scan over chunks, with a hand-written backward
+# ---------------------------------------------------------------------------------------------------
+
+
+class _StateScan(torch.autograd.Function):
+    """``Vn_s = U_s - W_s S_s``; ``S_{s+1} = d_s S_s + Kd_s^T Vn_s`` over chunks ``s``.
+
+    Inputs (``N`` = lanes x value heads): ``u [S, N, C, Dv]``, ``w, kd [S, N, C, Dk]``,
+    ``decay [S, N]``, ``h0`` (``[N, Dk, Dv]`` when ``schedule`` is None — every lane is one sequence
+    that starts at step 0 — else ``[n_seq * HV, Dk, Dv]``) or None (zeros), ``n_final`` rows.
+    Outputs: ``vn [S, N, C, Dv]``, ``s_in [S, N, Dk, Dv]`` (the state each chunk starts from, after
+    any reset) and ``final [n_final, Dk, Dv]`` (state after each sequence's last chunk).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        u: torch.Tensor,
+        w: torch.Tensor,
+        kd: torch.Tensor,
+        decay: torch.Tensor,
+        h0: torch.Tensor | None,
+        schedule: _Schedule | None,
+        n_final: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        S, N, _C, Dv = u.shape
+        Dk = w.shape[-1]
+        vn = torch.empty_like(u)
+        s_in = torch.empty(S, N, Dk, Dv, dtype=u.dtype, device=u.device)
+        last = torch.empty(N, Dk, Dv, dtype=u.dtype, device=u.device)
+        final = last if schedule is None else u.new_zeros(n_final, Dk, Dv)
+        if schedule is None and h0 is not None:
+            s_in[0].copy_(h0)
+        else:
+            s_in[0].zero_()
+        u_l, w_l, vn_l, s_l = u.unbind(0), w.unbind(0), vn.unbind(0), s_in.unbind(0)
+        kdt_l = kd.transpose(-1, -2).unbind(0)  # [N, Dk, C] views
+        d_l = decay[:, :, None, None].unbind(0)
+        for s in range(S):
+            cur = s_l[s]
+            if schedule is not None:
+                a, b = schedule.reset_off[s], schedule.reset_off[s + 1]
+                if b > a:
+                    rows = schedule.reset_rows[a:b]
+                    if h0 is None:
+                        cur.index_fill_(0, rows, 0.0)
+                    else:
+                        cur.index_copy_(0, rows, h0.index_select(0, schedule.reset_src[a:b]))
+            torch.baddbmm(u_l[s], w_l[s], cur, alpha=-1.0, out=vn_l[s])  # Vn = U - W S
+            nxt = s_l[s + 1] if s + 1 < S else last
+            torch.mul(cur, d_l[s], out=nxt)
+            nxt.baddbmm_(kdt_l[s], vn_l[s])  # S' = d S + Kd^T Vn
+            if schedule is not None:
+                a, b = schedule.end_off[s], schedule.end_off[s + 1]
+                if b > a:
+                    final.index_copy_(0, schedule.end_dst[a:b], nxt.index_select(0, schedule.end_rows[a:b]))
+        ctx.save_for_backward(w, kd, decay, vn, s_in)
+        ctx.schedule = schedule
+        ctx.h0_shape = None if h0 is None else h0.shape
+        ctx.n_final = n_final
+        return vn, s_in, final
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dvn: torch.Tensor | None, ds_in: torch.Tensor | None, dfinal: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        w, kd, decay, vn, s_in = ctx.saved_tensors
+        schedule: _Schedule | None = ctx.schedule
+        S, N, _C, Dv = vn.shape
+        Dk = w.shape[-1]
+        if dvn is None:
+            dvn = torch.zeros_like(vn)
+        if ds_in is None:
+            ds_in = torch.zeros_like(s_in)
+        t = torch.empty_like(vn)  # total gradient of Vn per chunk (= dU)
+        ds_out = torch.empty_like(s_in)  # gradient of the state after each chunk
+        ds0 = torch.empty(N, Dk, Dv, dtype=vn.dtype, device=vn.device)
+        want_h0 = ctx.h0_shape is not None and ctx.needs_input_grad[4]
+        dh0 = None
+        if schedule is None:
+            if dfinal is not None:
+                ds_out[S - 1].copy_(dfinal)
+            else:
+                ds_out[S - 1].zero_()
+        else:
+            ds_out[S - 1].zero_()
+            if want_h0:
+                dh0 = vn.new_zeros(ctx.h0_shape)
+        dvn_l, t_l, dso_l, dsi_l = dvn.unbind(0), t.unbind(0), ds_out.unbind(0), ds_in.unbind(0)
+        kd_l, wt_l = kd.unbind(0), w.transpose(-1, -2).unbind(0)
+        d_l = decay[:, :, None, None].unbind(0)
+        for s in range(S - 1, -1, -1):
+            dso = dso_l[s]
+            if schedule is not None and dfinal is not None:
+                a, b = schedule.end_off[s], schedule.end_off[s + 1]
+                if b > a:
+                    dso.index_add_(0, schedule.end_rows[a:b], dfinal.index_select(0, schedule.end_dst[a:b]))
+            torch.baddbmm(dvn_l[s], kd_l[s], dso, out=t_l[s])  # dVn = dVn_ext + Kd dS'
+            target = dso_l[s - 1] if s > 0 else ds0
+            torch.addcmul(dsi_l[s], dso, d_l[s], out=target)  # dS = dS_ext + d dS' - W^T dVn
+            target.baddbmm_(wt_l[s], t_l[s], alpha=-1.0)
+            if schedule is not None:
+                a, b = schedule.reset_off[s], schedule.reset_off[s + 1]
+                if b > a:
+                    rows = schedule.reset_rows[a:b]
+                    if dh0 is not None:
+                        dh0.index_add_(0, schedule.reset_src[a:b], target.index_select(0, rows))
+                    target.index_fill_(0, rows, 0.0)
+        if schedule is None and want_h0:
+            dh0 = ds0
+        du = t
+        dw = torch.matmul(t, s_in.transpose(-1, -2)).neg_()  # [S, N, C, Dk]
+        dkd = torch.matmul(vn, ds_out.transpose(-1, -2))  # [S, N, C, Dk]
+        ddecay = (s_in * ds_out).sum((-1, -2))  # [S, N]
+        return du, dw, dkd, ddecay, dh0, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Intra-chunk part
+# ---------------------------------------------------------------------------------------------------
+
+
+def _unit_lower_solve(a: torch.Tensor, rhs: torch.Tensor, method: str) -> torch.Tensor:
+    """Solve ``(I + a) x = rhs`` for strictly-lower ``a [..., C, C]``.
+
+    ``"solve"``: one batched triangular solve. ``"blocked"``: invert ``I + a`` by recursive 2x2
+    block inversion (``[[X1, 0], [-X2 a21 X1, X2]]``, diagonal blocks of 16 by a triangular solve),
+    then one matmul; the same arithmetic as forward substitution, but as large matmuls.
+    """
+    if method == "solve":
+        return torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+    return torch.matmul(_unit_lower_inverse(a), rhs)
+
+
+def _unit_lower_inverse(a: torch.Tensor, leaf: int = 16) -> torch.Tensor:
+    C = a.shape[-1]
+    if leaf >= C:
+        eye = torch.eye(C, dtype=a.dtype, device=a.device).expand(a.shape)
+        return torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
+    h = C // 2
+    x1 = _unit_lower_inverse(a[..., :h, :h], leaf)
+    x2 = _unit_lower_inverse(a[..., h:, h:], leaf)
+    x21 = -torch.matmul(x2, torch.matmul(a[..., h:, :h], x1))
+    top = torch.cat([x1, x1.new_zeros(*x1.shape[:-1], C - h)], -1)
+    bottom = torch.cat([x21, x2], -1)
+    return torch.cat([top, bottom], -2)
+
+
+def _chunk_core(
+    qc: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    gc: torch.Tensor,
+    bc: torch.Tensor,
+    scale: float,
+    h0: torch.Tensor | None,
+    schedule: _Schedule | None,
+    n_final: int,
+    solve: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule on laid-out chunks.
+
+    ``qc, kc [S, N, C, Dk]`` (normalised), ``vc [S, N, C, Dv]``, ``gc, bc [S, N, C]``; all in the
+    compute dtype. Returns ``o [S, N, C, Dv]`` and ``final [n_final, Dk, Dv]``.
+    """
+    C = qc.shape[-2]
+    G = gc.cumsum(-1)  # [S, N, C]
+    incl = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
+    # exp(G_i - G_j) for j <= i, 0 above the diagonal                              [S, N, C, C]
+    gamma = (G[..., :, None] - G[..., None, :]).masked_fill(~incl, -math.inf).exp()
+    kt = kc.transpose(-1, -2)
+    a = (torch.matmul(kc, kt) * gamma * bc[..., :, None]).tril(-1)  # [S, N, C, C]
+    eg = G.exp()
+    rhs = torch.cat([kc * (bc * eg)[..., None], vc * bc[..., None]], -1)  # [S, N, C, Dk + Dv]
+    w, u = _unit_lower_solve(a, rhs, solve).split([kc.shape[-1], vc.shape[-1]], -1)
+    g_last = G[..., -1:]
+    kd = kc * (g_last - G).exp()[..., None]  # [S, N, C, Dk]
+    vn, s_in, final = _StateScan.apply(u, w, kd, g_last.squeeze(-1).exp(), h0, schedule, n_final)
+    qs = qc * scale
+    p = torch.matmul(qs, kt) * gamma  # [S, N, C, C], lower incl. diagonal
+    o = torch.matmul(qs * eg[..., None], s_in) + torch.matmul(p, vn)  # [S, N, C, Dv]
+    return o, final
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    solve: str = "solve",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule, chunkwise (WY) form, pure PyTorch, CPU and CUDA, autograd.
+
+    Args:
+        q, k: ``[B, T, H, Dk]``; ``v``: ``[B, T, HV, Dv]`` with ``HV % H == 0`` (value head ``j``
+            reads q/k head ``j // (HV // H)``, grouped value attention).
+        g: ``[B, T, HV]`` log-decay (``<= 0``); ``beta``: ``[B, T, HV]`` write strength, already
+            post-sigmoid (``(0, 2)`` for negative eigenvalues).
+        scale: read-out scale, default ``Dk ** -0.5``.
+        initial_state: ``[n_seq, HV, Dk, Dv]`` (``n_seq = B``, or ``len(cu_seqlens) - 1``).
+        output_final_state: also return the state after each sequence, ``[n_seq, HV, Dk, Dv]`` in
+            the compute dtype (float32, float64 for float64 inputs).
+        use_qk_l2norm: L2-normalise q and k (eps 1e-6) in the compute dtype first.
+        cu_seqlens: int32/int64 ``[n_seq + 1]`` offsets into the **flattened** ``B * T`` tokens
+            (``[0, ..., B*T]``); the state restarts at every offset.
+        chunk_size: tokens per chunk (64 like flash-linear-attention; any positive int).
+        solve: ``"solve"`` (batched triangular solve) or ``"blocked"`` (block inverse + matmul).
+
+    Returns:
+        ``o [B, T, HV, Dv]`` in the dtype of ``v`` and the final state or ``None``.
+    """
+    n_seq, cu_host = validate_gdr_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if solve not in ("solve", "blocked"):
+        raise ValueError(f"solve must be 'solve' or 'blocked', got {solve!r}")
+    B, T, H, Dk = q.shape
+    HV, Dv = v.shape[2], v.shape[3]
+    cdt = compute_dtype_for(q, k, v, g, beta, initial_state)
+    if scale is None:
+        scale = Dk**-0.5
+    C = chunk_size
+    dev = q.device
+    h0 = None if initial_state is None else initial_state.to(cdt).reshape(n_seq * HV, Dk, Dv)
+
+    qf, kf = q.to(cdt), k.to(cdt)
+    if use_qk_l2norm:
+        qf, kf = l2norm(qf), l2norm(kf)
+    vf, gf, bf = v.to(cdt), g.to(cdt), beta.to(cdt)
+    head_map = torch.arange(HV, device=dev) // (HV // H) if HV != H else None
+
+    if B * T == 0:
+        o = v.new_zeros(B, T, HV, Dv)
+        fin = h0.reshape(n_seq, HV, Dk, Dv) if h0 is not None else v.new_zeros(n_seq, HV, Dk, Dv, dtype=cdt)
+        return o, (fin if output_final_state else None)
+
+    if cu_host is None:
+        # Uniform rows: lanes = batch rows; pad the tail of each row to a multiple of C.
+        S = -(-T // C)
+        pad = S * C - T
+
+        def lay(x: torch.Tensor, hmap: torch.Tensor | None) -> torch.Tensor:
+            # [B, T, Hx, D] -> [S, B*HV, C, D]
+            if hmap is not None:
+                x = x.index_select(2, hmap)
+            if pad:
+                x = F.pad(x, (0, 0, 0, 0, 0, pad))
+            x = x.reshape(B, S, C, HV, x.shape[-1]).permute(1, 0, 3, 2, 4)
+            return x.reshape(S, B * HV, C, x.shape[-1])
+
+        def lay_h(x: torch.Tensor) -> torch.Tensor:
+            # [B, T, HV] -> [S, B*HV, C]
+            if pad:
+                x = F.pad(x, (0, 0, 0, pad))
+            return x.reshape(B, S, C, HV).permute(1, 0, 3, 2).reshape(S, B * HV, C)
+
+        o_c, final = _chunk_core(
+            lay(qf, head_map),
+            lay(kf, head_map),
+            lay(vf, None),
+            lay_h(gf),
+            lay_h(bf),
+            scale,
+            h0,
+            None,
+            B * HV,
+            solve,
+        )
+        o5 = o_c.view(S, B, HV, C, Dv).permute(1, 0, 3, 2, 4).reshape(B, S * C, HV, Dv)
+        o = o5[:, :T].to(v.dtype)
+    else:
+        plan = _varlen_plan(cu_host, C, HV, dev)
+        S, L = plan.n_steps, plan.n_lanes
+        total = B * T
+        src = plan.src.view(S, L, 1, C)
+        hv_idx = torch.arange(HV, device=dev).view(1, 1, HV, 1)
+        hk_idx = hv_idx if head_map is None else head_map.view(1, 1, HV, 1)
+
+        def gather(x: torch.Tensor, hidx: torch.Tensor) -> torch.Tensor:
+            # [total, Hx, ...] -> [S, L*HV, C, ...] with zero padding slots
+            x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+            y = x[src, hidx]  # [S, L, HV, C, ...]
+            return y.reshape(S, L * HV, C, *x.shape[2:])
+
+        o_c, final = _chunk_core(
+            gather(qf.reshape(total, H, Dk), hk_idx),
+            gather(kf.reshape(total, H, Dk), hk_idx),
+            gather(vf.reshape(total, HV, Dv), hv_idx),
+            gather(gf.reshape(total, HV), hv_idx),
+            gather(bf.reshape(total, HV), hv_idx),
+            scale,
+            h0,
+            plan.schedule,
+            n_seq * HV,
+            solve,
+        )
+        s_idx, l_idx, c_idx = plan.dst
+        o = o_c.view(S, L, HV, C, Dv)[s_idx, l_idx, :, c_idx]  # [total, HV, Dv]
+        o = o.reshape(B, T, HV, Dv).to(v.dtype)
+        if plan.empty is not None:
+            # sequences of length 0 keep their initial state (zero without one)
+            keep = plan.empty.repeat_interleave(HV)[:, None, None]
+            final = torch.where(keep, h0 if h0 is not None else torch.zeros_like(final), final)
+    if not output_final_state:
+        return o, None
+    return o, final.reshape(n_seq, HV, Dk, Dv)

@@ -1,0 +1,201 @@
+"""The gated delta rule token by token: the O(1)-per-token decoding step and a loop over it.
+
+One step for state ``S [Dk, Dv]`` (per batch row and value head), read in one pass over ``S``::
+
+    a = S^T k,  b = S^T q                   (the old state, one batched matmul for both)
+    u = beta (v - gamma a)                  gamma = exp(g)
+    o = scale (gamma b + (q . k) u)         = scale * S_new^T q
+    S_new = gamma S + k u^T
+
+which is the recurrence of ``docs/CONVENTIONS.md`` rearranged so that ``S`` is read once and
+updated once (in place when no gradient is needed): the decoding cost is the state's memory
+traffic, ``2 * B * HV * Dk * Dv * 4`` bytes per token for a float32 state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .chunked import compute_dtype_for, l2norm, validate_gdr_inputs
+
+__all__ = ["compiled_step_available", "gated_delta_rule_step", "recurrent_gated_delta_rule"]
+
+
+def _expand_heads(x: torch.Tensor, hv: int) -> torch.Tensor:
+    """``[B, H, D]`` -> ``[B, HV, D]``: value head ``j`` reads q/k head ``j // (HV // H)``."""
+    h = x.shape[1]
+    return x if h == hv else x.repeat_interleave(hv // h, dim=1)
+
+
+def _step_math(
+    qn: torch.Tensor,
+    kn: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-place step: ``qn, kn [B, HV, Dk]``, ``v [B, HV, Dv]``, ``g, beta [B, HV]``,
+    ``state [B, HV, Dk, Dv]`` (all in the compute dtype) -> ``(o [B, HV, Dv], new state)``."""
+    gamma = g.exp()[..., None]  # [B, HV, 1]
+    ab = torch.matmul(torch.stack([kn, qn], dim=-2), state)  # [B, HV, 2, Dv]
+    u = beta[..., None] * (v - gamma * ab[..., 0, :])
+    o = scale * (gamma * ab[..., 1, :] + (qn * kn).sum(-1, keepdim=True) * u)
+    new_state = gamma[..., None] * state + kn[..., :, None] * u[..., None, :]
+    return o, new_state
+
+
+@functools.cache
+def _compiled_step() -> Any:
+    return torch.compile(_step_math, dynamic=False, fullgraph=True)
+
+
+def compiled_step_available() -> bool:
+    """Whether ``torch.compile`` can build the fused step here (tries once, caches the answer)."""
+    try:
+        _compiled_step()
+        return True
+    except Exception:
+        return False
+
+
+def gated_delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+    inplace: bool | None = None,
+    compile: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the gated delta rule (decoding).
+
+    Args:
+        q, k: ``[B, H, Dk]``; v: ``[B, HV, Dv]``; g (log-decay), beta: ``[B, HV]``.
+        state: ``[B, HV, Dk, Dv]`` float32 (float64 allowed), the state before this token.
+        scale: default ``Dk ** -0.5``.
+        use_qk_l2norm: L2-normalise q and k (eps 1e-6) first.
+        inplace: update ``state`` in place (default: when no gradient is being recorded).
+        compile: use the ``torch.compile``-fused step (state read once and written once);
+            falls back to eager if compilation is unavailable.
+
+    Returns:
+        ``o [B, HV, Dv]`` in the dtype of ``v`` and the new state (``state`` itself when in place).
+    """
+    if q.dim() != 3 or k.shape != q.shape:
+        raise ValueError(f"q and k must be [B, H, Dk] of equal shape, got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, H, Dk = q.shape
+    if v.dim() != 3 or v.shape[0] != B or v.shape[1] % H:
+        raise ValueError(f"v must be [B={B}, HV, Dv] with HV a multiple of H={H}, got {tuple(v.shape)}")
+    HV, Dv = v.shape[1], v.shape[2]
+    if tuple(g.shape) != (B, HV) or tuple(beta.shape) != (B, HV):
+        raise ValueError(f"g and beta must be [B, HV] = {(B, HV)}, got {tuple(g.shape)}, {tuple(beta.shape)}")
+    if tuple(state.shape) != (B, HV, Dk, Dv):
+        raise ValueError(f"state must be [B, HV, Dk, Dv] = {(B, HV, Dk, Dv)}, got {tuple(state.shape)}")
+    cdt = state.dtype if state.dtype in (torch.float32, torch.float64) else compute_dtype_for(q, v)
+    scale = Dk**-0.5 if scale is None else scale
+    qn, kn = q.to(cdt), k.to(cdt)
+    if use_qk_l2norm:
+        qn, kn = l2norm(qn), l2norm(kn)
+    qn, kn = _expand_heads(qn, HV), _expand_heads(kn, HV)
+    vf, gf, bf = v.to(cdt), g.to(cdt), beta.to(cdt)
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, g, beta, state) if isinstance(t, torch.Tensor)
+    )
+    if inplace is None:
+        inplace = not grad and state.dtype == cdt
+    if compile and not grad:
+        try:
+            o, new_state = _compiled_step()(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
+        except Exception:  # no compiler here: the eager step computes the same numbers
+            o, new_state = _step_math(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
+        if inplace:
+            state.copy_(new_state)
+            new_state = state
+        return o.to(v.dtype), new_state
+    if not inplace:
+        o, new_state = _step_math(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
+        return o.to(v.dtype), new_state
+    # In place: S is read once by the matmul, then scaled and rank-1 updated.
+    gamma = gf.exp()[..., None]  # [B, HV, 1]
+    ab = torch.matmul(torch.stack([kn, qn], dim=-2), state)  # [B, HV, 2, Dv]
+    u = bf[..., None] * (vf - gamma * ab[..., 0, :])  # [B, HV, Dv]
+    o = scale * (gamma * ab[..., 1, :] + (qn * kn).sum(-1, keepdim=True) * u)
+    flat = state.view(B * HV, Dk, Dv)
+    flat.mul_(gamma.reshape(B * HV, 1, 1))
+    flat.baddbmm_(kn.reshape(B * HV, Dk, 1), u.reshape(B * HV, 1, Dv))
+    return o.to(v.dtype), state
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token gated delta rule; same arguments and results as
+    :func:`olmo_attn.recurrent.chunked.chunk_gated_delta_rule` (``q, k [B, T, H, Dk]``,
+    ``v [B, T, HV, Dv]``, ``g, beta [B, T, HV]``, state ``[n_seq, HV, Dk, Dv]``). ``O(T)`` Python
+    steps: for short inputs and decoding several tokens at once."""
+    n_seq, cu_host = validate_gdr_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    B, T, _H, Dk = q.shape
+    HV, Dv = v.shape[2], v.shape[3]
+    cdt = compute_dtype_for(q, k, v, g, beta, initial_state)
+    if cu_host is not None:
+        # documents segment the flattened batch: run each as its own sequence of one row
+        q1, k1, v1, g1, b1 = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta))
+        outs, finals = [], []
+        for i in range(n_seq):
+            a, b = cu_host[i], cu_host[i + 1]
+            h0 = None if initial_state is None else initial_state[i : i + 1]
+            o_i, f_i = recurrent_gated_delta_rule(
+                q1[:, a:b],
+                k1[:, a:b],
+                v1[:, a:b],
+                g1[:, a:b],
+                b1[:, a:b],
+                scale=scale,
+                initial_state=h0,
+                output_final_state=True,
+                use_qk_l2norm=use_qk_l2norm,
+            )
+            outs.append(o_i)
+            finals.append(f_i)
+        o = torch.cat(outs, dim=1).reshape(B, T, HV, Dv)
+        return o, (torch.cat(finals) if output_final_state else None)
+    state = (
+        torch.zeros(B, HV, Dk, Dv, dtype=cdt, device=q.device)
+        if initial_state is None
+        else initial_state.to(cdt)
+    )
+    outs = []
+    for t in range(T):
+        o_t, state = gated_delta_rule_step(
+            q[:, t],
+            k[:, t],
+            v[:, t],
+            g[:, t],
+            beta[:, t],
+            state,
+            scale=scale,
+            use_qk_l2norm=use_qk_l2norm,
+            inplace=False,
+        )
+        outs.append(o_t)
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, HV, Dv)
+    return o, (state if output_final_state else None)
