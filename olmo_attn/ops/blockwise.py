@@ -53,6 +53,11 @@ class BlockPlan:
         return cls(block_q=block_q, runs=tuple(runs))
 
 
+def _no_autocast(device: torch.device) -> Any:
+    """The kernel picks its own precisions: autocast must not lower the accumulation matmuls."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -109,6 +114,21 @@ def blockwise_forward(
     dropout_seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward. ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]`` -> ``out [B, Tq, Hq, D]``, ``lse [B, Hq, Tq]``."""
+    with _no_autocast(q.device):
+        return _forward(q, k, v, index, plan, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed)
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: MaskIndex,
+    plan: BlockPlan,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -166,6 +186,26 @@ def blockwise_backward(
     dropout_seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq [B, Tq, Hq, D]``, ``dk, dv [B, Tk, Hkv, D]`` given ``dout``, the final ``out [B, Tq, Hq, D]`` and ``lse [B, Hq, Tq]``."""
+    with _no_autocast(q.device):
+        return _backward(
+            dout, q, k, v, out, lse, index, plan, scale=scale, dropout_p=dropout_p, dropout_seed=dropout_seed
+        )
+
+
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    index: MaskIndex,
+    plan: BlockPlan,
+    *,
+    scale: float,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Tq, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv

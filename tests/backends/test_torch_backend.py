@@ -269,7 +269,7 @@ def test_window_edge_keys():
 MEMORY_SCRIPT = r"""
 import resource, sys, torch
 from olmo_attn.backends.torch_backend import TorchAttentionBackend
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tiles: one thread, no spin-waiting under load
 T, W = 16384, 512
 be = TorchAttentionBackend(head_dim=16, n_heads=2, n_kv_heads=1, window_size=(W - 1, 0))
 g = torch.Generator().manual_seed(0)

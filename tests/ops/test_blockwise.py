@@ -205,32 +205,35 @@ def test_low_precision_dtypes_and_lse_float32(dtype):
     assert np.abs(lse.double().numpy() - r_lse).max() < 1e-5
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_flex_block_mask_forward_on_cpu(seed):
+FLEX_CASES = [
+    # (shape (B or None, Tq, Tk, Hq, Hkv, D), kernel kwargs, cu_q, cu_k)
+    ((2, 200, 330, 4, 2, 16), dict(scale=0.3, causal=True, window=(70, 0)), None, None),
+    ((1, 260, 260, 2, 1, 16), dict(scale=0.5, causal=False, window=(40, 25)), None, None),
+    (
+        (None, 290, 340, 4, 2, 16),
+        dict(scale=0.3, causal=True, window=(-1, -1)),
+        [0, 5, 5, 150, 290],
+        [0, 40, 41, 200, 340],
+    ),
+    ((None, 300, 300, 2, 2, 16), dict(scale=0.4, causal=True, window=(33, 0)), [0, 1, 129, 130, 300], None),
+]
+
+
+@pytest.mark.parametrize("case", FLEX_CASES, ids=["dense-window", "two-sided", "docs-qk", "docs-window"])
+def test_flex_block_mask_forward_on_cpu(case):
     """The CUDA path's BlockMask + mask_mod, run through FlexAttention's unfused CPU forward."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    rng = random.Random(100 + seed)
-    kernel = TorchKernel(impl="flex")
-    for trial in range(3):
-        shape, kw, cu_q, cu_k = _case(rng)
-        b, tq, tk, hq, hkv, _ = shape
-        shape = (b, tq * 7, tk * 7, hq, hkv, 16)  # lengths beyond one 128-block, odd
-        if cu_q is not None:
-            cu_q, cu_k = [x * 7 for x in cu_q], [x * 7 for x in cu_k]
-        q, k, v, _ = _tensors(shape, trial, dtype=torch.float32)
-        out, lse = kernel.forward(q, k, v, _call(kw, cu_q, cu_k))
-        r_out, r_lse = ref.attention(
-            q.double().numpy(),
-            k.double().numpy(),
-            v.double().numpy(),
-            **kw,
-            cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k,
-        )
-        assert np.abs(out.double().numpy() - r_out).max() < 1e-4
-        fin = np.isfinite(r_lse)
-        assert np.array_equal(np.isneginf(lse.numpy()), ~fin)
-        assert np.abs(lse.double().numpy()[fin] - r_lse[fin]).max(initial=0.0) < 1e-4
+    shape, kw, cu_q, cu_k = case
+    cu_k = cu_q if cu_k is None else cu_k
+    q, k, v, _ = _tensors(shape, 3, dtype=torch.float32)
+    out, lse = TorchKernel(impl="flex").forward(q, k, v, _call(kw, cu_q, cu_k))
+    r_out, r_lse = ref.attention(
+        q.double().numpy(), k.double().numpy(), v.double().numpy(), **kw, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k
+    )
+    assert np.abs(out.double().numpy() - r_out).max() < 1e-4
+    fin = np.isfinite(r_lse)
+    assert np.array_equal(np.isneginf(lse.numpy()), ~fin)
+    assert np.abs(lse.double().numpy()[fin] - r_lse[fin]).max(initial=0.0) < 1e-4
 
 
 def test_flex_kv_cache_mask_on_cpu():
@@ -344,3 +347,14 @@ def test_compiled_flex_on_cpu_respects_block_lists():
         cu_seqlens_k=cu,
     )
     assert np.abs(out.transpose(1, 2)[0].double().numpy() - r_out).max() < 1e-4
+
+
+def test_blockwise_ignores_autocast():
+    """Under CPU bf16 autocast the kernel still accumulates in float32 (same result as without)."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 40, 2, 8, generator=g) for _ in range(3))
+    call = KernelCall(scale=0.3, window=(9, 0))
+    plain = attend(q, k, v, call, blocks=SMALL, impl="blockwise")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = attend(q, k, v, call, blocks=SMALL, impl="blockwise")
+    assert auto.dtype == torch.float32 and torch.equal(auto, plain)

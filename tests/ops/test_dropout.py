@@ -123,3 +123,20 @@ def test_keep_mask_bits_identical_on_cuda():
     assert torch.equal(
         keep_mask(seed, 2, 8, 128, 300, 0.25, device="cuda").cpu(), keep_mask(seed, 2, 8, 128, 300, 0.25)
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dropout_runs_the_blockwise_kernel_with_the_same_bits():
+    """CUDA dropout outside plain causal: blockwise kernel on the GPU, same keep bits as on CPU."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(2, 150, 4, 16, generator=g) for _ in range(4))
+    call = KernelCall(scale=0.25, window=(40, 0), dropout_p=0.2, dropout_seed=99)
+    kernel = TorchKernel()
+    out_c, lse_c = kernel.forward(q, k, v, call)
+    out_g, lse_g = kernel.forward(q.cuda(), k.cuda(), v.cuda(), call)
+    assert (out_g.cpu() - out_c).abs().max() < 1e-4 and (lse_g.cpu() - lse_c).abs().max() < 1e-4
+    grads_c = kernel.backward(dout, q, k, v, out_c, lse_c, call)
+    grads_g = kernel.backward(dout.cuda(), q.cuda(), k.cuda(), v.cuda(), out_g, lse_g, call)
+    for a, b in zip(grads_c, grads_g):
+        assert (a - b.cpu()).abs().max() < 1e-3
