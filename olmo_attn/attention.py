@@ -802,7 +802,7 @@ class Attention(_BackendMixin, SequenceMixer):
         its output is laid out as ``output_layout``. ``float8_enabled`` uses torchao's float8 styles.
         """
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+        from torch.distributed.tensor.parallel import parallelize_module
 
         tp = tp_mesh.size()
         if self.n_heads % tp or self.n_kv_heads % tp:
@@ -837,9 +837,9 @@ class Attention(_BackendMixin, SequenceMixer):
         # full norm: output [B, T, E] sharded on E (-> heads after the view);
         # per-head norm: output [B, T, H, D] sharded on H
         if self.q_norm is not None:
-            plan["q_norm"] = SequenceParallel(use_local_output=True, output_layouts=Shard(2))
+            plan["q_norm"] = _sequence_parallel(Shard(2))
         if self.k_norm is not None:
-            plan["k_norm"] = SequenceParallel(use_local_output=True, output_layouts=Shard(2))
+            plan["k_norm"] = _sequence_parallel(Shard(2))
         parallelize_module(module=self, device_mesh=tp_mesh, parallelize_plan=plan)
 
     def apply_cp(self, cp_mesh: Any, ring: Any = None, uly: Any = None) -> None:
@@ -913,6 +913,37 @@ class Attention(_BackendMixin, SequenceMixer):
             device=self.w_k.weight.device,
             dtype=dtype if dtype is not None else self.w_k.weight.dtype,
         )
+
+
+def _sequence_parallel(output_layout: Any) -> Any:
+    """torch's ``SequenceParallel`` (input sharded on the sequence, replicated parameters) whose
+    output is re-laid-out as ``output_layout`` and returned as a local tensor."""
+    from functools import partial
+
+    from torch.distributed.tensor import distribute_module
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    class _SequenceParallelTo(SequenceParallel):
+        def __init__(self, layout: Any):
+            super().__init__(sequence_dim=1, use_local_output=True)
+            self.layout = layout
+
+        @staticmethod
+        def _to_layout(layout: Any, mod: nn.Module, outputs: Any, device_mesh: Any) -> torch.Tensor:
+            if outputs.placements != (layout,):
+                outputs = outputs.redistribute(placements=(layout,))
+            return outputs.to_local()
+
+        def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+            return distribute_module(
+                module,
+                device_mesh,
+                self._replicate_module_fn,
+                partial(self._prepare_input_fn, self.sequence_sharding),
+                partial(self._to_layout, self.layout),
+            )
+
+    return _SequenceParallelTo(output_layout)
 
 
 def _tp_styles(float8_enabled: bool) -> tuple[Any, Any, Any]:
