@@ -22,9 +22,10 @@ import torch
 
 from ..masks import DocSegments
 from ..ops.dropout import new_seed
+from ..ops.flex import flex_supported
 from ..ops.kernel import KernelCall
 from ..ops.sdpa import sdpa_attention, sdpa_supported
-from ..ops.torch_kernel import TorchKernel, attend
+from ..ops.torch_kernel import DEFAULT_BLOCKS, TorchKernel, attend, prepare_mask
 from .base import AttentionBackend
 
 if TYPE_CHECKING:
@@ -117,20 +118,11 @@ class TorchAttentionBackend(AttentionBackend):
         if self.window_size == (-1, -1):
             return  # plain causal runs on SDPA: nothing to build
         dev = torch.device(device)
-        d = self.head_dim
-        q = torch.empty(
-            1,
-            max_seq_len,
-            self.n_heads,
-            d,
-            device=dev,
-            dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-        )
-        k = torch.empty(1, max_seq_len, self.n_kv_heads, d, device=dev, dtype=q.dtype)
-        from ..ops import flex as flex_ops
-        from ..ops.torch_kernel import CPU_BLOCKS, _mask_and_plan
-
-        kind = "flex" if flex_ops.flex_supported(q, 0.0) else "blockwise"
-        _mask_and_plan(
-            q, k, self._call(0.0), kind=kind, q_start=None, key_lo=None, key_hi=None, blocks=CPU_BLOCKS
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        # zero-stride stand-ins: the mask depends only on shapes, device and dtype
+        q = torch.empty((), device=dev, dtype=dtype).expand(1, max_seq_len, self.n_heads, self.head_dim)
+        k = torch.empty((), device=dev, dtype=dtype).expand(1, max_seq_len, self.n_kv_heads, self.head_dim)
+        kind = "flex" if flex_supported(q, 0.0) else "blockwise"
+        prepare_mask(
+            q, k, self._call(0.0), kind=kind, q_start=None, key_lo=None, key_hi=None, blocks=DEFAULT_BLOCKS
         )

@@ -44,7 +44,7 @@ class BlockSizes:
     max_run: int = 2048
 
 
-CPU_BLOCKS = BlockSizes()
+DEFAULT_BLOCKS = BlockSizes()
 
 
 def _cache_key(
@@ -91,7 +91,7 @@ def _as_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: KernelCall) 
     return q, k, v
 
 
-def _mask_and_plan(
+def prepare_mask(
     q4: torch.Tensor,
     k4: torch.Tensor,
     call: KernelCall,
@@ -102,7 +102,11 @@ def _mask_and_plan(
     key_hi: int | torch.Tensor | None,
     blocks: BlockSizes,
 ) -> tuple[MaskIndex, Any]:
-    """Index vectors plus the blockwise plan (``kind="blockwise"``) or the Flex ``BlockMask``."""
+    """Index vectors plus the blockwise plan (``kind="blockwise"``) or the Flex ``BlockMask`` (``"flex"``).
+
+    ``q4 [B, Tq, Hq, D]`` and ``k4 [B, Tk, Hkv, D]`` give shapes and device. Masks that depend only on
+    shapes and host-known offsets are cached (LRU of 32), so a model's layers build each one once.
+    """
     tq, tk = q4.shape[1], k4.shape[1]
     dynamic = q_start is not None or key_lo is not None or key_hi is not None
 
@@ -139,7 +143,7 @@ def attend(
     q_start: int | torch.Tensor | None = None,
     key_lo: torch.Tensor | None = None,
     key_hi: int | torch.Tensor | None = None,
-    blocks: BlockSizes = CPU_BLOCKS,
+    blocks: BlockSizes = DEFAULT_BLOCKS,
     impl: str | None = None,
 ) -> torch.Tensor:
     """Differentiable masked attention -> ``out`` shaped like ``q``.
@@ -182,7 +186,7 @@ def attend(
             window=call.window,
             scale=call.scale,
         )
-    index, plan = _mask_and_plan(
+    index, plan = prepare_mask(
         q4, k4, call, kind=impl, q_start=q_start, key_lo=key_lo, key_hi=key_hi, blocks=blocks
     )
     if impl == "flex":
@@ -205,7 +209,7 @@ class TorchKernel:
 
     name = "torch"
 
-    def __init__(self, blocks: BlockSizes = CPU_BLOCKS, impl: str | None = None) -> None:
+    def __init__(self, blocks: BlockSizes = DEFAULT_BLOCKS, impl: str | None = None) -> None:
         if impl not in (None, "flex", "blockwise"):
             raise ValueError(f"impl={impl!r} must be None, 'flex' or 'blockwise'")
         self.blocks = blocks
@@ -222,7 +226,7 @@ class TorchKernel:
         _check_dropout(call)
         q4, k4, v4 = _as_4d(q, k, v, call)
         impl = self._impl(q4, call)
-        index, plan = _mask_and_plan(
+        index, plan = prepare_mask(
             q4, k4, call, kind=impl, q_start=None, key_lo=None, key_hi=None, blocks=self.blocks
         )
         with torch.no_grad():
@@ -258,7 +262,7 @@ class TorchKernel:
         if call.varlen:
             dout, out, lse = dout[None], out[None], lse[None]
         impl = self._impl(q4, call)
-        index, plan = _mask_and_plan(
+        index, plan = prepare_mask(
             q4, k4, call, kind=impl, q_start=None, key_lo=None, key_hi=None, blocks=self.blocks
         )
         if impl == "flex":

@@ -350,8 +350,20 @@ def test_kernel_is_exposed_for_ring_attention():
 
     be = TorchAttentionBackend(head_dim=8, n_heads=2)
     assert isinstance(be.kernel(), AttentionKernel) and be.kernel().name == "torch"
-    be.warmup_cache(64, torch.device("cpu"))  # no window: nothing to build, must not fail
-    TorchAttentionBackend(head_dim=8, n_heads=2, window_size=(15, 0)).warmup_cache(300, torch.device("cpu"))
+
+
+def test_warmup_cache_prebuilds_the_window_plan():
+    from olmo_attn.ops import torch_kernel
+
+    torch_kernel.clear_plan_cache()
+    TorchAttentionBackend(head_dim=8, n_heads=2).warmup_cache(64, torch.device("cpu"))
+    assert len(torch_kernel._PLAN_CACHE) == 0  # plain causal runs on SDPA: nothing to build
+    be = TorchAttentionBackend(head_dim=8, n_heads=2, window_size=(15, 0))
+    be.warmup_cache(300, torch.device("cpu"))
+    assert len(torch_kernel._PLAN_CACHE) == 1
+    x = torch.randn(1, 300, 2, 8)
+    be((x, x, x))
+    assert len(torch_kernel._PLAN_CACHE) == 1  # the forward reused it
 
 
 # ----- GPU (skipped without CUDA; the lead runs them on the H100) ---------------------------------
@@ -468,3 +480,16 @@ def test_gpu_flex_kernel_backward_with_merged_lse():
     assert (ga[0] + gb[0]).double().cpu().sub(qq.grad).abs().max() < 1e-3
     assert torch.cat([ga[1], gb[1]], 1).double().cpu().sub(kk.grad).abs().max() < 1e-3
     assert torch.cat([ga[2], gb[2]], 1).double().cpu().sub(vv.grad).abs().max() < 1e-3
+
+
+def test_varlen_helper_errors_without_torch_varlen(monkeypatch):
+    from olmo_attn.ops import sdpa
+
+    monkeypatch.setattr(sdpa, "_varlen", lambda: (None, frozenset()))
+    x = torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    assert not sdpa.varlen_supported(x, x, (-1, -1), 0.0)
+    with pytest.raises(RuntimeError, match=r"torch\.nn\.attention\.varlen is not available"):
+        sdpa.varlen_attention(
+            x, x, x, cu_q=cu, cu_k=cu, max_q=6, max_k=6, causal=True, window=(-1, -1), scale=1.0
+        )

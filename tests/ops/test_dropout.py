@@ -140,3 +140,10 @@ def test_cuda_dropout_runs_the_blockwise_kernel_with_the_same_bits():
     grads_g = kernel.backward(dout.cuda(), q.cuda(), k.cuda(), v.cuda(), out_g, lse_g, call)
     for a, b in zip(grads_c, grads_g):
         assert (a - b.cpu()).abs().max() < 1e-3
+
+
+def test_dropout_probability_out_of_range_is_a_value_error():
+    with pytest.raises(ValueError, match=r"dropout p=1\.0 must be in \[0, 1\)"):
+        keep_mask(0, 1, 1, 2, 2, 1.0)
+    with pytest.raises(ValueError, match="must be in"):
+        keep_mask(0, 1, 1, 2, 2, -0.1)
