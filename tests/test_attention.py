@@ -618,3 +618,17 @@ def test_built_from_config_equals_direct_construction():
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 6, D_MODEL)
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_automatic_backend_is_rechosen_for_inputs_it_cannot_run(monkeypatch):
+    auto = Attention(d_model=16, n_heads=4)
+    explicit = Attention(d_model=16, n_heads=4, backend="torch")
+    explicit.load_state_dict(auto.state_dict())
+    first = auto.backend
+    narrow = dataclasses.replace(first.spec(), dtypes=frozenset({torch.float64}))  # pretend: float64 only
+    monkeypatch.setattr(type(first), "spec", classmethod(lambda cls: narrow))
+    x = torch.randn(1, 5, 16)
+    y = auto(x)
+    assert auto.backend is not first and auto.backend.name == "torch"  # re-chosen for float32 on CPU
+    torch.testing.assert_close(y, explicit(x), rtol=0, atol=0)
+    assert explicit.backend.spec() is narrow  # an explicit backend is never replaced
