@@ -171,12 +171,13 @@ def flex_kernel_backward(
     with torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
         o_blk, lse_blk = flex_forward(qg, kg, vg, block_mask, scale=scale)
-        lse32 = lse.to(torch.float32)
-        w = torch.where(lse32 == -math.inf, 0.0, torch.exp(lse_blk.detach() - lse32))  # [B, Hq, Tq]
-        d32 = dout.to(torch.float32)
-        row_blk = (d32 * o_blk.detach().to(torch.float32)).sum(-1).transpose(1, 2)  # [B, Hq, Tq]
-        row_all = (d32 * out.to(torch.float32)).sum(-1).transpose(1, 2)
-        grad_o = (w.transpose(1, 2)[..., None] * d32).to(o_blk.dtype)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lse_f = lse.to(acc)
+        w = torch.where(lse_f == -math.inf, 0.0, torch.exp(lse_blk.detach().to(acc) - lse_f))  # [B, Hq, Tq]
+        d_f = dout.to(acc)
+        row_blk = (d_f * o_blk.detach().to(acc)).sum(-1).transpose(1, 2)  # [B, Hq, Tq]
+        row_all = (d_f * out.to(acc)).sum(-1).transpose(1, 2)
+        grad_o = (w.transpose(1, 2)[..., None] * d_f).to(o_blk.dtype)
         grad_lse = w * (row_blk - row_all)
         dq, dk, dv = torch.autograd.grad((o_blk, lse_blk), (qg, kg, vg), (grad_o, grad_lse.to(lse_blk.dtype)))
     return dq, dk, dv

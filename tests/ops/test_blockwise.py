@@ -358,3 +358,37 @@ def test_blockwise_ignores_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = attend(q, k, v, call, blocks=SMALL, impl="blockwise")
     assert auto.dtype == torch.float32 and torch.equal(auto, plain)
+
+
+def test_flex_kernel_backward_math_with_a_differentiable_stand_in(monkeypatch):
+    """The CUDA kernel backward (recompute + ``grad_o = w·dout``, ``grad_lse = w·(rowsum(dout∘o_blk) -
+    rowsum(dout∘out))``) checked on CPU: FlexAttention is replaced by the float64 autograd twin."""
+    from olmo_attn.ops import flex as flex_ops
+
+    B, T, Tp, hq, hkv, D = 1, 11, 7, 4, 2, 8
+    g = torch.Generator().manual_seed(13)
+    q, dout = (torch.randn(B, T, hq, D, generator=g, dtype=F64) for _ in range(2))
+    kp, vp = (torch.randn(B, Tp, hkv, D, generator=g, dtype=F64) for _ in range(2))
+    ks, vs = (torch.randn(B, T, hkv, D, generator=g, dtype=F64) for _ in range(2))
+
+    def stand_in(q, k, v, causal, *, scale):  # same signature/layout as flex_forward (block mask -> causal)
+        return twins.attention(q, k, v, scale=scale, causal=causal)
+
+    monkeypatch.setattr(flex_ops, "flex_forward", stand_in)
+    o_a, l_a = twins.attention(q, kp, vp, scale=0.3, causal=False)
+    o_b, l_b = twins.attention(q, ks, vs, scale=0.3, causal=True)
+    lse = torch.logaddexp(l_a, l_b)
+    out = (
+        torch.exp(l_a - lse).transpose(1, 2)[..., None] * o_a
+        + torch.exp(l_b - lse).transpose(1, 2)[..., None] * o_b
+    )
+    ga = flex_ops.flex_kernel_backward(dout, q, kp, vp, out, lse, False, scale=0.3)
+    gb = flex_ops.flex_kernel_backward(dout, q, ks, vs, out, lse, True, scale=0.3)
+    qq = q.clone().requires_grad_(True)
+    kk = torch.cat([kp, ks], 1).requires_grad_(True)
+    vv = torch.cat([vp, vs], 1).requires_grad_(True)
+    full, _ = twins.attention(qq, kk, vv, scale=0.3, causal=True)
+    full.backward(dout)
+    assert (ga[0] + gb[0] - qq.grad).abs().max() < 1e-10
+    assert (torch.cat([ga[1], gb[1]], 1) - kk.grad).abs().max() < 1e-10
+    assert (torch.cat([ga[2], gb[2]], 1) - vv.grad).abs().max() < 1e-10
