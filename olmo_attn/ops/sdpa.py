@@ -66,7 +66,11 @@ def sdpa_attention(
     if q.is_cuda:
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(_cuda_backends(), set_priority=True):
+        if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+            ctx = sdpa_kernel(_cuda_backends(), set_priority=True)  # try cuDNN first, then flash
+        else:
+            ctx = sdpa_kernel(_cuda_backends())
+        with ctx:
             out = F.scaled_dot_product_attention(qh, kh, vh, **kwargs)
     else:
         out = F.scaled_dot_product_attention(qh, kh, vh, **kwargs)
