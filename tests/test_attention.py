@@ -127,7 +127,8 @@ def _random_opts(n: int, seed: int) -> list[Opts]:
 CASES = HAND_PICKED + _random_opts(14, seed=11)
 
 
-def build(o: Opts, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+def build(o: Opts, dtype: torch.dtype, seed: int = 0, backend: str | None = "torch") -> torch.nn.Module:
+    """The module of ``o`` (``backend=None``: automatic choice) with randomised norm / nGPT scales."""
     rope = ROPES[o.rope]
     qk = None
     if o.qk_norm == "l2_norm":
@@ -137,7 +138,7 @@ def build(o: Opts, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if o.kind == "normalized":
         m = NormalizedAttention(
-            d_model=D_MODEL, n_heads=o.n_heads, n_kv_heads=o.n_kv_heads, rope=rope, qk_norm=qk, backend="torch",
+            d_model=D_MODEL, n_heads=o.n_heads, n_kv_heads=o.n_kv_heads, rope=rope, qk_norm=qk, backend=backend,
             dtype=dtype,
         )  # fmt: skip
     elif o.kind == "fused":
@@ -147,7 +148,7 @@ def build(o: Opts, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
             bias=o.bias,
             rope=rope,
             clip_qkv=o.clip,
-            backend="torch",
+            backend=backend,
             dtype=dtype,
         )
     else:
@@ -164,7 +165,7 @@ def build(o: Opts, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
             softmax_scale=o.scale,
             window_size=o.window,
             use_head_qk_norm=o.per_head,
-            backend="torch",
+            backend=backend,
             dtype=dtype,
         )
     gen = torch.Generator().manual_seed(seed + 1)
@@ -260,7 +261,7 @@ def low_forward(o: Opts, m: torch.nn.Module, p: dict, x: torch.Tensor) -> torch.
             if o.docs
             else np.tile(np.arange(T), (B, 1))
         )
-        tables = m.rope.get_buffers(T, "cpu")
+        tables = m.rope.get_buffers(T, x.device)
         if o.rope.startswith("complex"):
             sin, cos = tables.freqs_cis.imag, tables.freqs_cis.real
             rot = baseline.rotate_complex
@@ -632,3 +633,41 @@ def test_automatic_backend_is_rechosen_for_inputs_it_cannot_run(monkeypatch):
     assert auto.backend is not first and auto.backend.name == "torch"  # re-chosen for float32 on CPU
     torch.testing.assert_close(y, explicit(x), rtol=0, atol=0)
     assert explicit.backend.spec() is narrow  # an explicit backend is never replaced
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sdpa_helper_matches_reference(window, docs, dtype):
+    """``Attention.sdpa`` on ``q, k, v [B, T, heads, D]`` (OLMo-core's test_sdpa), with the derived
+    or an explicit ``max_doc_len``."""
+    m = Attention(d_model=32, n_heads=4, n_kv_heads=2, window_size=window, backend="torch")
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, T, 4, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, T, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    kw = {"cu_doc_lens": torch.tensor(DOCS, dtype=torch.int32), "max_doc_len": 9} if docs else {}
+    out = m.sdpa(q.to(dtype), k.to(dtype), v.to(dtype), **kw)
+    assert out.shape == (B, T, 4, 8) and out.dtype == dtype
+    want, _ = ref_attention.sdpa(
+        q.numpy(), k.numpy(), v.numpy(), window=(window - 1, 0) if window else (-1, -1),
+        cu_doc_lens=np.array(DOCS) if docs else None,
+    )  # fmt: skip
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=0, atol=tol)
+
+
+class _FakeMesh:
+    def get_group(self) -> str:
+        return "cp-group"
+
+
+@pytest.mark.parametrize("cls", [Attention, FusedAttention, NormalizedAttention])
+def test_apply_cp_delegates_to_the_backend(cls):
+    from olmo_attn.cp.styles import UlyssesContextParallelStyle
+
+    m = cls(d_model=16, n_heads=4)
+    assert not m.cp_enabled and m._backend_auto
+    m.apply_cp(_FakeMesh(), uly=UlyssesContextParallelStyle())
+    assert m.cp_enabled and m.backend.cp_pg == "cp-group" and not m._backend_auto
+    with pytest.raises(ValueError, match="ring or uly"):
+        cls(d_model=16, n_heads=4).apply_cp(_FakeMesh())
