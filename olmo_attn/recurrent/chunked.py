@@ -454,7 +454,7 @@ def chunk_gated_delta_rule(
     use_qk_l2norm: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    solve: str = "solve",
+    solve: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule, chunkwise (WY) form, pure PyTorch, CPU and CUDA, autograd.
 
@@ -471,7 +471,11 @@ def chunk_gated_delta_rule(
         cu_seqlens: int32/int64 ``[n_seq + 1]`` offsets into the **flattened** ``B * T`` tokens
             (``[0, ..., B*T]``); the state restarts at every offset.
         chunk_size: tokens per chunk (64 like flash-linear-attention; any positive int).
-        solve: ``"solve"`` (batched triangular solve) or ``"blocked"`` (block inverse + matmul).
+        solve: how ``(I + A) X = R`` is solved inside each chunk: ``"solve"`` (one batched
+            triangular solve), ``"blocked"`` (recursive block inverse: 16x16 solves + matmuls) or
+            ``"auto"`` (``"blocked"`` on CUDA, where it turns most of the work into large batched
+            matmuls instead of cuBLAS' batched small-matrix solves; ``"solve"`` elsewhere;
+            ``benchmarks/gdn_bench.py`` times both). Same numbers up to rounding.
 
     Returns:
         ``o [B, T, HV, Dv]`` in the dtype of ``v`` and the final state or ``None``.
@@ -479,8 +483,10 @@ def chunk_gated_delta_rule(
     n_seq, cu_host = validate_gdr_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if solve not in ("solve", "blocked"):
-        raise ValueError(f"solve must be 'solve' or 'blocked', got {solve!r}")
+    if solve not in ("auto", "solve", "blocked"):
+        raise ValueError(f"solve must be 'auto', 'solve' or 'blocked', got {solve!r}")
+    if solve == "auto":
+        solve = "blocked" if q.device.type == "cuda" else "solve"
     B, T, H, Dk = q.shape
     HV, Dv = v.shape[2], v.shape[3]
     cdt = compute_dtype_for(q, k, v, g, beta, initial_state)
