@@ -6,8 +6,8 @@ flash-linear-attention (when importable) and causal softmax attention (cuDNN SDP
    flash-linear-attention's relative-RMS metric and budgets: output / final state < 5e-3,
    dq / dk / dv / d(initial state) < 8e-3, d(beta) / d(g) < 2e-2.
 2. Speed at B=2, T=8192, H=16, Dk=128, Dv=256, bf16 (``/work/shared/BENCHMARKS.md`` workload 5):
-   forward and forward+backward of our kernel (chunk 64 and 128, both intra-chunk solvers, and
-   with packed documents), fla's forward (and forward+backward where allowed), and causal SDPA
+   forward and forward+backward of our kernel (chunk 64 and 128, both intra-chunk solvers, with
+   recomputation, with TF32 matmuls, with packed documents), fla's forward (and forward+backward where allowed), and causal SDPA
    through cuDNN at the same shape (Hq = Hkv = 16, D = 128). Peak memory for each.
 3. Decoding: the recurrent step at batch 64 (state ``[64, 16, 128, 256]`` float32), eager and
    ``torch.compile``-fused, in GB/s of state traffic (read + write) against the HBM peak; and the
@@ -25,6 +25,7 @@ The table printed last repeats the headline numbers and the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -53,6 +54,17 @@ HBM_PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}
 
 
 # ---------------------------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """Allow TF32 for float32 matmuls (forward and backward) inside the block; restore after."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on or prev
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _time_ms(fn: Callable[[], Any], *, iters: int, warmup: int, device: torch.device) -> dict[str, float]:
@@ -212,12 +224,15 @@ def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
         dfin = torch.randn(n_seq, HV, Dk, Dv, generator=gen).to(device)
         ro, rfin, rgrads = _reference(inp, cu, bb, T, do, dfin)
         subjects: list[tuple[str, Callable, bool]] = [("ours", chunk_gated_delta_rule, True)]
+        if device.type == "cuda":
+            subjects.append(("ours+tf32", chunk_gated_delta_rule, True))
         if fla_ok_fwd:
             subjects.append(("fla", fla_mod.fla_chunk_gated_delta_rule, fla_ok_bwd))
         for name, kernel, grad in subjects:
             row: dict[str, Any] = {"case": case["name"], "kernel": name, "T": T, "dtype": "bfloat16"}
             try:
-                res = _check(kernel, inp, cu, do, dfin, grad)
+                with _tf32(name.endswith("tf32")):
+                    res = _check(kernel, inp, cu, do, dfin, grad)
                 errs = {"o": rel_rms(res["o"], ro), "final": rel_rms(res["final"], rfin)}
                 if grad:
                     errs.update({n: rel_rms(res[n], rgrads[n]) for n in ("q", "k", "v", "g", "beta", "h0")})
@@ -269,18 +284,31 @@ def speed(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[di
         rows.append(row)
         print(json.dumps(row))
 
-    variants = [(64, "auto"), (64, "solve"), (64, "blocked"), (128, "blocked")]
+    # (chunk, solver, recompute, tf32)
+    variants = [
+        (64, "auto", False, False),
+        (64, "solve", False, False),
+        (64, "blocked", False, False),
+        (128, "blocked", False, False),
+        (64, "auto", True, False),
+        (64, "auto", False, True),
+        (128, "blocked", False, True),
+    ]
     if smoke:
-        variants = [(64, "auto"), (32, "blocked")]
-    for C, solve in variants:
-        label = f"ours[C={C},{solve}]"
+        variants = [(64, "auto", False, False), (32, "blocked", True, False)]
+    for C, solve, rc, tf32 in variants:
+        label = f"ours[C={C},{solve}{',recompute' if rc else ''}{',tf32' if tf32 else ''}]"
 
-        def fwd(C=C, solve=solve) -> torch.Tensor:
-            return chunk_gated_delta_rule(*leaves, use_qk_l2norm=True, chunk_size=C, solve=solve)[0]
+        def fwd(C=C, solve=solve, rc=rc) -> torch.Tensor:
+            return chunk_gated_delta_rule(
+                *leaves, use_qk_l2norm=True, chunk_size=C, solve=solve, recompute=rc
+            )[0]
 
-        with torch.no_grad():
-            record(label, "fwd", fwd, chunk=C, solve=solve)
-        record(label, "fwd+bwd", _fwd_bwd(fwd, leaves, do), chunk=C, solve=solve)
+        extra = {"chunk": C, "solve": solve, "recompute": rc, "tf32": tf32}
+        with _tf32(tf32):
+            with torch.no_grad():
+                record(label, "fwd", fwd, **extra)
+            record(label, "fwd+bwd", _fwd_bwd(fwd, leaves, do), **extra)
 
     lens = _doc_lengths(B * T, 8 if smoke else 40, seed=3)
     cu = _cu(lens, device)
@@ -367,6 +395,7 @@ def decode(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[d
             s = state.clone()
 
             def step(s=s, compile_=compile_) -> None:
+                # compiled: out of place (a new state per token); eager: in place
                 gated_delta_rule_step(q, k, v, g, beta, s, use_qk_l2norm=True, inplace=True, compile=compile_)
 
             with torch.no_grad():
@@ -443,19 +472,19 @@ def _table(result: dict[str, Any]) -> str:
             + (f"  error: {r['error']}" if "error" in r else "")
         )
     lines.append("")
-    lines.append(f"{'subject':24s} {'pass':8s} {'median ms':>10s} {'peak MB':>9s} {'TFLOP/s':>8s}")
+    lines.append(f"{'subject':36s} {'pass':8s} {'median ms':>10s} {'peak MB':>9s} {'TFLOP/s':>8s}")
     by = {}
     for r in result["speed"]:
         key = (r["subject"], r["pass"])
         by[key] = r
         if "skipped" in r:
-            lines.append(f"{r['subject']:24s} {r['pass']:8s} skipped: {r['skipped']}")
+            lines.append(f"{r['subject']:36s} {r['pass']:8s} skipped: {r['skipped']}")
         elif "error" in r:
-            lines.append(f"{r['subject']:24s} {r['pass']:8s} error: {r['error'][:80]}")
+            lines.append(f"{r['subject']:36s} {r['pass']:8s} error: {r['error'][:80]}")
         else:
             pk = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-"
             tf = f"{r['tflops']:.0f}" if "tflops" in r else "-"
-            lines.append(f"{r['subject']:24s} {r['pass']:8s} {r['median_ms']:10.3f} {pk:>9s} {tf:>8s}")
+            lines.append(f"{r['subject']:36s} {r['pass']:8s} {r['median_ms']:10.3f} {pk:>9s} {tf:>8s}")
     ours = "ours[C=64,auto]"
     sdpa = next((s for s, _ in by if s.startswith("sdpa[") and "median_ms" in by[(s, "fwd")]), None)
     ratios = {}

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -455,6 +456,7 @@ def chunk_gated_delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     solve: str = "auto",
+    recompute: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule, chunkwise (WY) form, pure PyTorch, CPU and CUDA, autograd.
 
@@ -476,6 +478,9 @@ def chunk_gated_delta_rule(
             ``"auto"`` (``"blocked"`` on CUDA, where it turns most of the work into large batched
             matmuls instead of cuBLAS' batched small-matrix solves; ``"solve"`` elsewhere;
             ``benchmarks/gdn_bench.py`` times both). Same numbers up to rounding.
+        recompute: keep only the laid-out inputs for the backward pass and recompute the chunk
+            intermediates there (activation checkpointing of the kernel: about one extra forward,
+            a fraction of the memory).
 
     Returns:
         ``o [B, T, HV, Dv]`` in the dtype of ``v`` and the final state or ``None``.
@@ -501,6 +506,11 @@ def chunk_gated_delta_rule(
         qf, kf = l2norm(qf), l2norm(kf)
     vf, gf, bf = v.to(cdt), g.to(cdt), beta.to(cdt)
     head_map = torch.arange(HV, device=dev) // (HV // H) if HV != H else None
+    core = _chunk_core
+    if recompute and torch.is_grad_enabled():
+
+        def core(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.utils.checkpoint.checkpoint(_chunk_core, *args, use_reentrant=False)
 
     if B * T == 0:
         o = v.new_zeros(B, T, HV, Dv)
@@ -527,7 +537,7 @@ def chunk_gated_delta_rule(
                 x = F.pad(x, (0, 0, 0, pad))
             return x.reshape(B, S, C, HV).permute(1, 0, 3, 2).reshape(S, B * HV, C)
 
-        o_c, final = _chunk_core(
+        o_c, final = core(
             lay(qf, head_map),
             lay(kf, head_map),
             lay(vf, None),
@@ -555,7 +565,7 @@ def chunk_gated_delta_rule(
             y = x[src, hidx]  # [S, L, HV, C, ...]
             return y.reshape(S, L * HV, C, *x.shape[2:])
 
-        o_c, final = _chunk_core(
+        o_c, final = core(
             gather(qf.reshape(total, H, Dk), hk_idx),
             gather(kf.reshape(total, H, Dk), hk_idx),
             gather(vf.reshape(total, HV, Dv), hv_idx),

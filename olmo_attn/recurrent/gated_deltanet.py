@@ -134,8 +134,11 @@ class GatedDeltaNet(SequenceMixer):
     """Gated DeltaNet layer (``gated_deltanet.md``): gated delta rule with short convolutions,
     L2-normalised q/k, optional negative eigenvalues and grouped value heads.
 
-    Keyword args beyond OLMo-core's: ``backend`` (``"auto" | "torch" | "fla"``, default auto) and
-    ``chunk_size`` of our chunked kernel (64).
+    Keyword args beyond OLMo-core's: ``backend`` (``"auto" | "torch" | "fla"``, default auto),
+    ``chunk_size`` of our chunked kernel (64) and ``recompute`` (our kernel keeps only its inputs
+    for the backward and recomputes the rest: about one extra kernel forward, much less memory).
+    Attribute ``compile_decode`` (default False) decodes single tokens with the
+    ``torch.compile``-fused step.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class GatedDeltaNet(SequenceMixer):
         init_device: str = "cpu",
         backend: GDNBackendName | str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         H, HV, Dk, Dv, K, V = _derived_dims(d_model, n_heads, n_v_heads, head_dim, expand_v, conv_size)
@@ -173,6 +177,8 @@ class GatedDeltaNet(SequenceMixer):
         self.norm_eps = norm_eps
         self.backend = GDNBackendName(backend) if backend is not None else GDNBackendName.auto
         self.chunk_size = chunk_size
+        self.recompute = recompute
+        self.compile_decode = False
         factory = {"dtype": dtype, "device": init_device}
 
         self.w_q = nn.Linear(d_model, K, bias=False, **factory)
@@ -374,6 +380,22 @@ class GatedDeltaNet(SequenceMixer):
         cdt = torch.float64 if a.dtype == torch.float64 else torch.float32
         return -self.A_log.to(cdt).exp() * F.softplus(a.to(cdt) + self.dt_bias.to(cdt))
 
+    @staticmethod
+    def _resolve_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """``[B, T, 1]`` 0/1 float mask (``None`` without one)."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"attention_mask must be a [B, T] = {tuple(x.shape[:2])} tensor (False / 0 = padding), got "
+                f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}"
+            )
+        if attention_mask.is_floating_point() and not bool(
+            ((attention_mask == 0) | (attention_mask == 1)).all()
+        ):
+            raise ValueError("attention_mask must hold only 0/1 (or bool) values")
+        return attention_mask.to(device=x.device, dtype=torch.float32)[..., None]
+
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
@@ -397,6 +419,7 @@ class GatedDeltaNet(SequenceMixer):
         cu_doc_lens: torch.Tensor | None = None,
         *,
         cache: GDNCache | None = None,
+        attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """``x [B, T, d_model]`` -> ``[B, T, d_model]``.
@@ -407,13 +430,18 @@ class GatedDeltaNet(SequenceMixer):
                 restart at every offset. Under Ulysses CP it describes the full (unsharded) sequence.
             cache: a :class:`GDNCache` to continue from and update (decoding; ``T == 1`` uses the
                 O(1) recurrent step, longer inputs the chunked kernel with the cached state).
+            attention_mask: ``[B, T]`` (bool or 0/1; under CP the local shard), ``False`` marks
+                padding. Padding tokens are transparent: the state passes through them unchanged,
+                the convolution reads zeros there, and their outputs are 0. Exact for left padding
+                (a batch of prompts) and right padding.
             kwargs: the other arguments attention layers receive (``max_doc_len``, ``pos_sin``,
                 ``cu_doc_lens_q``, ...) are accepted and ignored.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, T, d_model={self.d_model}], got shape {tuple(x.shape)}")
+        mask = self._resolve_mask(attention_mask, x)
         if cache is not None:
-            return self._forward_cached(x, cu_doc_lens, cache)
+            return self._forward_cached(x, cu_doc_lens, cache, mask)
         B, T_local, _ = x.shape
         W = self.cp_world_size if self.cp_enabled else 1
         T = T_local * W
@@ -427,6 +455,8 @@ class GatedDeltaNet(SequenceMixer):
         if self.allow_neg_eigval:
             beta = beta * 2.0
         g = self._log_decay(x)  # [B, T_l, HV] float32 (float64 for float64 modules)
+        if mask is not None:
+            q, k, v, beta, g = (t * mask.to(t.dtype) for t in (q, k, v, beta, g))
 
         if self.cp_enabled:
             from ..cp.all_to_all import all_to_all_cp2hp
@@ -454,7 +484,8 @@ class GatedDeltaNet(SequenceMixer):
             (o,) = all_to_all_hp2cp([o], self.cp_group)  # [B, T_l, HV, Dv]
         z = self.w_g(x).reshape(B, T_local, self.n_v_heads, self.head_v_dim)
         y = self.o_norm(o, z, use_fla=use_fla_ops)
-        return self.w_out(y.reshape(B, T_local, self.value_dim))
+        out = self.w_out(y.reshape(B, T_local, self.value_dim))
+        return out if mask is None else out * mask.to(out.dtype)
 
     def _kernel(
         self,
@@ -493,10 +524,15 @@ class GatedDeltaNet(SequenceMixer):
             use_qk_l2norm=True,
             cu_seqlens=cu,
             chunk_size=self.chunk_size,
+            recompute=self.recompute,
         )
 
     def _forward_cached(
-        self, x: torch.Tensor, cu_doc_lens: torch.Tensor | None, cache: GDNCache
+        self,
+        x: torch.Tensor,
+        cu_doc_lens: torch.Tensor | None,
+        cache: GDNCache,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Continue ``cache``'s sequences with ``x [B, T, d_model]`` and update ``cache`` in place."""
         if self.cp_enabled:
@@ -514,7 +550,9 @@ class GatedDeltaNet(SequenceMixer):
         beta = self.w_b(x).sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        g = self._log_decay(x)  # [B, T_l, HV] float32 (float64 for float64 modules)
+        g = self._log_decay(x)  # [B, T, HV] float32 (float64 for float64 modules)
+        if mask is not None:
+            q, k, v, beta, g = (t * mask.to(t.dtype) for t in (q, k, v, beta, g))
         Dk, Dv = self.head_k_dim, self.head_v_dim
         if T == 1:
             convs = ((self.q_conv1d, q, "conv_q"), (self.k_conv1d, k, "conv_k"), (self.v_conv1d, v, "conv_v"))
@@ -532,6 +570,7 @@ class GatedDeltaNet(SequenceMixer):
                 beta[:, 0],
                 cache.state,
                 use_qk_l2norm=True,
+                compile=self.compile_decode,
             )
             if new_state is not cache.state:
                 cache.state = new_state
@@ -557,7 +596,8 @@ class GatedDeltaNet(SequenceMixer):
         cache.seqlen += T
         z = self.w_g(x).reshape(B, T, self.n_v_heads, Dv)
         y = self.o_norm(o, z)
-        return self.w_out(y.reshape(B, T, self.value_dim))
+        out = self.w_out(y.reshape(B, T, self.value_dim))
+        return out if mask is None else out * mask.to(out.dtype)
 
 
 @SequenceMixerConfig.register("gated_delta_net")

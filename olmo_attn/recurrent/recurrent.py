@@ -14,14 +14,13 @@ traffic, ``2 * B * HV * Dk * Dv * 4`` bytes per token for a float32 state.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from .chunked import compute_dtype_for, l2norm, validate_gdr_inputs
 
-__all__ = ["compiled_step_available", "gated_delta_rule_step", "recurrent_gated_delta_rule"]
+__all__ = ["gated_delta_rule_step", "recurrent_gated_delta_rule"]
 
 
 def _expand_heads(x: torch.Tensor, hv: int) -> torch.Tensor:
@@ -49,18 +48,14 @@ def _step_math(
     return o, new_state
 
 
-@functools.cache
-def _compiled_step() -> Any:
-    return torch.compile(_step_math, dynamic=False, fullgraph=True)
+_COMPILED: dict[str, Any] = {}
 
 
-def compiled_step_available() -> bool:
-    """Whether ``torch.compile`` can build the fused step here (tries once, caches the answer)."""
-    try:
-        _compiled_step()
-        return True
-    except Exception:
-        return False
+def _compiled_step() -> Any | None:
+    """The ``torch.compile``-d step (built once), or ``None`` where compiling failed here."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_step_math, dynamic=False, fullgraph=True)
+    return _COMPILED["fn"]
 
 
 def gated_delta_rule_step(
@@ -84,8 +79,9 @@ def gated_delta_rule_step(
         scale: default ``Dk ** -0.5``.
         use_qk_l2norm: L2-normalise q and k (eps 1e-6) first.
         inplace: update ``state`` in place (default: when no gradient is being recorded).
-        compile: use the ``torch.compile``-fused step (state read once and written once);
-            falls back to eager if compilation is unavailable.
+        compile: use the ``torch.compile``-fused step (no gradient): the state is read by one
+            matmul and read + written once by one fused update, and the new state is a new tensor
+            (``inplace`` is ignored). Falls back to eager where compilation fails (remembered).
 
     Returns:
         ``o [B, HV, Dv]`` in the dtype of ``v`` and the new state (``state`` itself when in place).
@@ -112,15 +108,13 @@ def gated_delta_rule_step(
     )
     if inplace is None:
         inplace = not grad and state.dtype == cdt
-    if compile and not grad:
+    if compile and not grad and _COMPILED.get("fn", True) is not None:
         try:
-            o, new_state = _compiled_step()(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
-        except Exception:  # no compiler here: the eager step computes the same numbers
-            o, new_state = _step_math(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
-        if inplace:
-            state.copy_(new_state)
-            new_state = state
-        return o.to(v.dtype), new_state
+            fn = _compiled_step()
+            o, new_state = fn(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
+            return o.to(v.dtype), new_state
+        except Exception:  # no working compiler here: remember, use the eager step
+            _COMPILED["fn"] = None
     if not inplace:
         o, new_state = _step_math(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
         return o.to(v.dtype), new_state

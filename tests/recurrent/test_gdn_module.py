@@ -418,3 +418,33 @@ def test_fla_guard_helpers():
         assert fla_mod.fla_backward_refusal() == "no CUDA device"
         ok, why = fla_mod.fla_kernel_usable(torch.device("cpu"), torch.float32, backward=False)
         assert not ok and why
+
+
+# ----------------------------------------------------------------------------------- padding
+
+
+def test_left_padding_mask_is_transparent_and_decoding_continues():
+    """A left-padded batch of prompts gives each prompt's own outputs (pads -> 0), and decoding
+    after the padded prefill continues each prompt exactly."""
+    m = _module(n_v_heads=4, conv_bias=True)  # conv bias: pads would leak without the mask
+    lens, T = [10, 6, 3], 12
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randn(1, n, 48, generator=gen, dtype=torch.float64) for n in lens]
+    x = torch.randn(3, T, 48, generator=gen, dtype=torch.float64)  # garbage in the pads
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    for i, (n, p) in enumerate(zip(lens, prompts)):
+        x[i, T - n :] = p[0]
+        mask[i, T - n :] = True
+    nxt = torch.randn(3, 1, 48, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x, attention_mask=mask)
+        cache = m.init_cache(3, dtype=torch.float64)
+        torch.testing.assert_close(m(x, cache=cache, attention_mask=mask), y, rtol=1e-12, atol=1e-12)
+        y_next = m(nxt, cache=cache)
+        for i, (n, p) in enumerate(zip(lens, prompts)):
+            alone = m(torch.cat([p, nxt[i : i + 1]], dim=1))[0]
+            assert rel_rms(y[i, T - n :], alone[:n]) < 1e-12
+            assert not y[i, : T - n].any()
+            assert rel_rms(y_next[i, 0], alone[n]) < 1e-12
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        m(x, attention_mask=mask[:, :5])
