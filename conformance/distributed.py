@@ -12,7 +12,9 @@ Workers also ask the kernel to kill them if the parent dies (``PR_SET_PDEATHSIG`
 interrupted test run leaves no orphans.
 
 Inside ``fn``: :func:`rank`, :func:`world_size`, :func:`device` and :func:`cp_mesh` describe the
-group. ``fn`` must be importable by name (a module-level function): it is pickled by reference.
+group. ``fn`` must be a module-level function: it is pickled by reference (a function of a script run
+as ``__main__`` works too: the ranks load the script file as their ``__main__``, as multiprocessing
+does).
 """
 
 from __future__ import annotations
@@ -186,6 +188,11 @@ def run_distributed(
             ) from e
         with open(os.path.join(workdir, "payload.pkl"), "wb") as f:
             f.write(payload)
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if getattr(fn, "__module__", None) == "__main__" and main_file:
+            # fn lives in a script: the ranks load that file as their __main__ (like multiprocessing)
+            with open(os.path.join(workdir, "main_file.txt"), "w") as f:
+                f.write(os.path.abspath(main_file))
         child_env = dict(os.environ)
         child_env.update(
             {
@@ -356,6 +363,17 @@ def _worker_main(
         import torch.distributed as dist
 
         torch.set_num_threads(int(threads_s))
+        main_txt = os.path.join(workdir, "main_file.txt")
+        if os.path.exists(main_txt):
+            import importlib.util
+
+            with open(main_txt) as f:
+                spec = importlib.util.spec_from_file_location("__mp_main__", f.read())
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["__mp_main__"] = module
+            spec.loader.exec_module(module)
+            sys.modules["__main__"] = module
         with open(os.path.join(workdir, "payload.pkl"), "rb") as f:
             fn, args, kwargs = pickle.load(f)
         if backend == "nccl":

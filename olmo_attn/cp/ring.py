@@ -223,14 +223,19 @@ def _merge(
     lse_blk: torch.Tensor,
     rows: Rows,
     varlen: bool,
+    first: bool = False,
 ) -> None:
     """Merge a block's ``(out, lse)`` into the accumulators on ``rows`` (stable; ``-inf``-safe).
 
     Dense: ``out [B, T, H, D]``, ``lse [B, H, T]``, rows on dims 1 / 2. Varlen: ``out [N, H, D]``,
-    ``lse [H, N]``, rows on dims 0 / 1.
+    ``lse [H, N]``, rows on dims 0 / 1. ``first``: nothing was merged into these rows yet (a copy).
+    The out-sized work is two in-place passes (``mul_``, ``addcmul_``); everything else is lse-sized.
     """
     o_dim, l_dim = (0, 1) if varlen else (1, 2)
-    o_old = _take(out_acc, rows, o_dim)
+    if first:
+        _put(out_acc, rows, o_dim, out_blk)
+        _put(lse_acc, rows, l_dim, lse_blk)
+        return
     l_old = _take(lse_acc, rows, l_dim)
     l_blk = lse_blk.to(lse_acc.dtype)
     m = torch.maximum(l_old, l_blk)
@@ -242,8 +247,10 @@ def _merge(
     inv = 1.0 / torch.where(total > 0, total, torch.ones_like(total))  # both weights are 0 where total is
     # lse layout -> out layout: varlen [H, N] -> [N, H, 1]; dense [B, H, T] -> [B, T, H, 1]
     to_out = (lambda w: w.t().unsqueeze(-1)) if varlen else (lambda w: w.transpose(1, 2).unsqueeze(-1))
-    o_new = o_old * to_out(w_old * inv) + out_blk.to(out_acc.dtype) * to_out(w_blk * inv)
-    _put(out_acc, rows, o_dim, o_new)
+    o = _take(out_acc, rows, o_dim)  # a view for slices, a copy for index rows
+    o.mul_(to_out(w_old * inv)).addcmul_(out_blk, to_out(w_blk * inv))
+    if not isinstance(rows, slice):
+        out_acc.index_copy_(o_dim, rows, o)
     _put(lse_acc, rows, l_dim, l_new)
 
 
@@ -505,6 +512,7 @@ def _zigzag_forward(q, k, v, st: _ZigZagState) -> tuple[torch.Tensor, torch.Tens
         lse_acc = torch.full((B, H, T), float("-inf"), dtype=acc, device=q.device)
     o_dim = 0 if varlen else 1
     kv = torch.stack([k, v])  # [2, B, T, Hkv, D]: one message per step
+    untouched = True  # nothing merged yet
     for step in range(st.world):
         pending = st.ring.start(kv) if (st.ring is not None and step + 1 < st.world) else None
         src = (st.rank - step) % st.world
@@ -516,7 +524,9 @@ def _zigzag_forward(q, k, v, st: _ZigZagState) -> tuple[torch.Tensor, torch.Tens
                 _take(vf, blk.k_rows, o_dim),
                 blk.call,
             )
-            _merge(out_acc, lse_acc, o, lse, blk.q_rows, varlen)
+            first = untouched and isinstance(blk.q_rows, slice) and blk.q_rows == slice(None)  # copy
+            _merge(out_acc, lse_acc, o, lse, blk.q_rows, varlen, first=first)
+            untouched = False
         if pending is not None:
             kv = _Ring.wait(pending)
     return out_acc.to(q.dtype).view(B, T, H, D), lse_acc

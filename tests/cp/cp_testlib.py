@@ -205,12 +205,15 @@ def _balancer(case: Case, rank: int, world: int):
 
 def cp_result(case: Case, q, k, v, dout, mesh) -> dict[str, torch.Tensor]:
     """Shard, run CP attention forward + backward, gather on every rank and unshard (padding removed)."""
+    from conformance.distributed import device
     from olmo_attn.backends.torch_backend import TorchAttentionBackend
     from olmo_attn.cp import ring as ring_mod
     from olmo_attn.cp.styles import RingContextParallelStyle, UlyssesContextParallelStyle
 
     group = mesh.get_group()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    dev = device()  # cuda:<rank> under NCCL: the CP run happens there, the judging on the CPU
+    q, k, v, dout = (t.to(dev) for t in (q, k, v, dout))
     lb = _balancer(case, rank, world)
     cu = _cu(case)
     window = _window_tuple(case.window)
@@ -226,7 +229,8 @@ def cp_result(case: Case, q, k, v, dout, mesh) -> dict[str, torch.Tensor]:
             length_multiple=case.length_multiple,
         )
         meta = {
-            key: (val.to(torch.int32) if isinstance(val, torch.Tensor) else val) for key, val in meta.items()
+            key: (val.to(device=dev, dtype=torch.int32) if isinstance(val, torch.Tensor) else val)
+            for key, val in meta.items()
         }
     ql, kl, vl, dl = shards
     leaves = [t.detach().clone().requires_grad_(True) for t in (ql, kl, vl)]
@@ -261,6 +265,7 @@ def cp_result(case: Case, q, k, v, dout, mesh) -> dict[str, torch.Tensor]:
     for name, t in local.items():
         parts = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(parts, t.contiguous(), group=group)
+        parts = [p.cpu() for p in parts]
         if cu is None:
             result[name] = lb.unshard(parts, seq_dim=1, length=case.T)
         else:
@@ -407,7 +412,13 @@ def module_result(case: ModuleCase, mesh) -> dict[str, Any] | None:
     y1.backward(gy)
     g1 = {"dx": x1.grad, **_grads(single)}
 
-    # context parallel
+    # context parallel (on cuda:<rank> under NCCL; judged on the CPU)
+    from conformance.distributed import device
+
+    dev = device()
+    if dev.type != "cpu":
+        att = att.to(dev)
+    x, gy = x.to(dev), gy.to(dev)
     if case.strategy == "ulysses":
         att.apply_cp(mesh, uly=UlyssesContextParallelStyle())
     else:
@@ -430,12 +441,13 @@ def module_result(case: ModuleCase, mesh) -> dict[str, Any] | None:
     )
     if cu_t is None:
         gather_kw["length"] = case.T
-    y_cp = gather_sequence(y_l.detach(), **gather_kw)
-    grads = {"dx": gather_sequence(x_l.grad, **gather_kw)}
+    y_cp = gather_sequence(y_l.detach(), **gather_kw).cpu()
+    grads = {"dx": gather_sequence(x_l.grad, **gather_kw).cpu()}
     for name, p in att.named_parameters():  # parameters are replicated: sum the ranks' shares
         gp = p.grad.detach().clone()
         dist.all_reduce(gp, group=group)
-        grads[name] = gp
+        grads[name] = gp.cpu()
+    x = x.cpu()
     if rank != 0:
         return None
     weights = {n: p.detach().double() for n, p in single.state_dict().items()}
@@ -488,20 +500,26 @@ def all_to_all_checks() -> list[str]:
         if not cond:
             fails.append(f"rank {rank}: {msg}")
 
-    def per_rank(shape, seed):
-        return [torch.randn(shape, generator=torch.Generator().manual_seed(seed + r)) for r in range(W)]
+    from conformance.distributed import device
+
+    dev = device()
+
+    def per_rank(shape, seed):  # every rank's input (generated everywhere), on this rank's device
+        return [
+            torch.randn(shape, generator=torch.Generator().manual_seed(seed + r)).to(dev) for r in range(W)
+        ]
 
     for shape in ((2, 3, 2 * W, 5), (2, 3, 2 * W)):
         xs = per_rank(shape, 100)
         out = all_to_all_single_cp2hp(xs[rank], group)
-        ref = cp_layouts.cp2hp([x.numpy() for x in xs])[rank]
-        expect(out.shape == ref.shape and np.array_equal(out.numpy(), ref), f"cp2hp {shape} values")
+        ref = cp_layouts.cp2hp([x.cpu().numpy() for x in xs])[rank]
+        expect(out.shape == ref.shape and np.array_equal(out.cpu().numpy(), ref), f"cp2hp {shape} values")
         back = all_to_all_single_hp2cp(out, group)
         expect(torch.equal(back, xs[rank]), f"hp2cp(cp2hp(x)) == x for {shape}")
         hs = per_rank((shape[0], 3 * W, *shape[2:]), 200)
         out = all_to_all_single_hp2cp(hs[rank], group)
-        ref = cp_layouts.hp2cp([h.numpy() for h in hs])[rank]
-        expect(np.array_equal(out.numpy(), ref), f"hp2cp {shape} values")
+        ref = cp_layouts.hp2cp([h.cpu().numpy() for h in hs])[rank]
+        expect(np.array_equal(out.cpu().numpy(), ref), f"hp2cp {shape} values")
     # batched: one collective, tensors of different shapes
     a, b = per_rank((1, 4, 2 * W, 3), 300)[rank], per_rank((1, 4, W, 6), 400)[rank]
     ba, bb = all_to_all_cp2hp([a, b], group)
@@ -522,14 +540,16 @@ def all_to_all_checks() -> list[str]:
     expect(torch.equal(all_to_all_single_hp2cp_qkvpacked(ph, group), p), "packed round trip")
     # autograd: d/dx <cp2hp(x), g> = hp2cp(g)
     x = per_rank((1, 3, 2 * W, 2), 600)[rank].double().requires_grad_(True)
-    gr = torch.randn(1, 3 * W, 2, 2, generator=torch.Generator().manual_seed(700 + rank), dtype=torch.float64)
+    gr = torch.randn(
+        1, 3 * W, 2, 2, generator=torch.Generator().manual_seed(700 + rank), dtype=torch.float64
+    ).to(dev)
     (all_to_all_single_cp2hp(x, group) * gr).sum().backward()
     expect(torch.equal(x.grad, all_to_all_single_hp2cp(gr, group)), "cp2hp backward is hp2cp")
     # errors
     if W > 1:
         for fn, bad, what in (
-            (all_to_all_single_cp2hp, torch.zeros(1, 2, W + 1, 2), "heads"),
-            (all_to_all_single_hp2cp, torch.zeros(1, W + 1, 2, 2), "sequence"),
+            (all_to_all_single_cp2hp, torch.zeros(1, 2, W + 1, 2, device=dev), "heads"),
+            (all_to_all_single_hp2cp, torch.zeros(1, W + 1, 2, 2, device=dev), "sequence"),
         ):
             try:
                 fn(bad, group)
@@ -544,7 +564,7 @@ def all_to_all_checks() -> list[str]:
 
 def error_checks() -> list[str]:
     """Typed errors of distributed attention. Returns failure messages."""
-    from conformance.distributed import cp_mesh
+    from conformance.distributed import cp_mesh, device
     from olmo_attn.backends.torch_backend import TorchAttentionBackend
     from olmo_attn.cp import (
         ContextParallelInputError,
@@ -557,8 +577,9 @@ def error_checks() -> list[str]:
     mesh = cp_mesh()
     W = dist.get_world_size()
     fails: list[str] = []
-    q = torch.randn(1, 8, 4, 8)
-    k = torch.randn(1, 8, 2, 8)
+    dev = device()
+    q = torch.randn(1, 8, 4, 8, device=dev)
+    k = torch.randn(1, 8, 2, 8, device=dev)
 
     def expect_raises(exc, match, fn):
         try:
@@ -581,7 +602,7 @@ def error_checks() -> list[str]:
     expect_raises(
         ContextParallelInputError,
         "unified",
-        lambda: be((q, k, k), cu_doc_lens_q=torch.tensor([0, 8], dtype=torch.int32)),
+        lambda: be((q, k, k), cu_doc_lens_q=torch.tensor([0, 8], dtype=torch.int32, device=dev)),
     )
     be = TorchAttentionBackend(head_dim=8, n_heads=4, n_kv_heads=2)
     be.apply_cp(mesh, ring=RingContextParallelStyle("llama3", head_stride=3))
@@ -591,7 +612,7 @@ def error_checks() -> list[str]:
     expect_raises(
         ContextParallelInputError,
         "cu_doc_lens_q",
-        lambda: be((q, k, k), cu_doc_lens=torch.tensor([0, 8], dtype=torch.int32)),
+        lambda: be((q, k, k), cu_doc_lens=torch.tensor([0, 8], dtype=torch.int32, device=dev)),
     )
     be = TorchAttentionBackend(head_dim=8, n_heads=4, n_kv_heads=2)
     expect_raises(
@@ -601,8 +622,8 @@ def error_checks() -> list[str]:
         heads = W + 1 if (W + 1) % 2 else W + 3
         be = TorchAttentionBackend(head_dim=8, n_heads=heads, n_kv_heads=1)
         be.apply_cp(mesh, uly=UlyssesContextParallelStyle())
-        qq = torch.randn(1, 8, heads, 8)
-        kk = torch.randn(1, 8, 1, 8)
+        qq = torch.randn(1, 8, heads, 8, device=dev)
+        kk = torch.randn(1, 8, 1, 8, device=dev)
         expect_raises(CPDivisibilityError, f"n_heads={heads}", lambda: be((qq, kk, kk)))
     return fails
 
