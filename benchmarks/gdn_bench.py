@@ -410,6 +410,43 @@ def decode(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[d
         rows.append(row)
         print(json.dumps(row))
 
+    ok, why = fla_mod.fla_kernel_usable(device, dt, backward=False)
+    row = {
+        "subject": "fla.fused_recurrent",
+        "B": B,
+        "HV": H,
+        "Dk": Dk,
+        "Dv": Dv,
+        "state_MB": state_bytes / 2**20,
+    }
+    if ok:
+        try:
+            import importlib
+
+            fused = importlib.import_module("fla.ops.gated_delta_rule").fused_recurrent_gated_delta_rule
+            q1, k1, v1 = q[:, None], k[:, None], v[:, None]
+            g1, b1 = g[:, None], beta[:, None]
+
+            def fla_step() -> None:
+                fused(
+                    q1, k1, v1, g=g1, beta=b1, initial_state=state, output_final_state=True,
+                    use_qk_l2norm_in_kernel=True,
+                )  # fmt: skip
+
+            with torch.no_grad():
+                row.update(_time_ms(fla_step, iters=max(iters, 50), warmup=warmup + 3, device=device))
+            row["GB_per_s"] = 2 * state_bytes / (row["median_ms"] / 1e3) / 1e9
+            if peak:
+                row["hbm_peak_GB_per_s"] = peak
+                row["fraction_of_hbm"] = row["GB_per_s"] / peak
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    else:
+        row["skipped"] = why
+    rows.append(row)
+    print(json.dumps(row))
+
     # whole layer, one token per step (projections + convs + step + norm + output)
     d_model = 256 if smoke else 2048
     row = {"subject": "GatedDeltaNet.decode_step", "B": B, "d_model": d_model, "n_heads": H}
@@ -500,7 +537,9 @@ def _table(result: dict[str, Any]) -> str:
         lines.extend(f"ratio {k}: {v:.2f}x" for k, v in ratios.items())
     lines.append("")
     for r in result["decode"]:
-        if "error" in r:
+        if "skipped" in r:
+            lines.append(f"{r['subject']:28s} skipped: {r['skipped'][:80]}")
+        elif "error" in r:
             lines.append(f"{r['subject']:28s} error: {r['error'][:80]}")
         elif "GB_per_s" in r:
             frac = (

@@ -321,3 +321,16 @@ def test_input_errors_name_the_argument():
         chunk_gated_delta_rule(q, k, v, g, b, chunk_size=0)
     with pytest.raises(ValueError, match="state must be"):
         gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], b[:, 0], torch.zeros(1, 4, 4, 5))
+
+
+@pytest.mark.parametrize("solve", ["solve", "blocked"])
+def test_strong_decay_and_extreme_beta_stay_finite_and_exact(solve):
+    """Log-decays down to -40 per token (exp underflows to 0 within a chunk) and beta near 0 and 2."""
+    inp = gdr_inputs(1, 80, 1, 2, 8, 8)
+    gen = torch.Generator().manual_seed(11)
+    inp["g"] = -40 * torch.rand(1, 80, 2, generator=gen, dtype=torch.float64) ** 3
+    inp["beta"] = torch.where(torch.rand(1, 80, 2, generator=gen) < 0.5, 1e-4, 2 - 1e-4).double()
+    o, fin, grads, ro, rfin, rgrads = _run_both(inp, None, 1, 80, chunk_size=32, solve=solve)
+    assert rel_rms(o, ro) < 1e-10 and rel_rms(fin, rfin) < 1e-10
+    for n in NAMES:
+        assert torch.isfinite(grads[n]).all() and rel_rms(grads[n], rgrads[n]) < 1e-9, n
