@@ -106,6 +106,7 @@ class Case:
     kernel: str = "torch"  # "torch" (backend.kernel()) or "dense" (DenseTestKernel, functional API)
     head_stride: int = 1
     length_multiple: int | None = None
+    packed: bool = False  # packed qkv input (MHA only)
     seed: int = 0
     name: str = field(default="")
 
@@ -116,7 +117,7 @@ class Case:
         win = f"-w{self.window}" if self.window else ""
         return (
             f"{self.strategy}-{docs}{win}-B{self.B}T{self.T}-H{self.Hq}kv{self.Hkv}-{self.dtype}-"
-            f"{self.kernel}-hs{self.head_stride}"
+            f"{self.kernel}-hs{self.head_stride}{'-packed' if self.packed else ''}"
         )
 
 
@@ -257,10 +258,19 @@ def cp_result(case: Case, q, k, v, dout, mesh) -> dict[str, torch.Tensor]:
             be.apply_cp(mesh, uly=UlyssesContextParallelStyle())
         else:
             be.apply_cp(mesh, ring=RingContextParallelStyle(case.strategy, case.head_stride))
-        out = be(tuple(leaves), **meta)
+        if case.packed:  # packed [B, T, 3, H, D] input (FusedAttention's layout)
+            packed = torch.stack([ql, kl, vl], dim=2).detach().requires_grad_(True)
+            out = be(packed, **meta)
+        else:
+            out = be(tuple(leaves), **meta)
     assert out.shape == ql.shape, (out.shape, ql.shape)
     out.backward(dl)
-    local = {"out": out.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+    if case.packed:
+        leaves = [packed[:, :, i] for i in range(3)]
+        grads = [packed.grad[:, :, i] for i in range(3)]
+    else:
+        grads = [t.grad for t in leaves]
+    local = {"out": out.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
     result = {}
     for name, t in local.items():
         parts = [torch.empty_like(t) for _ in range(world)]

@@ -38,6 +38,7 @@ def _backend_cases(W: int) -> list[Case]:
                 cases.append(Case(strategy, kernel="dense", Hq=H, Hkv=1, **mask))
         cases.append(Case(strategy, B=2, T=37, Hq=H))  # batch > 1, a length that needs padding
         cases.append(Case(strategy, B=2, T=37, Hq=H, window=50))  # window wider than the sequence
+        cases.append(Case(strategy, Hq=H, Hkv=H, doc_lens=DOCS, packed=True))  # packed qkv
     cases.append(Case("zig_zag", doc_lens=DOCS, length_multiple=16, Hq=H))  # the transformer's multiple
     cases.append(Case("zig_zag", doc_lens=DOCS, window=3, length_multiple=3, Hq=H))  # odd padding tail
     cases.append(Case("llama3", doc_lens=DOCS, length_multiple=16, Hq=H, Hkv=4, head_stride=2))
