@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..exceptions import BackendUnavailableError
+from ..hardware import package_status
 from ..masks import DocSegments, resolve_doc_args
 from ..ops.kernel import KernelCall
 from . import capabilities as caps
@@ -451,7 +452,7 @@ class FlashAttention2Backend(AttentionBackend):
     def _ring_flash_attn(self) -> ModuleType | None:
         if not self.use_ring_flash_attn or os.environ.get(RING_FLASH_ATTN_ENV, "1") == "0":
             return None
-        status = caps.package_status("ring_flash_attn", "ring-flash-attn")
+        status = package_status("ring_flash_attn", "ring-flash-attn")
         return importlib.import_module("ring_flash_attn") if status else None
 
     def _ring_flash_attn_forward(
