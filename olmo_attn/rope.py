@@ -813,7 +813,7 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
         # (a + ib)(c + is) = (ac − bs) + i(as + bc)
         return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate_complex(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         r = self.rotary_dim
         if r == x.shape[-1]:
             return self._rotate(x, cos, sin)
@@ -868,7 +868,7 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
                 cos = cos_t.index_select(0, doc_pos).view(B, k_len, -1)  # [B, T, r/2]
                 sin = sin_t.index_select(0, doc_pos).view(B, k_len, -1)
                 cos, sin = cos.unsqueeze(1 if head_first else 2), sin.unsqueeze(1 if head_first else 2)
-                q_, k_ = self._apply(q_, cos, sin), self._apply(k_, cos, sin)
+                q_, k_ = self._rotate_complex(q_, cos, sin), self._rotate_complex(k_, cos, sin)
             else:
                 q_start = start if start is not None else k_len - q_len
                 k_start = start if start is not None else 0
@@ -876,10 +876,10 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
                 def bcast(t: torch.Tensor) -> torch.Tensor:
                     return t[None, None, :, :] if head_first else t[None, :, None, :]
 
-                q_ = self._apply(
+                q_ = self._rotate_complex(
                     q_, bcast(cos_t[q_start : q_start + q_len]), bcast(sin_t[q_start : q_start + q_len])
                 )
-                k_ = self._apply(
+                k_ = self._rotate_complex(
                     k_, bcast(cos_t[k_start : k_start + k_len]), bcast(sin_t[k_start : k_start + k_len])
                 )
         return q_.type_as(q), k_.type_as(k)

@@ -497,3 +497,11 @@ def test_scaling_from_dict_dispatch():
     with pytest.raises(ConfigurationError, match="got a"):
         PIRoPEScalingConfig.from_dict({"_CLASS_": "a.YaRNRoPEScalingConfig"})
     assert math.isclose(YaRNRoPEScalingConfig(factor=math.e).get_attention_rescale_factor(), 1.1)
+
+
+def test_complex_rope_module_can_be_moved():
+    """``ComplexRotaryEmbedding`` must not shadow ``nn.Module._apply`` (``.to()`` / ``.cuda()`` use it)."""
+    from olmo_attn import Attention, RoPEConfig
+
+    attn = Attention(d_model=32, n_heads=2, rope=RoPEConfig(name="complex")).to(torch.float64)
+    assert attn(torch.randn(1, 5, 32, dtype=torch.float64)).shape == (1, 5, 32)
