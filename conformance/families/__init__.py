@@ -1,0 +1,76 @@
+"""Case execution: one function per family, dispatched by :func:`run_case`.
+
+A family function takes ``(case, subject, ctx)`` and returns ``(checks, info)``. An exception
+raised while a case runs fails the case with the exception's text and the innermost frames, and so
+does an ``UnsupportedFeatureError`` for a feature the backend's table entry claims.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ..cases import Case
+from ..checks import CheckResult, fail
+from ..results import FAILED, SKIPPED, CaseResult, RunContext, summarize_checks
+from ..subjects import Subject, get_subject
+
+FamilyFn = Callable[[Case, Subject, RunContext], tuple[list[CheckResult], dict[str, Any]]]
+
+
+FAMILIES: dict[str, tuple[str, str]] = {
+    "config": ("config", "run_config"),
+    "attn": ("softmax", "run_attn"),
+    "kernel": ("softmax", "run_kernel"),
+    "packed": ("softmax", "run_packed"),
+    "dropout": ("softmax", "run_dropout"),
+    "kvcache": ("kvcache", "run_kvcache"),
+    "module": ("modules", "run_module"),
+    "gdn": ("gdn", "run_gdn"),
+    "cp": ("cp", "run_cp"),
+    "pairwise": ("pairwise", "run_pairwise"),
+}
+
+
+def family_fn(family: str) -> FamilyFn:
+    module, name = FAMILIES[family]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def _exception_text(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    where = "; ".join(f"{f.filename.rsplit('/', 2)[-2:][-1]}:{f.lineno} in {f.name}" for f in frames[-3:])
+    return f"{type(e).__name__}: {e} (at {where})"
+
+
+def run_case(case: Case, ctx: RunContext | None = None, subject: Subject | None = None) -> CaseResult:
+    """Run one case and judge it; never raises (harness bugs show up as failed cases)."""
+    ctx = ctx or RunContext()
+    t0 = time.perf_counter()
+    if case.skip_reason is not None:
+        return CaseResult(case, SKIPPED, [], case.skip_reason, 0.0)
+    try:
+        if subject is None and case.family not in ("config", "pairwise", "gdn"):
+            subject = get_subject(case.backend)
+        fn = family_fn(case.family)
+        checks, info = fn(case, subject, ctx)  # type: ignore[arg-type]
+        if not checks:
+            checks = [fail("harness", "the case produced no checks")]
+        status, message = summarize_checks(checks)
+        return CaseResult(case, status, checks, message, time.perf_counter() - t0, info)
+    except SkipCase as s:
+        return CaseResult(case, SKIPPED, [], str(s), time.perf_counter() - t0)
+    except Exception as e:
+        text = _exception_text(e)
+        check = fail("exception", f"exception: {text}")
+        return CaseResult(
+            case, FAILED, [check], f"failed checks: exception — {text}", time.perf_counter() - t0
+        )
+
+
+class SkipCase(Exception):
+    """Raised by a family when a case cannot run here for a reason found only at run time (an
+    optional module of the library that has not landed, a package that imports but lacks a kernel)."""
