@@ -256,6 +256,7 @@ class _Point:
     params: dict[str, Any]
     features: tuple[str, ...]
     per_variant: tuple[str, ...] = ()  # axes that --quick covers for every variant
+    group: str | None = None  # --quick covers the other axes' values once per group (None: per family)
 
 
 def _attn_like(
@@ -338,7 +339,12 @@ def _cp_points(subject: Subject, device: str) -> list[_Point]:
             + (("sliding_window",) if "window" in mask else ())
             + (("documents",) if "documents" in mask else ())
         )
-        points.append(_Point("cp", f"{style}_{balancer}_{mask}", dtype, {"world": world}, cols, ("world",)))
+        # --quick: every style x balancer x mask at one world size, both world sizes for every style
+        points.append(
+            _Point(
+                "cp", f"{style}_{balancer}_{mask}", dtype, {"world": world}, cols, group=f"{style}_{balancer}"
+            )
+        )
     # module-level CP: Attention with per-document RoPE, and Gated DeltaNet under Ulysses
     for style, balancer in CP_STYLES:
         feature = Feature.ring_cp if style == "ring" else Feature.ulysses_cp
@@ -370,8 +376,10 @@ LIBRARY_ROW = "library"  # matrix row of the configuration checks that belong to
 def _points_for(subject: Subject, tier: str) -> list[_Point]:
     device = TIER_DEVICE[tier]
     if tier == "config":
-        pts = [_Point("config", v, None, {}, ("config",)) for v in CONFIG_BACKEND_VARIANTS]
-        return pts
+        return [
+            _Point("config", v, None, {}, (v if v == "table" else "available",))
+            for v in CONFIG_BACKEND_VARIANTS
+        ]
     if tier in ("cpu", "gpu"):
         if device not in subject.spec.devices:
             return []
@@ -404,7 +412,7 @@ def _quick_subset(points: list[_Point]) -> list[_Point]:
             r = {("variant", p.variant)}
             r.add(("dtype", p.dtype))
             for k, v in p.params.items():
-                r.add((p.variant, k, v) if k in p.per_variant else (k, v))
+                r.add((p.variant, k, v) if k in p.per_variant else (p.group, k, v))
             return r
 
         for p in fam_points:

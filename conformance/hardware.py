@@ -184,9 +184,9 @@ def fingerprint(device: str | None = None) -> Fingerprint:
 
 def format_fingerprint(fp: Fingerprint) -> list[str]:
     """Plain-text lines describing ``fp`` (used by ``olmo-attn info`` and the Markdown report)."""
+    name = fp.cpu if fp.device == "cpu" else fp.device_name
     lines = [
-        f"device: {fp.device} {fp.device_name} ({fp.arch})"
-        + (f", {fp.gpu_count} GPU(s)" if fp.gpu_count else ""),
+        f"device: {fp.device} {name} ({fp.arch})" + (f", {fp.gpu_count} GPU(s)" if fp.gpu_count else ""),
         f"driver: {fp.driver or 'n/a'}   CUDA: {fp.cuda or 'n/a'}   torch: {fp.torch}   python: {fp.python}",
         f"cpu: {fp.cpu} ({fp.cpu_count} cores)   platform: {fp.platform}",
     ]
@@ -201,7 +201,8 @@ def capability_rows(fp: Fingerprint) -> list[dict[str, str]]:
             {
                 "backend": b.name,
                 "version": b.version or "-",
-                "status": b.status,
+                "status": "available" if b.available else f"unavailable: {b.reason}",
+                "verified": "yes" if b.verified_on_hardware else NOT_VERIFIED,
                 "runs on": b.devices,
                 "dtypes": ", ".join(b.dtypes),
                 "head_dim": f"<= {b.head_dim_max}",
@@ -213,9 +214,8 @@ def capability_rows(fp: Fingerprint) -> list[dict[str, str]]:
             {
                 "backend": label,
                 "version": p["version"] or "-",
-                "status": ("available" + f" ({NOT_VERIFIED})")
-                if p["available"]
-                else f"unavailable: {p['reason']}",
+                "status": "available" if p["available"] else f"unavailable: {p['reason']}",
+                "verified": NOT_VERIFIED,
                 "runs on": "CUDA",
                 "dtypes": "",
                 "head_dim": "",

@@ -1,0 +1,240 @@
+"""Report writers: JSON (trends), JUnit XML (CI), Markdown (people).
+
+All three carry the fingerprint, the counts, the backend × feature matrix and every case; JUnit has
+one ``<testsuite>`` per tier and one ``<testcase>`` per case (``classname`` =
+``conformance.<tier>.<family>.<backend>``, ``name`` = the case id), with ``<failure>`` /
+``<skipped>`` elements that CI tools read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .cases import TIERS
+from .hardware import capability_rows, format_fingerprint
+from .results import FAILED, PASSED, SKIPPED, CaseResult
+from .runner import RunReport, build_matrix, row_label
+
+SCHEMA = "olmo-attn-conformance/1"
+
+
+def _num(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    return x if math.isfinite(x) else str(x)
+
+
+def _iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def report_dict(report: RunReport) -> dict[str, Any]:
+    """The JSON document (also what :func:`write_json` writes)."""
+    rows, cols, cells = build_matrix(report.results)
+    return {
+        "schema": SCHEMA,
+        "started": _iso(report.started),
+        "duration_s": round(report.duration_s, 3),
+        "options": report.options,
+        "fingerprint": report.fingerprint.as_dict(),
+        "counts": report.counts(),
+        "exit_code": report.exit_code,
+        "matrix": {
+            "rows": rows,
+            "row_labels": {r: row_label(r, report.results) for r in rows},
+            "columns": cols,
+            "cells": {
+                r: {
+                    c: {
+                        "status": cell.status,
+                        "worst_budget_ratio": _num(cell.worst),
+                        "cases": cell.n,
+                        "reason": cell.reason,
+                    }
+                    for (rr, c), cell in cells.items()
+                    if rr == r
+                }
+                for r in rows
+            },
+        },
+        "results": [r.as_dict() for r in report.results],
+    }
+
+
+def _write(path: str | os.PathLike, text: str) -> Path:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def write_json(report: RunReport, path: str | os.PathLike) -> Path:
+    return _write(path, json.dumps(report_dict(report), indent=1, sort_keys=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ JUnit
+
+
+def _checks_text(r: CaseResult) -> str:
+    lines = [r.message, ""]
+    for c in r.checks:
+        mark = "ok  " if c.passed else "FAIL"
+        nums = ""
+        if c.err is not None and c.threshold is not None:
+            nums = f" err={c.err:.3e} threshold={c.threshold:.3e}"
+            if c.baseline_err is not None:
+                nums += f" baseline={c.baseline_err:.3e}"
+        lines.append(f"{mark} {c.name}{nums}{(' — ' + c.message) if (c.message and not c.passed) else ''}")
+    if r.info:
+        lines.append("")
+        lines.append("shape: " + json.dumps(r.info, default=str))
+    return "\n".join(lines)
+
+
+def junit_tree(report: RunReport) -> ET.ElementTree:
+    root = ET.Element("testsuites", name="olmo-attn conformance")
+    by_tier: dict[str, list[CaseResult]] = {}
+    for r in report.results:
+        by_tier.setdefault(r.case.tier, []).append(r)
+    totals = Counter()
+    fp = report.fingerprint
+    for tier in [t for t in TIERS if t in by_tier]:
+        rs = by_tier[tier]
+        c = Counter(r.status for r in rs)
+        totals.update(c)
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=f"olmo-attn.conformance.{tier}",
+            tests=str(len(rs)),
+            failures=str(c[FAILED]),
+            errors="0",
+            skipped=str(c[SKIPPED]),
+            time=f"{sum(r.duration_s for r in rs):.3f}",
+            timestamp=_iso(report.started),
+            hostname=os.uname().nodename if hasattr(os, "uname") else "",
+        )
+        props = ET.SubElement(suite, "properties")
+        for k, v in (
+            ("device", f"{fp.device} {fp.device_name} ({fp.arch})"),
+            ("driver", fp.driver or "n/a"),
+            ("cuda", fp.cuda or "n/a"),
+            ("torch", fp.torch),
+            ("python", fp.python),
+            *((f"backend.{b.name}", b.version or f"unavailable: {b.reason}") for b in fp.backends),
+        ):
+            ET.SubElement(props, "property", name=k, value=str(v))
+        for r in rs:
+            tc = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"conformance.{r.case.tier}.{r.case.family}.{r.case.backend}",
+                name=r.case.id,
+                time=f"{r.duration_s:.3f}",
+            )
+            if r.status == FAILED:
+                names = ", ".join(dict.fromkeys(c.name for c in r.failed_checks)) or "exception"
+                el = ET.SubElement(tc, "failure", message=r.message[:1000], type=names)
+                el.text = _checks_text(r)
+            elif r.status == SKIPPED:
+                ET.SubElement(tc, "skipped", message=r.message[:1000])
+            else:
+                out = ET.SubElement(tc, "system-out")
+                out.text = _checks_text(r)
+    root.set("tests", str(len(report.results)))
+    root.set("failures", str(totals[FAILED]))
+    root.set("errors", "0")
+    root.set("skipped", str(totals[SKIPPED]))
+    root.set("time", f"{report.duration_s:.3f}")
+    return ET.ElementTree(root)
+
+
+def write_junit(report: RunReport, path: str | os.PathLike) -> Path:
+    tree = junit_tree(report)
+    ET.indent(tree, space=" ")
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    tree.write(p, encoding="utf-8", xml_declaration=True)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ Markdown
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report: RunReport) -> str:
+    fp = report.fingerprint
+    counts = report.counts()
+    rows, cols, cells = build_matrix(report.results)
+    lines = [
+        "# olmo-attn conformance report",
+        "",
+        f"- started: {_iso(report.started)}, duration {report.duration_s:.1f} s",
+        f"- options: `{json.dumps(report.options)}`",
+        f"- **{counts['total']} cases: {counts[PASSED]} passed, {counts[FAILED]} failed, {counts[SKIPPED]} skipped** "
+        f"(exit code {report.exit_code})",
+        "",
+        "## Environment",
+        "",
+        *[f"- {line}" for line in format_fingerprint(fp)],
+        "",
+        "| backend | version | status | verified | runs on | dtypes | head_dim | features |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in capability_rows(fp):
+        lines.append("| " + " | ".join(_md_escape(str(row[k])) for k in row) + " |")
+    lines += [
+        "",
+        "## Backend × feature",
+        "",
+        "Each cell: `pass`/`FAIL` with the worst error-to-budget ratio of its cases (≤ 1 passes), or the "
+        "skip reason.",
+        "",
+        "| backend | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        cells_txt = []
+        for c in cols:
+            cell = cells.get((r, c))
+            cells_txt.append(_md_escape(cell.text(60)) if cell else "")
+        lines.append(f"| {_md_escape(row_label(r, report.results))} | " + " | ".join(cells_txt) + " |")
+    failed = [r for r in report.results if r.status == FAILED]
+    lines += ["", f"## Failures ({len(failed)})", ""]
+    if not failed:
+        lines.append("None.")
+    for r in failed:
+        lines.append(f"- `{r.case.id}`: {_md_escape(r.message[:600])}")
+    skipped = Counter(r.message for r in report.results if r.status == SKIPPED)
+    lines += ["", f"## Skipped ({sum(skipped.values())})", ""]
+    for reason, n in skipped.most_common():
+        lines.append(f"- {n} × {_md_escape(reason)}")
+    ran = [r for r in report.results if r.status != SKIPPED and r.worst_budget_ratio is not None]
+    ran.sort(key=lambda r: -(r.worst_budget_ratio or 0.0))
+    lines += [
+        "",
+        "## Tightest cases (largest error-to-budget ratio)",
+        "",
+        "| case | worst ratio | check |",
+        "|---|---|---|",
+    ]
+    for r in ran[:15]:
+        worst = max((c for c in r.checks if c.budget_ratio is not None), key=lambda c: c.budget_ratio or 0.0)
+        lines.append(f"| `{r.case.id}` | {r.worst_budget_ratio:.3f} | {worst.name} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: RunReport, path: str | os.PathLike) -> Path:
+    return _write(path, markdown(report))

@@ -1,0 +1,388 @@
+"""Run a case list: progress bar, pairwise post-pass, the backend × feature matrix, the exit code.
+
+Tiers run cheapest first (``config``, ``cpu``, ``multiproc``, ``gpu``, ``multigpu``). The terminal
+shows a live progress bar (``rich`` when installed and the output is a terminal, plain lines
+otherwise) and, at the end, the matrix: one row per backend, one column per feature, each cell
+``pass``/``FAIL`` with the worst error-to-budget ratio of its cases, or ``skip: <reason>``. The run
+fails (exit code 1) iff a non-skipped case failed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import torch
+
+from .cases import LIBRARY_ROW, TIERS, Case, build_cases
+from .families import run_case
+from .families.pairwise import pairwise_results
+from .hardware import NOT_VERIFIED, Fingerprint, fingerprint
+from .results import FAILED, PASSED, SKIPPED, CaseResult, RunContext
+from .subjects import all_subjects
+
+FEATURE_ORDER = (
+    "available",
+    "table",
+    "config",
+    "causal",
+    "non_causal",
+    "gqa",
+    "sliding_window",
+    "documents",
+    "documents_qk",
+    "lse",
+    "packed_qkv",
+    "dropout",
+    "kv_cache",
+    "kv_cache_leftpad",
+    "module",
+    "gate",
+    "rope",
+    "qk_norm",
+    "clip_qkv",
+    "fused",
+    "normalized",
+    "gdn",
+    "gdn_decode",
+    "ring_cp",
+    "ulysses_cp",
+    "pairwise",
+)
+
+
+def default_tiers() -> list[str]:
+    """``config`` and ``cpu`` everywhere; plus ``gpu`` where CUDA is available."""
+    tiers = ["config", "cpu"]
+    if torch.cuda.is_available():
+        tiers.append("gpu")
+    return tiers
+
+
+def parse_tiers(spec: str | Sequence[str] | None) -> list[str]:
+    """``"all"``, one tier, or a comma-separated list → tiers in cheapest-first order."""
+    if spec is None:
+        return default_tiers()
+    items = [spec] if isinstance(spec, str) else list(spec)
+    names: set[str] = set()
+    for item in items:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part == "all":
+                names |= set(TIERS)
+            elif part in TIERS:
+                names.add(part)
+            else:
+                raise ValueError(f"unknown tier {part!r}; choose among {', '.join(TIERS)}, all")
+    return [t for t in TIERS if t in names]
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+class Progress:
+    """A live progress bar (rich) or plain progress lines."""
+
+    def __init__(self, total: int, stream: TextIO, use_rich: bool | None = None, quiet: bool = False):
+        self.total = total
+        self.stream = stream
+        self.quiet = quiet
+        self.done = 0
+        self.failed = 0
+        self._rich: Any = None
+        if use_rich is None:
+            use_rich = stream.isatty()
+        if use_rich and not quiet:
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+                from rich.progress import Progress as RichProgress
+
+                self._console = Console(file=stream)
+                self._rich = RichProgress(
+                    TextColumn("[bold]conformance"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[failed]} failed"),
+                    TimeElapsedColumn(),
+                    TextColumn("{task.description}"),
+                    console=self._console,
+                    transient=True,
+                )
+                self._task = self._rich.add_task("", total=total, failed=0)
+                self._rich.start()
+            except ImportError:
+                self._rich = None
+
+    def start_case(self, case: Case) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, description=case.id)
+
+    def end_case(self, result: CaseResult) -> None:
+        self.done += 1
+        if result.status == FAILED:
+            self.failed += 1
+        if self._rich is not None:
+            self._rich.update(self._task, advance=1, failed=self.failed)
+            if result.status == FAILED:
+                self._console.print(f"[red]FAIL[/red] {result.case.id}: {result.message}")
+            return
+        if self.quiet:
+            return
+        if result.status == FAILED:
+            print(
+                f"[{self.done}/{self.total}] FAIL {result.case.id}: {result.message}",
+                file=self.stream,
+                flush=True,
+            )
+        elif self.done == self.total or self.done % 25 == 0:
+            print(f"[{self.done}/{self.total}] {self.failed} failed so far", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class RunReport:
+    """Everything a run produced: results, fingerprint, options, timing."""
+
+    results: list[CaseResult]
+    fingerprint: Fingerprint
+    options: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+    duration_s: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(r.status for r in self.results)
+        return {"total": len(self.results), PASSED: c[PASSED], FAILED: c[FAILED], SKIPPED: c[SKIPPED]}
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(r.status == FAILED for r in self.results) else 0
+
+    def matrix(self) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
+        return build_matrix(self.results)
+
+
+@dataclass
+class Cell:
+    status: str  # "pass" | "FAIL" | "skip"
+    worst: float | None
+    n: int
+    reason: str = ""
+
+    def text(self, width: int | None = None) -> str:
+        if self.status == "skip":
+            t = f"skip: {self.reason}"
+        else:
+            t = self.status + (
+                f" {self.worst:.2f}" if self.worst is not None and self.worst != float("inf") else ""
+            )
+            if self.worst == float("inf"):
+                t += " inf"
+        if width is not None and len(t) > width:
+            t = t[: width - 1] + "…"
+        return t
+
+
+def _row_names(backend: str) -> list[str]:
+    return backend.split("~") if "~" in backend else [backend]
+
+
+def build_matrix(results: Sequence[CaseResult]) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
+    """Rows (backends), columns (features) and cells of the backend × feature matrix."""
+    buckets: dict[tuple[str, str], list[CaseResult]] = {}
+    rows: list[str] = []
+    cols: set[str] = set()
+    for r in results:
+        for row in _row_names(r.case.backend):
+            if row not in rows:
+                rows.append(row)
+            for f in r.case.features:
+                cols.add(f)
+                buckets.setdefault((row, f), []).append(r)
+    order = {n: i for i, n in enumerate([s.name for s in all_subjects()] + [LIBRARY_ROW])}
+    rows.sort(key=lambda n: order.get(n, len(order)))
+    columns = [f for f in FEATURE_ORDER if f in cols] + sorted(cols - set(FEATURE_ORDER))
+    cells: dict[tuple[str, str], Cell] = {}
+    for key, rs in buckets.items():
+        ran = [r for r in rs if r.status != SKIPPED]
+        ratios = [r.worst_budget_ratio for r in ran if r.worst_budget_ratio is not None]
+        worst = max(ratios) if ratios else None
+        if any(r.status == FAILED for r in ran):
+            cells[key] = Cell("FAIL", worst, len(rs))
+        elif ran:
+            cells[key] = Cell("pass", worst, len(rs))
+        else:
+            reason = Counter(r.message for r in rs).most_common(1)[0][0]
+            cells[key] = Cell("skip", None, len(rs), reason)
+    return rows, columns, cells
+
+
+def row_label(name: str, results: Sequence[CaseResult]) -> str:
+    """Backend name, marked when the capability table does not list it as verified on hardware."""
+    subj = {s.name: s for s in all_subjects()}.get(name)
+    if subj is None or subj.verified_on_hardware:
+        return name
+    ran = [
+        r
+        for r in results
+        if name in _row_names(r.case.backend) and r.status != SKIPPED and r.case.family != "config"
+    ]
+    if not ran:
+        return f"{name} ({NOT_VERIFIED})"
+    return f"{name} (ran here; {NOT_VERIFIED} per the table)"
+
+
+def print_summary(report: RunReport, stream: TextIO, use_rich: bool | None = None) -> None:
+    """The backend × feature matrix and the counts."""
+    rows, cols, cells = report.matrix()
+    counts = report.counts()
+    if use_rich is None:
+        use_rich = stream.isatty()
+    title = (
+        f"{counts['total']} cases: {counts[PASSED]} passed, {counts[FAILED]} failed, {counts[SKIPPED]} skipped "
+        f"in {report.duration_s:.1f} s"
+    )
+    if use_rich:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+
+            console = Console(file=stream)
+            table = Table(title="backend × feature (worst error/budget ratio; ≤ 1 passes)", show_lines=False)
+            table.add_column("backend")
+            for c in cols:
+                table.add_column(c, overflow="fold")
+            for r in rows:
+                row = [row_label(r, report.results)]
+                for c in cols:
+                    cell = cells.get((r, c))
+                    if cell is None:
+                        row.append("")
+                    elif cell.status == "FAIL":
+                        row.append(f"[red]{cell.text(28)}[/red]")
+                    elif cell.status == "pass":
+                        row.append(f"[green]{cell.text(28)}[/green]")
+                    else:
+                        row.append(f"[dim]{cell.text(28)}[/dim]")
+                table.add_row(*row)
+            console.print(table)
+            console.print(("[red]" if counts[FAILED] else "[green]") + title)
+            _print_failures(report, stream)
+            return
+        except ImportError:
+            pass
+    for line in matrix_lines(rows, cols, cells, report.results):
+        print(line, file=stream)
+    print(title, file=stream)
+    _print_failures(report, stream)
+
+
+def _print_failures(report: RunReport, stream: TextIO) -> None:
+    failed = [r for r in report.results if r.status == FAILED]
+    for r in failed[:50]:
+        print(f"FAILED {r.case.id}: {r.message}", file=stream)
+    if len(failed) > 50:
+        print(f"... and {len(failed) - 50} more failures (see the JSON / JUnit report)", file=stream)
+
+
+def matrix_lines(
+    rows: list[str], cols: list[str], cells: dict[tuple[str, str], Cell], results: Sequence[CaseResult]
+) -> list[str]:
+    """The matrix as aligned plain-text lines (skip reasons shortened; full ones are in the reports)."""
+    labels = [row_label(r, results) for r in rows]
+    w0 = max([len("backend")] + [len(lb) for lb in labels])
+    widths = [max(len(c), 10) for c in cols]
+    head = "backend".ljust(w0) + " | " + " | ".join(c.ljust(w) for c, w in zip(cols, widths))
+    lines = [head, "-" * len(head)]
+    for r, lb in zip(rows, labels):
+        parts = []
+        for c, w in zip(cols, widths):
+            cell = cells.get((r, c))
+            parts.append((cell.text(w) if cell else "").ljust(w))
+        lines.append(lb.ljust(w0) + " | " + " | ".join(parts))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def run_cases(
+    cases: Sequence[Case],
+    *,
+    stream: TextIO | None = None,
+    progress: bool = True,
+    use_rich: bool | None = None,
+    options: dict[str, Any] | None = None,
+    on_result: Callable[[CaseResult], None] | None = None,
+) -> RunReport:
+    """Run ``cases`` in order (tiers cheapest first), then the pairwise comparisons."""
+    stream = stream or sys.stdout
+    started = time.time()
+    t0 = time.perf_counter()
+    fp = fingerprint()
+    ctx = RunContext()
+    bar = Progress(len(cases), stream, use_rich=use_rich, quiet=not progress)
+    results: list[CaseResult] = []
+    by_key: dict[str, dict[str, Case]] = {}
+    try:
+        for case in cases:
+            bar.start_case(case)
+            res = run_case(case, ctx)
+            if res.status != SKIPPED:
+                by_key.setdefault(case.problem_key, {})[case.backend] = case
+            results.append(res)
+            bar.end_case(res)
+            if on_result is not None:
+                on_result(res)
+    finally:
+        bar.close()
+    results += pairwise_results(ctx, by_key)
+    return RunReport(results, fp, options or {}, started, time.perf_counter() - t0)
+
+
+def run(
+    *,
+    tiers: Sequence[str] | str | None = None,
+    backends: Sequence[str] | None = None,
+    quick: bool = True,
+    pattern: str | None = None,
+    seed: int = 0,
+    stream: TextIO | None = None,
+    progress: bool = True,
+    use_rich: bool | None = None,
+) -> RunReport:
+    """Build the case matrix and run it (what ``olmo-attn conformance`` does)."""
+    tier_list = parse_tiers(tiers)
+    cases = build_cases(tiers=tier_list, backends=backends, quick=quick, seed=seed, pattern=pattern)
+    options = {
+        "tiers": tier_list,
+        "backends": list(backends) if backends else "all",
+        "mode": "quick" if quick else "full",
+        "pattern": pattern,
+        "seed": seed,
+    }
+    return run_cases(cases, stream=stream, progress=progress, use_rich=use_rich, options=options)
+
+
+__all__ = [
+    "Cell",
+    "RunReport",
+    "build_matrix",
+    "default_tiers",
+    "parse_tiers",
+    "print_summary",
+    "run",
+    "run_cases",
+]

@@ -1,0 +1,173 @@
+"""``olmo-attn``: the command-line entry point.
+
+* ``olmo-attn conformance [--tier T] [--quick|--full] [--backends B ...] [-k PATTERN] [--seed N]
+  [--json F] [--junit F] [--markdown F]`` — run the conformance harness (``conformance/``); the exit
+  code is 0 iff no case that ran failed. With no arguments: the configuration and CPU tiers (plus
+  the GPU tier where CUDA is available), quick mode.
+* ``olmo-attn info [--json]`` — the environment fingerprint and the capability table.
+
+``python -m conformance`` is ``olmo-attn conformance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+TIER_CHOICES = "config | cpu | multiproc | gpu | multigpu | all (comma-separated for several)"
+
+
+def _split(values: Sequence[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out: list[str] = []
+    for v in values:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    return out
+
+
+def _add_conformance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tier",
+        action="append",
+        help=f"tiers to run, cheapest first: {TIER_CHOICES}; default: config,cpu (+gpu with CUDA)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        dest="quick",
+        action="store_true",
+        default=True,
+        help="small shapes, a covering subset of the matrix (default)",
+    )
+    mode.add_argument(
+        "--full",
+        dest="quick",
+        action="store_false",
+        help="every point of the matrix, larger and more awkward shapes",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        metavar="B",
+        help="backends to test (default: all; unavailable ones are reported as skipped)",
+    )
+    p.add_argument(
+        "-k",
+        dest="pattern",
+        metavar="PATTERN",
+        help="pytest-style filter on case ids: substrings with and/or/not, e.g. 'cpu and window'",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every case's shapes and inputs (default 0)")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report")
+    p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+    p.add_argument("--markdown", metavar="FILE", help="write the Markdown report")
+    p.add_argument("--list", action="store_true", help="print the selected case ids and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="olmo-attn", description="OLMo-core-compatible attention: tools")
+    sub = parser.add_subparsers(dest="command")
+    conf = sub.add_parser("conformance", help="run the conformance harness")
+    _add_conformance_args(conf)
+    info = sub.add_parser("info", help="environment fingerprint and the backends' capability table")
+    info.add_argument("--json", action="store_true", help="print the fingerprint as JSON")
+    return parser
+
+
+def run_conformance(args: argparse.Namespace) -> int:
+    from conformance import report as rep
+    from conformance.cases import build_cases
+    from conformance.runner import parse_tiers, print_summary, run_cases
+
+    try:
+        tiers = parse_tiers(_split(args.tier))
+        backends = _split(args.backends)
+        cases = build_cases(
+            tiers=tiers, backends=backends, quick=args.quick, seed=args.seed, pattern=args.pattern
+        )
+    except ValueError as e:
+        print(f"olmo-attn conformance: {e}", file=sys.stderr)
+        return 2
+    if args.list:
+        for c in cases:
+            print(c.id + (f"  [skipped: {c.skip_reason}]" if c.skip_reason else ""))
+        return 0
+    options = {
+        "tiers": tiers,
+        "backends": backends or "all",
+        "mode": "quick" if args.quick else "full",
+        "pattern": args.pattern,
+        "seed": args.seed,
+    }
+    report = run_cases(cases, progress=not args.no_progress, options=options)
+    print_summary(report, sys.stdout)
+    for path, writer in (
+        (args.json, rep.write_json),
+        (args.junit, rep.write_junit),
+        (args.markdown, rep.write_markdown),
+    ):
+        if path:
+            written = writer(report, path)
+            print(f"wrote {written}")
+    return report.exit_code
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from conformance.hardware import capability_rows, fingerprint, format_fingerprint
+
+    fp = fingerprint()
+    if args.json:
+        print(json.dumps(fp.as_dict(), indent=1))
+        return 0
+    for line in format_fingerprint(fp):
+        print(line)
+    rows = capability_rows(fp)
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title="capability table")
+            for k in rows[0]:
+                table.add_column(k, overflow="fold")
+            for r in rows:
+                table.add_row(*(str(v) for v in r.values()))
+            Console().print(table)
+            return 0
+        except ImportError:
+            pass
+    keys = list(rows[0])
+    print()
+    for r in rows:
+        print(f"{r['backend']} ({r['version']}): {r['status']}")
+        for k in keys[3:]:
+            if r[k]:
+                print(f"    {k}: {r[k]}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``olmo-attn`` command (returns the exit code)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "conformance":
+        return run_conformance(args)
+    if args.command == "info":
+        return run_info(args)
+    parser.print_help()
+    return 2
+
+
+def conformance_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m conformance [args]`` = ``olmo-attn conformance [args]``."""
+    parser = argparse.ArgumentParser(prog="python -m conformance", description="run the conformance harness")
+    _add_conformance_args(parser)
+    return run_conformance(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
