@@ -109,8 +109,15 @@ class TorchAttentionBackend(AttentionBackend):
             kc, vc = manager.k_cache, manager.v_cache
         else:
             kc, vc = manager.k_cache[:, :used], manager.v_cache[:, :used]
-        if kc.dtype != q.dtype:
-            kc, vc = kc.to(q.dtype), vc.to(q.dtype)
+        # Slots no query may see (before a row's left padding, past the used length) are masked
+        # out of the softmax, but 0 * NaN is NaN in P @ V: never let their contents (garbage or
+        # poison) reach the output. One select over the cache, cheap next to the attention.
+        j = torch.arange(kc.shape[1], device=kc.device)
+        visible = ((j[None, :] >= manager.cache_leftpad[:, None].to(j.dtype)) & (j[None, :] < used))[
+            ..., None, None
+        ]
+        kc = torch.where(visible, kc, 0).to(q.dtype)
+        vc = torch.where(visible, vc, 0).to(q.dtype)
         return attend(q, kc, vc, call, q_start=start, key_lo=manager.cache_leftpad, key_hi=used)
 
     def warmup_cache(self, max_seq_len: int, device: torch.device) -> None:
