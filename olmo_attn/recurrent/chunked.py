@@ -10,29 +10,41 @@ the chunk; every exponent below is <= 0, so nothing overflows however strong the
 
     A    = strict_lower(diag(b) K K^T * exp(G_i - G_j))                          [C, C]
     W    = (I + A)^-1 (b exp(G) * K)        U = (I + A)^-1 (b * V)                [C, Dk], [C, Dv]
-    Vn   = U - W S                                                               [C, Dv]
-    O    = scale * ((exp(G) * Q) S + lower_incl(Q K^T * exp(G_i - G_j)) Vn)       [C, Dv]
-    S'   = exp(G_C) S + (exp(G_C - G) * K)^T Vn                                   [Dk, Dv]
+    Kd   = exp(G_C - G) * K                 d = exp(G_C)                          [C, Dk], scalar
+    M    = d I - Kd^T W                     Bc = Kd^T U                           [Dk, Dk], [Dk, Dv]
+    S'   = M S + Bc                                                              [Dk, Dv]
+    P    = lower_incl(scale Q K^T * exp(G_i - G_j))                              [C, C]
+    O    = (scale exp(G) * Q - P W) S + P U                                      [C, Dv]
 
-Everything except the last line's recurrence is independent per chunk and runs as a few large
-batched matmuls over all chunks at once; the recurrence (``Vn`` and ``S'``) is a loop over chunks
-of three batched kernels each (:class:`_StateScan`). Its backward is written by hand (also three
-kernels per chunk, then batched matmuls), because autograd through the loop would record ~10 ops
-per chunk and save a copy of the state per op; the intra-chunk part (masks, the triangular solve,
-the read-out) goes through autograd, where it is a fixed number of large ops.
+(``Vn = U - W S``, ``S' = d S + Kd^T Vn`` and ``O = scale exp(G) Q S + P Vn``, with ``Vn`` expanded.)
+Everything but ``S' = M S + Bc`` is independent per chunk and runs as a fixed number of large
+batched ops over **all** chunks at once (autograd handles their backward). The recurrence is the
+only sequential part: one batched matmul (``baddbmm``) per chunk forward and one backward
+(:class:`_StateRecurrence`, whose backward is written by hand: ``dS = M^T dS' + dS_ext`` per chunk,
+then ``dM = dS' S^T`` and ``dBc = dS'`` batched). ``scan="delta"`` selects the previous form, which
+keeps ``Vn`` in the loop (three kernels per chunk: ``Vn = U - W S``, ``S' = d S``, ``S' += Kd^T Vn``;
+cheaper in FLOPs when ``2 C < Dk``, three times the launches).
+
+``(I + A)^-1`` is computed without triangular solves on CUDA (``solve="doubling"``): the inverses
+of the diagonal blocks of size ``h`` are paired into blocks of size ``2h``
+(``[[X1, 0], [-X2 A21 X1, X2]]``), ``log2(C)`` levels of two batched matmuls each — exactly
+forward substitution, reordered into matmuls.
 
 Documents (``cu_seqlens``) of any length are laid out chunk-aligned: each document starts a fresh
 chunk, the tail of its last chunk is zero padding (``k = v = q = 0``, ``b = 0``, ``g = 0``: the
-state passes through unchanged). Documents are packed onto "lanes" (longest first, onto the least
-loaded lane) so the sequential loop runs about ``max(longest document, total / lanes)`` chunks
-instead of the sum; the state is reset (to zero or the document's initial state) where a document
-begins and read out where it ends.
+state passes through unchanged, ``M = I``). Documents are packed onto "lanes" (longest first, onto
+the least loaded lane) so the sequential loop runs about ``max(longest document, total / lanes)``
+chunks instead of the sum; the state is reset (to zero or the document's initial state) where a
+document begins and read out where it ends.
 
-All arithmetic is float32 (float64 for float64 inputs); bf16/fp16 inputs are converted once.
+All arithmetic is float32 (float64 for float64 inputs); bf16/fp16 inputs are converted once, while
+being laid out. Autocast is switched off inside the kernel (forward, recomputation and backward):
+it would run the chunk matmuls in bf16 and mix dtypes in the recurrence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -43,10 +55,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "autocast_off",
     "chunk_gated_delta_rule",
     "compute_dtype_for",
     "l2norm",
@@ -55,6 +67,20 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 64
 L2NORM_EPS = 1e-6
+SOLVES = ("auto", "solve", "blocked", "doubling")
+SCANS = ("auto", "transition", "delta")
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context with autocast disabled for ``device``'s type (a no-op where autocast does not exist).
+
+    The gated-delta-rule kernels convert their inputs to the compute dtype themselves; under
+    autocast their matmuls would run in bf16/fp16 and mix dtypes with the float32 state.
+    """
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):
+        return contextlib.nullcontext()
 
 
 def compute_dtype_for(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -253,18 +279,130 @@ def _varlen_plan(cu_host: tuple[int, ...], chunk: int, n_heads: int, device: tor
 
 
 # ---------------------------------------------------------------------------------------------------
-# The sequential part: state scan over chunks, with a hand-written backward
+# The sequential part
 # ---------------------------------------------------------------------------------------------------
 
 
+def _apply_resets(cur: torch.Tensor, h0: torch.Tensor | None, schedule: _Schedule, s: int) -> None:
+    """Reset the state rows of the documents that begin at step ``s`` (``cur [N, Dk, Dv]``, in place)."""
+    a, b = schedule.reset_off[s], schedule.reset_off[s + 1]
+    if b > a:
+        rows = schedule.reset_rows[a:b]
+        if h0 is None:
+            cur.index_fill_(0, rows, 0.0)
+        else:
+            cur.index_copy_(0, rows, h0.index_select(0, schedule.reset_src[a:b]))
+
+
+def _read_out(final: torch.Tensor, nxt: torch.Tensor, schedule: _Schedule, s: int) -> None:
+    """Copy the state rows of the documents that end at step ``s`` into ``final`` (in place)."""
+    a, b = schedule.end_off[s], schedule.end_off[s + 1]
+    if b > a:
+        final.index_copy_(0, schedule.end_dst[a:b], nxt.index_select(0, schedule.end_rows[a:b]))
+
+
+def _init_states(
+    like: torch.Tensor, S: int, h0: torch.Tensor | None, schedule: _Schedule | None, n_final: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s_in [S, N, Dk, Dv], last [N, Dk, Dv], final)`` buffers; ``s_in[0]`` initialised."""
+    N, Dk, Dv = like.shape
+    s_in = like.new_empty(S, N, Dk, Dv)
+    last = like.new_empty(N, Dk, Dv)
+    final = last if schedule is None else like.new_zeros(n_final, Dk, Dv)
+    if schedule is None and h0 is not None:
+        s_in[0].copy_(h0)
+    else:
+        s_in[0].zero_()
+    return s_in, last, final
+
+
+class _StateRecurrence(torch.autograd.Function):
+    """``S_{s+1} = M_s S_s + Bc_s`` over chunks ``s`` — the whole sequential part, one kernel a chunk.
+
+    Inputs (``N`` = lanes x value heads): ``m [S, N, Dk, Dk]``, ``bc [S, N, Dk, Dv]``, ``h0``
+    (``[N, Dk, Dv]`` when ``schedule`` is None — every lane is one sequence that starts at step 0 —
+    else ``[n_seq * HV, Dk, Dv]``) or None (zeros), ``n_final`` rows.
+    Outputs: ``s_in [S, N, Dk, Dv]`` (the state each chunk starts from, after any reset) and
+    ``final [n_final, Dk, Dv]`` (the state after each sequence's last chunk).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        m: torch.Tensor,
+        bc: torch.Tensor,
+        h0: torch.Tensor | None,
+        schedule: _Schedule | None,
+        n_final: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_off(bc.device):
+            S = bc.shape[0]
+            s_in, last, final = _init_states(bc[0], S, h0, schedule, n_final)
+            m_l, b_l, s_l = m.unbind(0), bc.unbind(0), s_in.unbind(0)
+            for s in range(S):
+                cur = s_l[s]
+                if schedule is not None:
+                    _apply_resets(cur, h0, schedule, s)
+                nxt = s_l[s + 1] if s + 1 < S else last
+                torch.baddbmm(b_l[s], m_l[s], cur, out=nxt)  # S' = M S + Bc
+                if schedule is not None:
+                    _read_out(final, nxt, schedule, s)
+        ctx.save_for_backward(m, s_in)
+        ctx.schedule = schedule
+        ctx.h0_shape = None if h0 is None else h0.shape
+        return s_in, final
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, ds_in: torch.Tensor | None, dfinal: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        m, s_in = ctx.saved_tensors
+        schedule: _Schedule | None = ctx.schedule
+        with autocast_off(s_in.device):
+            S, N, Dk, Dv = s_in.shape
+            if ds_in is None:
+                ds_in = torch.zeros_like(s_in)
+            gout = torch.empty_like(s_in)  # gout[s]: gradient of the state after step s (= dBc_s)
+            g0 = s_in.new_empty(N, Dk, Dv)  # gradient of s_in[0]
+            want_h0 = ctx.h0_shape is not None and ctx.needs_input_grad[2]
+            dh0 = None
+            if schedule is None and dfinal is not None:
+                gout[S - 1].copy_(dfinal)
+            else:
+                gout[S - 1].zero_()
+            if schedule is not None and want_h0:
+                dh0 = s_in.new_zeros(ctx.h0_shape)
+            g_l, dsi_l = gout.unbind(0), ds_in.unbind(0)
+            mt_l = m.transpose(-1, -2).unbind(0)
+            for s in range(S - 1, -1, -1):
+                gs = g_l[s]
+                if schedule is not None and dfinal is not None:
+                    a, b = schedule.end_off[s], schedule.end_off[s + 1]
+                    if b > a:
+                        gs.index_add_(
+                            0, schedule.end_rows[a:b], dfinal.index_select(0, schedule.end_dst[a:b])
+                        )
+                target = g_l[s - 1] if s > 0 else g0
+                torch.baddbmm(dsi_l[s], mt_l[s], gs, out=target)  # dS = dS_ext + M^T dS'
+                if schedule is not None:
+                    a, b = schedule.reset_off[s], schedule.reset_off[s + 1]
+                    if b > a:
+                        rows = schedule.reset_rows[a:b]
+                        if dh0 is not None:
+                            dh0.index_add_(0, schedule.reset_src[a:b], target.index_select(0, rows))
+                        target.index_fill_(0, rows, 0.0)
+            if schedule is None and want_h0:
+                dh0 = g0
+            dm = torch.matmul(gout, s_in.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        return dm, gout, dh0, None, None
+
+
 class _StateScan(torch.autograd.Function):
-    """``Vn_s = U_s - W_s S_s``; ``S_{s+1} = d_s S_s + Kd_s^T Vn_s`` over chunks ``s``.
+    """``scan="delta"``: ``Vn_s = U_s - W_s S_s``; ``S_{s+1} = d_s S_s + Kd_s^T Vn_s`` over chunks.
 
     Inputs (``N`` = lanes x value heads): ``u [S, N, C, Dv]``, ``w, kd [S, N, C, Dk]``,
-    ``decay [S, N]``, ``h0`` (``[N, Dk, Dv]`` when ``schedule`` is None — every lane is one sequence
-    that starts at step 0 — else ``[n_seq * HV, Dk, Dv]``) or None (zeros), ``n_final`` rows.
-    Outputs: ``vn [S, N, C, Dv]``, ``s_in [S, N, Dk, Dv]`` (the state each chunk starts from, after
-    any reset) and ``final [n_final, Dk, Dv]`` (state after each sequence's last chunk).
+    ``decay [S, N]``, ``h0`` and ``n_final`` as in :class:`_StateRecurrence`.
+    Outputs: ``vn [S, N, C, Dv]``, ``s_in [S, N, Dk, Dv]`` and ``final [n_final, Dk, Dv]``.
     """
 
     @staticmethod
@@ -278,41 +416,27 @@ class _StateScan(torch.autograd.Function):
         schedule: _Schedule | None,
         n_final: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        S, N, _C, Dv = u.shape
-        Dk = w.shape[-1]
-        vn = torch.empty_like(u)
-        s_in = torch.empty(S, N, Dk, Dv, dtype=u.dtype, device=u.device)
-        last = torch.empty(N, Dk, Dv, dtype=u.dtype, device=u.device)
-        final = last if schedule is None else u.new_zeros(n_final, Dk, Dv)
-        if schedule is None and h0 is not None:
-            s_in[0].copy_(h0)
-        else:
-            s_in[0].zero_()
-        u_l, w_l, vn_l, s_l = u.unbind(0), w.unbind(0), vn.unbind(0), s_in.unbind(0)
-        kdt_l = kd.transpose(-1, -2).unbind(0)  # [N, Dk, C] views
-        d_l = decay[:, :, None, None].unbind(0)
-        for s in range(S):
-            cur = s_l[s]
-            if schedule is not None:
-                a, b = schedule.reset_off[s], schedule.reset_off[s + 1]
-                if b > a:
-                    rows = schedule.reset_rows[a:b]
-                    if h0 is None:
-                        cur.index_fill_(0, rows, 0.0)
-                    else:
-                        cur.index_copy_(0, rows, h0.index_select(0, schedule.reset_src[a:b]))
-            torch.baddbmm(u_l[s], w_l[s], cur, alpha=-1.0, out=vn_l[s])  # Vn = U - W S
-            nxt = s_l[s + 1] if s + 1 < S else last
-            torch.mul(cur, d_l[s], out=nxt)
-            nxt.baddbmm_(kdt_l[s], vn_l[s])  # S' = d S + Kd^T Vn
-            if schedule is not None:
-                a, b = schedule.end_off[s], schedule.end_off[s + 1]
-                if b > a:
-                    final.index_copy_(0, schedule.end_dst[a:b], nxt.index_select(0, schedule.end_rows[a:b]))
+        with autocast_off(u.device):
+            S, N, _C, Dv = u.shape
+            Dk = w.shape[-1]
+            vn = torch.empty_like(u)
+            s_in, last, final = _init_states(u.new_empty(N, Dk, Dv), S, h0, schedule, n_final)
+            u_l, w_l, vn_l, s_l = u.unbind(0), w.unbind(0), vn.unbind(0), s_in.unbind(0)
+            kdt_l = kd.transpose(-1, -2).unbind(0)  # [N, Dk, C] views
+            d_l = decay[:, :, None, None].unbind(0)
+            for s in range(S):
+                cur = s_l[s]
+                if schedule is not None:
+                    _apply_resets(cur, h0, schedule, s)
+                torch.baddbmm(u_l[s], w_l[s], cur, alpha=-1.0, out=vn_l[s])  # Vn = U - W S
+                nxt = s_l[s + 1] if s + 1 < S else last
+                torch.mul(cur, d_l[s], out=nxt)
+                nxt.baddbmm_(kdt_l[s], vn_l[s])  # S' = d S + Kd^T Vn
+                if schedule is not None:
+                    _read_out(final, nxt, schedule, s)
         ctx.save_for_backward(w, kd, decay, vn, s_in)
         ctx.schedule = schedule
         ctx.h0_shape = None if h0 is None else h0.shape
-        ctx.n_final = n_final
         return vn, s_in, final
 
     @staticmethod
@@ -321,53 +445,52 @@ class _StateScan(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         w, kd, decay, vn, s_in = ctx.saved_tensors
         schedule: _Schedule | None = ctx.schedule
-        S, N, _C, Dv = vn.shape
-        Dk = w.shape[-1]
-        if dvn is None:
-            dvn = torch.zeros_like(vn)
-        if ds_in is None:
-            ds_in = torch.zeros_like(s_in)
-        t = torch.empty_like(vn)  # total gradient of Vn per chunk (= dU)
-        ds_out = torch.empty_like(s_in)  # gradient of the state after each chunk
-        ds0 = torch.empty(N, Dk, Dv, dtype=vn.dtype, device=vn.device)
-        want_h0 = ctx.h0_shape is not None and ctx.needs_input_grad[4]
-        dh0 = None
-        if schedule is None:
-            if dfinal is not None:
+        with autocast_off(vn.device):
+            S, N, _C, Dv = vn.shape
+            Dk = w.shape[-1]
+            if dvn is None:
+                dvn = torch.zeros_like(vn)
+            if ds_in is None:
+                ds_in = torch.zeros_like(s_in)
+            t = torch.empty_like(vn)  # total gradient of Vn per chunk (= dU)
+            ds_out = torch.empty_like(s_in)  # gradient of the state after each chunk
+            ds0 = torch.empty(N, Dk, Dv, dtype=vn.dtype, device=vn.device)
+            want_h0 = ctx.h0_shape is not None and ctx.needs_input_grad[4]
+            dh0 = None
+            if schedule is None and dfinal is not None:
                 ds_out[S - 1].copy_(dfinal)
             else:
                 ds_out[S - 1].zero_()
-        else:
-            ds_out[S - 1].zero_()
-            if want_h0:
+            if schedule is not None and want_h0:
                 dh0 = vn.new_zeros(ctx.h0_shape)
-        dvn_l, t_l, dso_l, dsi_l = dvn.unbind(0), t.unbind(0), ds_out.unbind(0), ds_in.unbind(0)
-        kd_l, wt_l = kd.unbind(0), w.transpose(-1, -2).unbind(0)
-        d_l = decay[:, :, None, None].unbind(0)
-        for s in range(S - 1, -1, -1):
-            dso = dso_l[s]
-            if schedule is not None and dfinal is not None:
-                a, b = schedule.end_off[s], schedule.end_off[s + 1]
-                if b > a:
-                    dso.index_add_(0, schedule.end_rows[a:b], dfinal.index_select(0, schedule.end_dst[a:b]))
-            torch.baddbmm(dvn_l[s], kd_l[s], dso, out=t_l[s])  # dVn = dVn_ext + Kd dS'
-            target = dso_l[s - 1] if s > 0 else ds0
-            torch.addcmul(dsi_l[s], dso, d_l[s], out=target)  # dS = dS_ext + d dS' - W^T dVn
-            target.baddbmm_(wt_l[s], t_l[s], alpha=-1.0)
-            if schedule is not None:
-                a, b = schedule.reset_off[s], schedule.reset_off[s + 1]
-                if b > a:
-                    rows = schedule.reset_rows[a:b]
-                    if dh0 is not None:
-                        dh0.index_add_(0, schedule.reset_src[a:b], target.index_select(0, rows))
-                    target.index_fill_(0, rows, 0.0)
-        if schedule is None and want_h0:
-            dh0 = ds0
-        du = t
-        dw = torch.matmul(t, s_in.transpose(-1, -2)).neg_()  # [S, N, C, Dk]
-        dkd = torch.matmul(vn, ds_out.transpose(-1, -2))  # [S, N, C, Dk]
-        ddecay = (s_in * ds_out).sum((-1, -2))  # [S, N]
-        return du, dw, dkd, ddecay, dh0, None, None
+            dvn_l, t_l, dso_l, dsi_l = dvn.unbind(0), t.unbind(0), ds_out.unbind(0), ds_in.unbind(0)
+            kd_l, wt_l = kd.unbind(0), w.transpose(-1, -2).unbind(0)
+            d_l = decay[:, :, None, None].unbind(0)
+            for s in range(S - 1, -1, -1):
+                dso = dso_l[s]
+                if schedule is not None and dfinal is not None:
+                    a, b = schedule.end_off[s], schedule.end_off[s + 1]
+                    if b > a:
+                        dso.index_add_(
+                            0, schedule.end_rows[a:b], dfinal.index_select(0, schedule.end_dst[a:b])
+                        )
+                torch.baddbmm(dvn_l[s], kd_l[s], dso, out=t_l[s])  # dVn = dVn_ext + Kd dS'
+                target = dso_l[s - 1] if s > 0 else ds0
+                torch.addcmul(dsi_l[s], dso, d_l[s], out=target)  # dS = dS_ext + d dS' - W^T dVn
+                target.baddbmm_(wt_l[s], t_l[s], alpha=-1.0)
+                if schedule is not None:
+                    a, b = schedule.reset_off[s], schedule.reset_off[s + 1]
+                    if b > a:
+                        rows = schedule.reset_rows[a:b]
+                        if dh0 is not None:
+                            dh0.index_add_(0, schedule.reset_src[a:b], target.index_select(0, rows))
+                        target.index_fill_(0, rows, 0.0)
+            if schedule is None and want_h0:
+                dh0 = ds0
+            dw = torch.matmul(t, s_in.transpose(-1, -2)).neg_()  # [S, N, C, Dk]
+            dkd = torch.matmul(vn, ds_out.transpose(-1, -2))  # [S, N, C, Dk]
+            ddecay = (s_in * ds_out).sum((-1, -2))  # [S, N]
+        return t, dw, dkd, ddecay, dh0, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,30 +498,65 @@ class _StateScan(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _unit_lower_solve(a: torch.Tensor, rhs: torch.Tensor, method: str) -> torch.Tensor:
-    """Solve ``(I + a) x = rhs`` for strictly-lower ``a [..., C, C]``.
+def _unit_lower_inverse_doubling(a: torch.Tensor) -> torch.Tensor:
+    """``(I + a)^-1`` for strictly-lower ``a [..., C, C]`` with batched matmuls only.
 
-    ``"solve"``: one batched triangular solve. ``"blocked"``: invert ``I + a`` by recursive 2x2
-    block inversion (``[[X1, 0], [-X2 a21 X1, X2]]``, diagonal blocks of 16 by a triangular solve),
-    then one matmul; the same arithmetic as forward substitution, but as large matmuls.
+    Bottom-up: ``x`` holds the inverses of the diagonal blocks of size ``h`` (``[..., C/h, h, h]``,
+    starting from ones at ``h = 1``); neighbouring pairs become blocks of size ``2h``,
+    ``[[X1, 0], [-X2 A21 X1, X2]]``. ``log2(C)`` levels (``C`` padded to a power of two with zeros).
     """
-    if method == "solve":
-        return torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
-    return torch.matmul(_unit_lower_inverse(a), rhs)
+    C = a.shape[-1]
+    P = 1 << max(0, (C - 1).bit_length())
+    if P != C:
+        a = F.pad(a, (0, P - C, 0, P - C))
+    lead = a.shape[:-2]
+    x = a.new_ones(*lead, P, 1, 1)
+    h = 1
+    while h < P:
+        n = P // (2 * h)
+        # the diagonal blocks of size 2h, then their lower-left h x h quarter      [..., n, h, h]
+        diag = torch.diagonal(a.reshape(*lead, n, 2 * h, n, 2 * h), dim1=-4, dim2=-2)  # [..., 2h, 2h, n]
+        a21 = diag[..., h:, :h, :].movedim(-1, -3)
+        pairs = x.view(*lead, n, 2, h, h)
+        x1, x2 = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        x21 = torch.matmul(x2, torch.matmul(a21, x1)).neg()
+        top = torch.cat([x1, torch.zeros_like(x1)], -1)
+        bottom = torch.cat([x21, x2], -1)
+        x = torch.cat([top, bottom], -2)  # [..., n, 2h, 2h]
+        h *= 2
+    x = x.reshape(*lead, P, P)
+    return x if P == C else x[..., :C, :C]
 
 
-def _unit_lower_inverse(a: torch.Tensor, leaf: int = 16) -> torch.Tensor:
+def _unit_lower_inverse_blocked(a: torch.Tensor, leaf: int = 16) -> torch.Tensor:
+    """``(I + a)^-1`` top-down: 2x2 block inversion, diagonal leaves of ``leaf`` by a triangular solve."""
     C = a.shape[-1]
     if leaf >= C:
         eye = torch.eye(C, dtype=a.dtype, device=a.device).expand(a.shape)
         return torch.linalg.solve_triangular(a, eye, upper=False, unitriangular=True)
     h = C // 2
-    x1 = _unit_lower_inverse(a[..., :h, :h], leaf)
-    x2 = _unit_lower_inverse(a[..., h:, h:], leaf)
+    x1 = _unit_lower_inverse_blocked(a[..., :h, :h], leaf)
+    x2 = _unit_lower_inverse_blocked(a[..., h:, h:], leaf)
     x21 = -torch.matmul(x2, torch.matmul(a[..., h:, :h], x1))
     top = torch.cat([x1, x1.new_zeros(*x1.shape[:-1], C - h)], -1)
     bottom = torch.cat([x21, x2], -1)
     return torch.cat([top, bottom], -2)
+
+
+def _solve_wu(
+    a: torch.Tensor, rk: torch.Tensor, rv: torch.Tensor, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W = (I + a)^-1 rk``, ``U = (I + a)^-1 rv`` for strictly-lower ``a [..., C, C]``.
+
+    ``"solve"``: one batched triangular solve on ``[rk, rv]``; ``"blocked"`` / ``"doubling"``: the
+    explicit inverse (:func:`_unit_lower_inverse_blocked` / :func:`_unit_lower_inverse_doubling`),
+    then two matmuls.
+    """
+    if method == "solve":
+        wu = torch.linalg.solve_triangular(a, torch.cat([rk, rv], -1), upper=False, unitriangular=True)
+        return wu.split([rk.shape[-1], rv.shape[-1]], -1)  # type: ignore[return-value]
+    inv = _unit_lower_inverse_doubling(a) if method == "doubling" else _unit_lower_inverse_blocked(a)
+    return torch.matmul(inv, rk), torch.matmul(inv, rv)
 
 
 def _chunk_core(
@@ -412,29 +570,169 @@ def _chunk_core(
     schedule: _Schedule | None,
     n_final: int,
     solve: str,
+    scan: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule on laid-out chunks.
 
     ``qc, kc [S, N, C, Dk]`` (normalised), ``vc [S, N, C, Dv]``, ``gc, bc [S, N, C]``; all in the
     compute dtype. Returns ``o [S, N, C, Dv]`` and ``final [n_final, Dk, Dv]``.
     """
-    C = qc.shape[-2]
-    G = gc.cumsum(-1)  # [S, N, C]
-    incl = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
-    # exp(G_i - G_j) for j <= i, 0 above the diagonal                              [S, N, C, C]
-    gamma = (G[..., :, None] - G[..., None, :]).masked_fill(~incl, -math.inf).exp()
-    kt = kc.transpose(-1, -2)
-    a = (torch.matmul(kc, kt) * gamma * bc[..., :, None]).tril(-1)  # [S, N, C, C]
-    eg = G.exp()
-    rhs = torch.cat([kc * (bc * eg)[..., None], vc * bc[..., None]], -1)  # [S, N, C, Dk + Dv]
-    w, u = _unit_lower_solve(a, rhs, solve).split([kc.shape[-1], vc.shape[-1]], -1)
-    g_last = G[..., -1:]
-    kd = kc * (g_last - G).exp()[..., None]  # [S, N, C, Dk]
-    vn, s_in, final = _StateScan.apply(u, w, kd, g_last.squeeze(-1).exp(), h0, schedule, n_final)
-    qs = qc * scale
-    p = torch.matmul(qs, kt) * gamma  # [S, N, C, C], lower incl. diagonal
-    o = torch.matmul(qs * eg[..., None], s_in) + torch.matmul(p, vn)  # [S, N, C, Dv]
-    return o, final
+    with autocast_off(qc.device):
+        C = qc.shape[-2]
+        G = gc.cumsum(-1)  # [S, N, C]
+        incl = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
+        # exp(G_i - G_j) for j <= i, 0 above the diagonal                          [S, N, C, C]
+        gamma = (G[..., :, None] - G[..., None, :]).masked_fill(~incl, -math.inf).exp()
+        kt = kc.transpose(-1, -2)
+        a = (torch.matmul(kc, kt) * gamma * bc[..., :, None]).tril(-1)  # [S, N, C, C]
+        eg = G.exp()
+        w, u = _solve_wu(a, kc * (bc * eg)[..., None], vc * bc[..., None], solve)  # [S, N, C, Dk|Dv]
+        g_last = G[..., -1:]
+        kd = kc * (g_last - G).exp()[..., None]  # [S, N, C, Dk]
+        decay = g_last.squeeze(-1).exp()  # [S, N]
+        qs = qc * scale
+        p = torch.matmul(qs, kt) * gamma  # [S, N, C, C], lower incl. diagonal
+        if scan == "delta":
+            vn, s_in, final = _StateScan.apply(u, w, kd, decay, h0, schedule, n_final)
+            o = torch.matmul(qs * eg[..., None], s_in) + torch.matmul(p, vn)
+            return o, final
+        kdt = kd.transpose(-1, -2)
+        m = torch.matmul(kdt, w).neg()  # [S, N, Dk, Dk]: M = d I - Kd^T W
+        m.diagonal(dim1=-2, dim2=-1).add_(decay[..., None])
+        s_in, final = _StateRecurrence.apply(m, torch.matmul(kdt, u), h0, schedule, n_final)
+        qt = qs * eg[..., None] - torch.matmul(p, w)  # [S, N, C, Dk]
+        o = torch.matmul(qt, s_in) + torch.matmul(p, u)  # [S, N, C, Dv]
+        return o, final
+
+
+class _ChunkKernel(torch.autograd.Function):
+    """:func:`_chunk_core` as one autograd node whose backward runs with autocast off.
+
+    The forward records the chunk computation on an inner graph (detached leaves); the backward
+    differentiates that graph with ``torch.autograd.grad`` inside :func:`autocast_off`, so an
+    enclosing ``torch.autocast`` (which on CPU also applies to backward ops run on the calling
+    thread) cannot change the backward's matmul dtypes either. With ``recompute`` only the inputs
+    are kept and the inner graph is rebuilt in the backward (activation checkpointing).
+    Arguments as :func:`_chunk_core`, plus ``recompute``; returns ``(o, final)``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        qc: torch.Tensor,
+        kc: torch.Tensor,
+        vc: torch.Tensor,
+        gc: torch.Tensor,
+        bc: torch.Tensor,
+        h0: torch.Tensor | None,
+        scale: float,
+        schedule: _Schedule | None,
+        n_final: int,
+        solve: str,
+        scan: str,
+        recompute: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.args = (scale, schedule, n_final, solve, scan)
+        ctx.recompute = recompute
+        ctx.has_h0 = h0 is not None
+        inputs = (qc, kc, vc, gc, bc) + ((h0,) if h0 is not None else ())
+        if recompute:
+            ctx.save_for_backward(*inputs)
+            with autocast_off(qc.device):
+                return _chunk_core(qc, kc, vc, gc, bc, scale, h0, schedule, n_final, solve, scan)
+        leaves, o, final = _ChunkKernel._record(ctx, inputs)
+        ctx.inner = (leaves, o, final)
+        return o.detach(), final.detach()
+
+    @staticmethod
+    def _record(
+        ctx: Any, inputs: tuple[torch.Tensor, ...]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        leaves = [t.detach().requires_grad_(ctx.needs_input_grad[i]) for i, t in enumerate(inputs)]
+        h0 = leaves[5] if ctx.has_h0 else None
+        with torch.enable_grad(), autocast_off(inputs[0].device):
+            o, final = _chunk_core(*leaves[:5], ctx.args[0], h0, *ctx.args[1:])
+        return leaves, o, final
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, do: torch.Tensor | None, dfinal: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        if ctx.recompute:
+            leaves, o, final = _ChunkKernel._record(ctx, tuple(ctx.saved_tensors))
+        else:
+            leaves, o, final = ctx.inner
+            del ctx.inner
+        pairs = [(t, d) for t, d in ((o, do), (final, dfinal)) if d is not None and t.requires_grad]
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        grads: dict[int, torch.Tensor | None] = {}
+        if pairs and wanted:
+            with autocast_off(o.device):
+                res = torch.autograd.grad(
+                    [t for t, _ in pairs], wanted, [d for _, d in pairs], allow_unused=True
+                )
+            grads = {id(leaf): gr for leaf, gr in zip(wanted, res)}
+        out = [grads.get(id(leaf)) for leaf in leaves]
+        if not ctx.has_h0:
+            out.append(None)
+        return (*out, None, None, None, None, None, None)
+
+
+def _run_core(
+    qc: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    gc: torch.Tensor,
+    bc: torch.Tensor,
+    scale: float,
+    h0: torch.Tensor | None,
+    schedule: _Schedule | None,
+    n_final: int,
+    solve: str,
+    scan: str,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_chunk_core` through :class:`_ChunkKernel` when a gradient is needed, else directly."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qc, kc, vc, gc, bc, h0)):
+        return _ChunkKernel.apply(qc, kc, vc, gc, bc, h0, scale, schedule, n_final, solve, scan, recompute)
+    return _chunk_core(qc, kc, vc, gc, bc, scale, h0, schedule, n_final, solve, scan)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout: [B, T, H, D] rows <-> [S, N, C, D] chunks
+# ---------------------------------------------------------------------------------------------------
+
+
+def _lay_rows(x: torch.Tensor, C: int, rep: int, cdt: torch.dtype) -> torch.Tensor:
+    """``[B, T, Hx, D]`` -> ``[S, B * Hx * rep, C, D]`` in ``cdt`` (one pass, zero tail padding).
+
+    Value head ``j`` reads head ``j // rep`` (grouped value attention: q/k heads are broadcast, not
+    repeated in memory first); ``S = ceil(T / C)``.
+    """
+    B, T, Hx, D = x.shape
+    S = -(-T // C)
+    full, rem = divmod(T, C)
+    out = torch.empty(S, B, Hx, rep, C, D, dtype=cdt, device=x.device)
+    dst = out.permute(1, 0, 4, 2, 3, 5)  # [B, S, C, Hx, rep, D] view of out
+    if full:
+        dst[:, :full].copy_(x[:, : full * C].reshape(B, full, C, Hx, 1, D))
+    if rem:
+        dst[:, full, rem:].zero_()
+        dst[:, full, :rem].copy_(x[:, full * C :].reshape(B, rem, Hx, 1, D))
+    return out.view(S, B * Hx * rep, C, D)
+
+
+def _unlay_rows(o_c: torch.Tensor, B: int, T: int, HV: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[S, B * HV, C, Dv]`` -> ``[B, T, HV, Dv]`` in ``dtype`` (one pass; tail padding dropped)."""
+    S, _N, C, Dv = o_c.shape
+    full, rem = divmod(T, C)
+    src = o_c.view(S, B, HV, C, Dv).permute(1, 0, 3, 2, 4)  # [B, S, C, HV, Dv]
+    out = torch.empty(B, T, HV, Dv, dtype=dtype, device=o_c.device)
+    if full:
+        out[:, : full * C].view(B, full, C, HV, Dv).copy_(src[:, :full])
+    if rem:
+        out[:, full * C :].copy_(src[:, full, :rem])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -456,6 +754,7 @@ def chunk_gated_delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     solve: str = "auto",
+    scan: str = "auto",
     recompute: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule, chunkwise (WY) form, pure PyTorch, CPU and CUDA, autograd.
@@ -472,110 +771,126 @@ def chunk_gated_delta_rule(
         use_qk_l2norm: L2-normalise q and k (eps 1e-6) in the compute dtype first.
         cu_seqlens: int32/int64 ``[n_seq + 1]`` offsets into the **flattened** ``B * T`` tokens
             (``[0, ..., B*T]``); the state restarts at every offset.
-        chunk_size: tokens per chunk (64 like flash-linear-attention; any positive int).
-        solve: how ``(I + A) X = R`` is solved inside each chunk: ``"solve"`` (one batched
-            triangular solve), ``"blocked"`` (recursive block inverse: 16x16 solves + matmuls) or
-            ``"auto"`` (``"blocked"`` on CUDA, where it turns most of the work into large batched
-            matmuls instead of cuBLAS' batched small-matrix solves; ``"solve"`` elsewhere;
-            ``benchmarks/gdn_bench.py`` times both). Same numbers up to rounding.
+        chunk_size: tokens per chunk (64 like flash-linear-attention; any positive int). The
+            sequential loop runs ``ceil(T / chunk_size)`` steps.
+        solve: how ``(I + A)^-1`` is applied inside each chunk: ``"solve"`` (one batched triangular
+            solve), ``"doubling"`` (explicit inverse from ``log2(C)`` levels of batched matmuls, no
+            triangular solve), ``"blocked"`` (explicit inverse by top-down 2x2 block inversion with
+            16x16 triangular-solve leaves) or ``"auto"`` (``"doubling"`` on CUDA, where batched
+            small triangular solves are slow; ``"solve"`` elsewhere). Same numbers up to rounding.
+        scan: the sequential part: ``"transition"`` (``S' = M S + Bc``: one batched matmul per
+            chunk forward and backward), ``"delta"`` (the three-kernel form through ``Vn``) or
+            ``"auto"`` (``"transition"``). Same numbers up to rounding.
         recompute: keep only the laid-out inputs for the backward pass and recompute the chunk
             intermediates there (activation checkpointing of the kernel: about one extra forward,
             a fraction of the memory).
+
+    Autocast is disabled inside (the inputs are converted to float32 / float64 explicitly), so the
+    results are the same with and without an enclosing ``torch.autocast``.
 
     Returns:
         ``o [B, T, HV, Dv]`` in the dtype of ``v`` and the final state or ``None``.
     """
     n_seq, cu_host = validate_gdr_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
-    if not (isinstance(chunk_size, int) and chunk_size > 0):
+    if isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if solve not in ("auto", "solve", "blocked"):
-        raise ValueError(f"solve must be 'auto', 'solve' or 'blocked', got {solve!r}")
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {', '.join(map(repr, SOLVES))}, got {solve!r}")
+    if scan not in SCANS:
+        raise ValueError(f"scan must be one of {', '.join(map(repr, SCANS))}, got {scan!r}")
     if solve == "auto":
-        solve = "blocked" if q.device.type == "cuda" else "solve"
+        solve = "doubling" if q.device.type == "cuda" else "solve"
+    if scan == "auto":
+        scan = "transition"
+    with autocast_off(q.device):
+        return _chunk_gdr(
+            q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+            n_seq, cu_host, chunk_size, solve, scan, recompute,
+        )  # fmt: skip
+
+
+def _chunk_gdr(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    use_qk_l2norm: bool,
+    n_seq: int,
+    cu_host: tuple[int, ...] | None,
+    C: int,
+    solve: str,
+    scan: str,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`chunk_gated_delta_rule` after validation (autocast off)."""
     B, T, H, Dk = q.shape
     HV, Dv = v.shape[2], v.shape[3]
     cdt = compute_dtype_for(q, k, v, g, beta, initial_state)
     if scale is None:
         scale = Dk**-0.5
-    C = chunk_size
     dev = q.device
     h0 = None if initial_state is None else initial_state.to(cdt).reshape(n_seq * HV, Dk, Dv)
-
-    qf, kf = q.to(cdt), k.to(cdt)
-    if use_qk_l2norm:
-        qf, kf = l2norm(qf), l2norm(kf)
-    vf, gf, bf = v.to(cdt), g.to(cdt), beta.to(cdt)
-    head_map = torch.arange(HV, device=dev) // (HV // H) if HV != H else None
-    core = _chunk_core
-    if recompute and torch.is_grad_enabled():
-
-        def core(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.utils.checkpoint.checkpoint(_chunk_core, *args, use_reentrant=False)
 
     if B * T == 0:
         o = v.new_zeros(B, T, HV, Dv)
         fin = h0.reshape(n_seq, HV, Dk, Dv) if h0 is not None else v.new_zeros(n_seq, HV, Dk, Dv, dtype=cdt)
         return o, (fin if output_final_state else None)
 
+    rep = HV // H
     if cu_host is None:
-        # Uniform rows: lanes = batch rows; pad the tail of each row to a multiple of C.
-        S = -(-T // C)
-        pad = S * C - T
-
-        def lay(x: torch.Tensor, hmap: torch.Tensor | None) -> torch.Tensor:
-            # [B, T, Hx, D] -> [S, B*HV, C, D]
-            if hmap is not None:
-                x = x.index_select(2, hmap)
-            if pad:
-                x = F.pad(x, (0, 0, 0, 0, 0, pad))
-            x = x.reshape(B, S, C, HV, x.shape[-1]).permute(1, 0, 3, 2, 4)
-            return x.reshape(S, B * HV, C, x.shape[-1])
-
-        def lay_h(x: torch.Tensor) -> torch.Tensor:
-            # [B, T, HV] -> [S, B*HV, C]
-            if pad:
-                x = F.pad(x, (0, 0, 0, pad))
-            return x.reshape(B, S, C, HV).permute(1, 0, 3, 2).reshape(S, B * HV, C)
-
-        o_c, final = core(
-            lay(qf, head_map),
-            lay(kf, head_map),
-            lay(vf, None),
-            lay_h(gf),
-            lay_h(bf),
+        # Uniform rows: lanes = batch rows, the tail of each row padded to a multiple of C.
+        qc, kc = _lay_rows(q, C, rep, cdt), _lay_rows(k, C, rep, cdt)  # [S, B*HV, C, Dk]
+        if use_qk_l2norm:
+            qc, kc = l2norm(qc), l2norm(kc)
+        o_c, final = _run_core(
+            qc,
+            kc,
+            _lay_rows(v, C, 1, cdt),
+            _lay_rows(g[..., None], C, 1, cdt).squeeze(-1),
+            _lay_rows(beta[..., None], C, 1, cdt).squeeze(-1),
             scale,
             h0,
             None,
             B * HV,
             solve,
+            scan,
+            recompute,
         )
-        o5 = o_c.view(S, B, HV, C, Dv).permute(1, 0, 3, 2, 4).reshape(B, S * C, HV, Dv)
-        o = o5[:, :T].to(v.dtype)
+        o = _unlay_rows(o_c, B, T, HV, v.dtype)
     else:
         plan = _varlen_plan(cu_host, C, HV, dev)
         S, L = plan.n_steps, plan.n_lanes
         total = B * T
         src = plan.src.view(S, L, 1, C)
         hv_idx = torch.arange(HV, device=dev).view(1, 1, HV, 1)
-        hk_idx = hv_idx if head_map is None else head_map.view(1, 1, HV, 1)
+        hk_idx = hv_idx // rep
 
         def gather(x: torch.Tensor, hidx: torch.Tensor) -> torch.Tensor:
-            # [total, Hx, ...] -> [S, L*HV, C, ...] with zero padding slots
+            # [total, Hx, ...] -> [S, L*HV, C, ...] in cdt, zero padding slots
             x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
             y = x[src, hidx]  # [S, L, HV, C, ...]
-            return y.reshape(S, L * HV, C, *x.shape[2:])
+            return y.reshape(S, L * HV, C, *x.shape[2:]).to(cdt)
 
-        o_c, final = core(
-            gather(qf.reshape(total, H, Dk), hk_idx),
-            gather(kf.reshape(total, H, Dk), hk_idx),
-            gather(vf.reshape(total, HV, Dv), hv_idx),
-            gather(gf.reshape(total, HV), hv_idx),
-            gather(bf.reshape(total, HV), hv_idx),
+        qc, kc = gather(q.reshape(total, H, Dk), hk_idx), gather(k.reshape(total, H, Dk), hk_idx)
+        if use_qk_l2norm:
+            qc, kc = l2norm(qc), l2norm(kc)
+        o_c, final = _run_core(
+            qc,
+            kc,
+            gather(v.reshape(total, HV, Dv), hv_idx),
+            gather(g.reshape(total, HV), hv_idx),
+            gather(beta.reshape(total, HV), hv_idx),
             scale,
             h0,
             plan.schedule,
             n_seq * HV,
             solve,
+            scan,
+            recompute,
         )
         s_idx, l_idx, c_idx = plan.dst
         o = o_c.view(S, L, HV, C, Dv)[s_idx, l_idx, :, c_idx]  # [total, HV, Dv]

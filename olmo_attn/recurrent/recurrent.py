@@ -1,15 +1,22 @@
 """The gated delta rule token by token: the O(1)-per-token decoding step and a loop over it.
 
-One step for state ``S [Dk, Dv]`` (per batch row and value head), read in one pass over ``S``::
+One step for state ``S [Dk, Dv]`` (per batch row and value head)::
 
-    a = S^T k,  b = S^T q                   (the old state, one batched matmul for both)
+    a = S^T k,  b = S^T q                   (reductions of the old state over Dk)
     u = beta (v - gamma a)                  gamma = exp(g)
     o = scale (gamma b + (q . k) u)         = scale * S_new^T q
     S_new = gamma S + k u^T
 
-which is the recurrence of ``docs/CONVENTIONS.md`` rearranged so that ``S`` is read once and
-updated once (in place when no gradient is needed): the decoding cost is the state's memory
-traffic, ``2 * B * HV * Dk * Dv * 4`` bytes per token for a float32 state.
+which is the recurrence of ``docs/CONVENTIONS.md`` rearranged so that ``S`` is needed only once:
+decoding is memory-bound, its floor is one read and one write of the state per token,
+``2 * B * HV * Dk * Dv * 4`` bytes for a float32 state.
+
+* eager, in place (default without gradients): one batched matmul reads ``S`` for ``a`` and ``b``,
+  then ``S *= gamma`` and ``S += k u^T`` (two read-write passes): five passes over ``S``.
+* ``compile=True``: the whole step (conversion, L2 norm, head broadcast, the two reductions, the
+  update, written back into ``state`` in place) as one ``torch.compile`` graph in reduction form,
+  which Inductor emits as one persistent reduction over ``Dk`` (column ``S[:, v]`` in registers)
+  fused with the update: one read and one write of ``S``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .chunked import compute_dtype_for, l2norm, validate_gdr_inputs
+from .chunked import autocast_off, compute_dtype_for, l2norm, validate_gdr_inputs
 
 __all__ = ["gated_delta_rule_step", "recurrent_gated_delta_rule"]
 
@@ -48,13 +55,49 @@ def _step_math(
     return o, new_state
 
 
+def _step_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> torch.Tensor:
+    """The whole step in reduction form, for ``torch.compile``; updates ``state`` in place.
+
+    ``q, k [B, H, Dk]`` and ``v [B, HV, Dv]`` in any float dtype, ``g, beta [B, HV]``,
+    ``state [B, HV, Dk, Dv]`` float32/float64 -> ``o [B, HV, Dv]`` in the dtype of ``v``.
+    ``a`` and ``b`` are written as multiply + sum over ``Dk`` (not a matmul, which the compiler
+    would hand to cuBLAS as a separate pass over ``S``) so that they and the update share one
+    kernel.
+    """
+    cdt = state.dtype
+    B, H, Dk = q.shape
+    HV = v.shape[1]
+    qn, kn = q.to(cdt), k.to(cdt)
+    if use_qk_l2norm:
+        qn, kn = l2norm(qn), l2norm(kn)
+    if HV != H:  # value head j reads q/k head j // (HV // H)
+        qn = qn[:, :, None].expand(B, H, HV // H, Dk).reshape(B, HV, Dk)
+        kn = kn[:, :, None].expand(B, H, HV // H, Dk).reshape(B, HV, Dk)
+    gamma = g.to(cdt).exp()[..., None]  # [B, HV, 1]
+    a = (state * kn[..., :, None]).sum(-2)  # S^T k  [B, HV, Dv]
+    b = (state * qn[..., :, None]).sum(-2)  # S^T q
+    u = beta.to(cdt)[..., None] * (v.to(cdt) - gamma * a)
+    o = scale * (gamma * b + (qn * kn).sum(-1, keepdim=True) * u)
+    state.copy_(gamma[..., None] * state + kn[..., :, None] * u[..., None, :])
+    return o.to(v.dtype)
+
+
 _COMPILED: dict[str, Any] = {}
 
 
 def _compiled_step() -> Any | None:
-    """The ``torch.compile``-d step (built once), or ``None`` where compiling failed here."""
+    """The ``torch.compile``-d :func:`_step_fused` (built once), or ``None`` where compiling failed."""
     if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_step_math, dynamic=False, fullgraph=True)
+        _COMPILED["fn"] = torch.compile(_step_fused, dynamic=False, fullgraph=True)
     return _COMPILED["fn"]
 
 
@@ -79,9 +122,12 @@ def gated_delta_rule_step(
         scale: default ``Dk ** -0.5``.
         use_qk_l2norm: L2-normalise q and k (eps 1e-6) first.
         inplace: update ``state`` in place (default: when no gradient is being recorded).
-        compile: use the ``torch.compile``-fused step (no gradient): the state is read by one
-            matmul and read + written once by one fused update, and the new state is a new tensor
-            (``inplace`` is ignored). Falls back to eager where compilation fails (remembered).
+        compile: use the ``torch.compile``-fused step (no gradient; :func:`_step_fused`): one read
+            and one write of the state. In place as ``inplace`` says (out of place it first copies
+            the state). Falls back to eager where compilation fails (remembered).
+
+    Autocast is disabled inside: the step runs in the state's dtype with or without an enclosing
+    ``torch.autocast``.
 
     Returns:
         ``o [B, HV, Dv]`` in the dtype of ``v`` and the new state (``state`` itself when in place).
@@ -97,36 +143,38 @@ def gated_delta_rule_step(
     if tuple(state.shape) != (B, HV, Dk, Dv):
         raise ValueError(f"state must be [B, HV, Dk, Dv] = {(B, HV, Dk, Dv)}, got {tuple(state.shape)}")
     cdt = state.dtype if state.dtype in (torch.float32, torch.float64) else compute_dtype_for(q, v)
-    scale = Dk**-0.5 if scale is None else scale
-    qn, kn = q.to(cdt), k.to(cdt)
-    if use_qk_l2norm:
-        qn, kn = l2norm(qn), l2norm(kn)
-    qn, kn = _expand_heads(qn, HV), _expand_heads(kn, HV)
-    vf, gf, bf = v.to(cdt), g.to(cdt), beta.to(cdt)
+    scale = float(Dk**-0.5 if scale is None else scale)
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, g, beta, state) if isinstance(t, torch.Tensor)
     )
     if inplace is None:
         inplace = not grad and state.dtype == cdt
-    if compile and not grad and _COMPILED.get("fn", True) is not None:
-        try:
-            fn = _compiled_step()
-            o, new_state = fn(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
+    with autocast_off(q.device):
+        if compile and not grad and _COMPILED.get("fn", True) is not None:
+            target = state if inplace and state.dtype == cdt else state.to(cdt, copy=True)
+            try:
+                fn = _compiled_step()
+                o = fn(q, k, v, g, beta, target, scale, bool(use_qk_l2norm))
+                return o, target
+            except Exception:  # no working compiler here: remember, use the eager step
+                _COMPILED["fn"] = None
+        qn, kn = q.to(cdt), k.to(cdt)
+        if use_qk_l2norm:
+            qn, kn = l2norm(qn), l2norm(kn)
+        qn, kn = _expand_heads(qn, HV), _expand_heads(kn, HV)
+        vf, gf, bf = v.to(cdt), g.to(cdt), beta.to(cdt)
+        if not inplace:
+            o, new_state = _step_math(qn, kn, vf, gf, bf, state.to(cdt), scale)
             return o.to(v.dtype), new_state
-        except Exception:  # no working compiler here: remember, use the eager step
-            _COMPILED["fn"] = None
-    if not inplace:
-        o, new_state = _step_math(qn, kn, vf, gf, bf, state.to(cdt), float(scale))
-        return o.to(v.dtype), new_state
-    # In place: S is read once by the matmul, then scaled and rank-1 updated.
-    gamma = gf.exp()[..., None]  # [B, HV, 1]
-    ab = torch.matmul(torch.stack([kn, qn], dim=-2), state)  # [B, HV, 2, Dv]
-    u = bf[..., None] * (vf - gamma * ab[..., 0, :])  # [B, HV, Dv]
-    o = scale * (gamma * ab[..., 1, :] + (qn * kn).sum(-1, keepdim=True) * u)
-    flat = state.view(B * HV, Dk, Dv)
-    flat.mul_(gamma.reshape(B * HV, 1, 1))
-    flat.baddbmm_(kn.reshape(B * HV, Dk, 1), u.reshape(B * HV, 1, Dv))
-    return o.to(v.dtype), state
+        # In place: S is read once by the matmul, then scaled and rank-1 updated.
+        gamma = gf.exp()[..., None]  # [B, HV, 1]
+        ab = torch.matmul(torch.stack([kn, qn], dim=-2), state)  # [B, HV, 2, Dv]
+        u = bf[..., None] * (vf - gamma * ab[..., 0, :])  # [B, HV, Dv]
+        o = scale * (gamma * ab[..., 1, :] + (qn * kn).sum(-1, keepdim=True) * u)
+        flat = state.view(B * HV, Dk, Dv)
+        flat.mul_(gamma.reshape(B * HV, 1, 1))
+        flat.baddbmm_(kn.reshape(B * HV, Dk, 1), u.reshape(B * HV, 1, Dv))
+        return o.to(v.dtype), state
 
 
 def recurrent_gated_delta_rule(

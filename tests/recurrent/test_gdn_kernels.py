@@ -18,7 +18,7 @@ from olmo_attn.recurrent import (
     gated_delta_rule_step,
     recurrent_gated_delta_rule,
 )
-from olmo_attn.recurrent.chunked import _lane_assignment, _varlen_plan
+from olmo_attn.recurrent.chunked import _lane_assignment, _unit_lower_inverse_doubling, _varlen_plan
 from reference import twins
 
 NAMES = ("q", "k", "v", "g", "beta", "h0")
@@ -41,7 +41,7 @@ def _reference(inp: dict, cu: torch.Tensor | None, B: int, T: int):
     return o, fin, [*args, h0]
 
 
-def _run_both(inp, cu, B, T, *, chunk_size=64, solve="solve"):
+def _run_both(inp, cu, B, T, *, chunk_size=64, solve="solve", scan="auto"):
     """Our kernel and the reference, forward + backward with the same random upstream gradients."""
     ours = [None if inp[n] is None else inp[n].clone().requires_grad_() for n in NAMES]
     o, fin = chunk_gated_delta_rule(
@@ -52,6 +52,7 @@ def _run_both(inp, cu, B, T, *, chunk_size=64, solve="solve"):
         cu_seqlens=cu,
         chunk_size=chunk_size,
         solve=solve,
+        scan=scan,
     )
     ro, rfin, rins = _reference(inp, cu, B, T)
     gen = torch.Generator().manual_seed(123)
@@ -75,13 +76,22 @@ F64_CASES = [
 ]
 
 
-@pytest.mark.parametrize("solve", ["solve", "blocked"])
+SOLVE_SCAN = [
+    ("solve", "transition"),
+    ("blocked", "transition"),
+    ("doubling", "transition"),
+    ("solve", "delta"),
+    ("doubling", "delta"),
+]
+
+
+@pytest.mark.parametrize(("solve", "scan"), SOLVE_SCAN)
 @pytest.mark.parametrize(("B", "T", "H", "HV", "Dk", "Dv", "docs", "C"), F64_CASES)
-def test_chunked_float64_matches_reference(B, T, H, HV, Dk, Dv, docs, C, solve):
+def test_chunked_float64_matches_reference(B, T, H, HV, Dk, Dv, docs, C, solve, scan):
     cu = lengths_to_cu(docs) if docs is not None else None
     n_seq = len(docs) if docs is not None else B
     inp = gdr_inputs(B, T, H, HV, Dk, Dv, n_seq=n_seq)
-    o, fin, grads, ro, rfin, rgrads = _run_both(inp, cu, B, T, chunk_size=C, solve=solve)
+    o, fin, grads, ro, rfin, rgrads = _run_both(inp, cu, B, T, chunk_size=C, solve=solve, scan=scan)
     assert o.shape == (B, T, HV, Dv) and fin.shape == (n_seq, HV, Dk, Dv)
     assert rel_rms(o, ro) < 1e-12
     assert rel_rms(fin, rfin) < 1e-12
@@ -247,6 +257,59 @@ def test_empty_sequence_returns_initial_state():
     assert o.shape == (1, 0, 1, 4) and torch.equal(fin, inp["h0"])
 
 
+@pytest.mark.parametrize(("solve", "scan"), SOLVE_SCAN)
+def test_cpu_autocast_changes_nothing(solve, scan):
+    """Under ``torch.autocast("cpu", bfloat16)`` the kernel gives bit-identical outputs, final
+    states and gradients (it converts its inputs itself; autocast used to run its matmuls in bf16
+    and mix bf16/float32 in the state recurrence: "Input dtypes must be the same")."""
+    lens = [30, 0, 45, 25]
+    cu = lengths_to_cu(lens)
+    inp = gdr_inputs(1, 100, 2, 4, 16, 24, n_seq=len(lens), dtype=torch.float32)
+    do = torch.randn(1, 100, 4, 24, dtype=torch.float64)
+    dfin = torch.randn(4, 4, 16, 24, dtype=torch.float64)
+    for docs in (None, cu):
+        if docs is None:
+            inp_u = {**inp, "h0": inp["h0"][:1]}
+            do_u, dfin_u = do, dfin[:1]
+        else:
+            inp_u, do_u, dfin_u = inp, do, dfin
+        plain = _ours(inp_u, docs, do_u, dfin_u, chunk_size=16, solve=solve, scan=scan)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = _ours(inp_u, docs, do_u, dfin_u, chunk_size=16, solve=solve, scan=scan)
+        assert auto[0].dtype == torch.float32 and auto[1].dtype == torch.float32
+        assert torch.equal(auto[0], plain[0]) and torch.equal(auto[1], plain[1])
+        for n in NAMES:
+            assert torch.equal(auto[2][n], plain[2][n]), n
+
+
+def test_cpu_autocast_recompute_and_step():
+    """Recomputation in the backward and the decoding step ignore autocast too."""
+    inp = gdr_inputs(2, 40, 1, 2, 8, 8, dtype=torch.float32)
+    do = torch.randn(2, 40, 2, 8, dtype=torch.float64)
+    dfin = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    plain = _ours(inp, None, do, dfin, chunk_size=16, recompute=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _ours(inp, None, do, dfin, chunk_size=16, recompute=True)
+    assert torch.equal(auto[0], plain[0])
+    for n in NAMES:
+        assert torch.equal(auto[2][n], plain[2][n]), n
+    args = [inp[n][:, 0] for n in ("q", "k", "v", "g", "beta")]
+    o1, s1 = gated_delta_rule_step(*args, inp["h0"].clone(), use_qk_l2norm=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o2, s2 = gated_delta_rule_step(*args, inp["h0"].clone(), use_qk_l2norm=True)
+    assert o2.dtype == torch.float32 and torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("C", [1, 2, 5, 16, 24])
+def test_doubling_inverse_is_the_inverse(C):
+    gen = torch.Generator().manual_seed(C)
+    a = torch.randn(3, 2, C, C, generator=gen, dtype=torch.float64).tril(-1) * 0.5
+    inv = _unit_lower_inverse_doubling(a)
+    eye = torch.eye(C, dtype=torch.float64)
+    assert inv.shape == a.shape
+    torch.testing.assert_close(torch.matmul(eye + a, inv), eye.expand_as(a), rtol=0, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------- recurrent
 
 
@@ -323,7 +386,7 @@ def test_input_errors_name_the_argument():
         gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], b[:, 0], torch.zeros(1, 4, 4, 5))
 
 
-@pytest.mark.parametrize("solve", ["solve", "blocked"])
+@pytest.mark.parametrize("solve", ["solve", "blocked", "doubling"])
 def test_strong_decay_and_extreme_beta_stay_finite_and_exact(solve):
     """Log-decays down to -40 per token (exp underflows to 0 within a chunk) and beta near 0 and 2."""
     inp = gdr_inputs(1, 80, 1, 2, 8, 8)
