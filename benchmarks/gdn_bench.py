@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import json
 import math
 import platform
@@ -46,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from olmo_attn.hardware import package_status  # noqa: E402
-from olmo_attn.recurrent import GatedDeltaNet, chunk_gated_delta_rule, gated_delta_rule_step  # noqa: E402
+from olmo_attn.recurrent import GatedDeltaNet, chunk_gated_delta_rule  # noqa: E402
 from olmo_attn.recurrent import fla as fla_mod  # noqa: E402
 
 BUDGETS = {"o": 5e-3, "final": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3, "g": 2e-2, "beta": 2e-2}
@@ -223,7 +224,11 @@ def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
         do = torch.randn(bb, T, HV, Dv, generator=gen).to(device)
         dfin = torch.randn(n_seq, HV, Dk, Dv, generator=gen).to(device)
         ro, rfin, rgrads = _reference(inp, cu, bb, T, do, dfin)
-        subjects: list[tuple[str, Callable, bool]] = [("ours", chunk_gated_delta_rule, True)]
+        subjects: list[tuple[str, Callable, bool]] = [
+            ("ours", chunk_gated_delta_rule, True),
+            ("ours:C=128", functools.partial(chunk_gated_delta_rule, chunk_size=128), True),
+            ("ours:old", functools.partial(chunk_gated_delta_rule, solve="blocked", scan="delta"), True),
+        ]
         if device.type == "cuda":
             subjects.append(("ours+tf32", chunk_gated_delta_rule, True))
         if fla_ok_fwd:
@@ -252,6 +257,27 @@ def correctness(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------- speed
+
+
+# (label, chunk, solve, scan, recompute, tf32); "delta" + "blocked" at C=64 is the previous default
+SPEED_VARIANTS: list[tuple[str, int, str, str, bool, bool]] = [
+    ("new[C=64]", 64, "doubling", "transition", False, False),
+    ("new[C=128]", 128, "doubling", "transition", False, False),
+    ("new[C=64,solve]", 64, "solve", "transition", False, False),
+    ("new[C=64,blocked]", 64, "blocked", "transition", False, False),
+    ("new[C=64,tf32]", 64, "doubling", "transition", False, True),
+    ("new[C=128,tf32]", 128, "doubling", "transition", False, True),
+    ("new[C=64,recompute]", 64, "doubling", "transition", True, False),
+    ("old[C=64,delta,blocked]", 64, "blocked", "delta", False, False),
+    ("old[C=128,delta,blocked]", 128, "blocked", "delta", False, False),
+    ("old[C=128,delta,blocked,tf32]", 128, "blocked", "delta", False, True),
+]
+SMOKE_VARIANTS = [
+    ("new[C=64]", 64, "doubling", "transition", False, False),
+    ("new[C=32,recompute]", 32, "solve", "transition", True, False),
+    ("old[C=64,delta,blocked]", 64, "blocked", "delta", False, False),
+]
+HEADLINE_NEW, HEADLINE_OLD = "new[C=64]", "old[C=64,delta,blocked]"
 
 
 def speed(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[dict[str, Any]]:
@@ -284,41 +310,32 @@ def speed(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[di
         rows.append(row)
         print(json.dumps(row))
 
-    # (chunk, solver, recompute, tf32)
-    variants = [
-        (64, "auto", False, False),
-        (64, "solve", False, False),
-        (64, "blocked", False, False),
-        (128, "blocked", False, False),
-        (64, "auto", True, False),
-        (64, "auto", False, True),
-        (128, "blocked", False, True),
-    ]
-    if smoke:
-        variants = [(64, "auto", False, False), (32, "blocked", True, False)]
-    for C, solve, rc, tf32 in variants:
-        label = f"ours[C={C},{solve}{',recompute' if rc else ''}{',tf32' if tf32 else ''}]"
+    for label, C, solve, scan, rc, tf32 in SMOKE_VARIANTS if smoke else SPEED_VARIANTS:
 
-        def fwd(C=C, solve=solve, rc=rc) -> torch.Tensor:
+        def fwd(C=C, solve=solve, scan=scan, rc=rc) -> torch.Tensor:
             return chunk_gated_delta_rule(
-                *leaves, use_qk_l2norm=True, chunk_size=C, solve=solve, recompute=rc
+                *leaves, use_qk_l2norm=True, chunk_size=C, solve=solve, scan=scan, recompute=rc
             )[0]
 
-        extra = {"chunk": C, "solve": solve, "recompute": rc, "tf32": tf32}
+        extra = {"chunk": C, "solve": solve, "scan": scan, "recompute": rc, "tf32": tf32}
         with _tf32(tf32):
             with torch.no_grad():
-                record(label, "fwd", fwd, **extra)
-            record(label, "fwd+bwd", _fwd_bwd(fwd, leaves, do), **extra)
+                record(f"ours:{label}", "fwd", fwd, **extra)
+            record(f"ours:{label}", "fwd+bwd", _fwd_bwd(fwd, leaves, do), **extra)
 
     lens = _doc_lengths(B * T, 8 if smoke else 40, seed=3)
     cu = _cu(lens, device)
+    for label, solve, scan in (("new", "auto", "transition"), ("old", "blocked", "delta")):
 
-    def fwd_docs() -> torch.Tensor:
-        return chunk_gated_delta_rule(*leaves, use_qk_l2norm=True, cu_seqlens=cu)[0]
+        def fwd_docs(solve=solve, scan=scan) -> torch.Tensor:
+            return chunk_gated_delta_rule(*leaves, use_qk_l2norm=True, cu_seqlens=cu, solve=solve, scan=scan)[
+                0
+            ]
 
-    with torch.no_grad():
-        record("ours[docs]", "fwd", fwd_docs, n_docs=len(lens), longest_doc=max(lens))
-    record("ours[docs]", "fwd+bwd", _fwd_bwd(fwd_docs, leaves, do), n_docs=len(lens), longest_doc=max(lens))
+        extra = {"n_docs": len(lens), "longest_doc": max(lens), "solve": solve, "scan": scan}
+        with torch.no_grad():
+            record(f"ours:{label}[docs]", "fwd", fwd_docs, **extra)
+        record(f"ours:{label}[docs]", "fwd+bwd", _fwd_bwd(fwd_docs, leaves, do), **extra)
 
     ok_f, why_f = fla_mod.fla_kernel_usable(device, dt, backward=False)
     ok_b, why_b = fla_mod.fla_kernel_usable(device, dt, backward=True)
@@ -365,10 +382,82 @@ def speed(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[di
     return rows
 
 
+# ------------------------------------------------------------------------------------------- scan
+
+
+def scan(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[dict[str, Any]]:
+    """The sequential part alone: ``S' = M S + Bc`` over the chunks of B=2, T=8192, H=16 (one
+    ``baddbmm`` of ``[32, 128x128] @ [32, 128x256]`` float32 per chunk), forward loop and backward
+    loop, eager; and the forward loop replayed from a CUDA graph (captured here, fixed tensors),
+    which removes the CPU launch cost: the gap between the two is what graph capture or a fused
+    Triton scan could still save."""
+    from olmo_attn.recurrent.chunked import _StateRecurrence
+
+    B, T, H, Dk, Dv = (1, 256, 2, 32, 64) if smoke else (2, 8192, 16, 128, 256)
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(5)
+    for C in (64,) if smoke else (64, 128):
+        S, N = -(-T // C), B * H
+        # a contraction plus noise keeps the state bounded over the loop
+        m = (0.9 * torch.eye(Dk) + 0.01 * torch.randn(S, N, Dk, Dk, generator=gen)).to(device)
+        bc = (0.1 * torch.randn(S, N, Dk, Dv, generator=gen)).to(device)
+        m.requires_grad_()
+        bc.requires_grad_()
+        ds = torch.randn(S, N, Dk, Dv, generator=gen).to(device)
+        base = {"chunk": C, "steps": S, "N": N, "Dk": Dk, "Dv": Dv}
+
+        def fwd(m=m, bc=bc, N=N) -> torch.Tensor:
+            return _StateRecurrence.apply(m, bc, None, None, N)[0]
+
+        def fwd_bwd(m=m, bc=bc, ds=ds) -> None:
+            m.grad = bc.grad = None
+            fwd(m, bc).backward(ds)
+
+        cases: list[tuple[str, Callable]] = [
+            ("scan[eager] fwd", lambda fwd=fwd: fwd()),
+            ("scan[eager] fwd+bwd", fwd_bwd),
+        ]
+        if device.type == "cuda":
+            try:
+                with torch.no_grad():
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        fwd()  # warm-up (cuBLAS handles, workspaces) outside the capture
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fwd()
+                cases.append(("scan[cuda-graph] fwd", graph.replay))
+            except Exception as e:
+                rows.append({"subject": "scan[cuda-graph] fwd", **base, "error": f"{type(e).__name__}: {e}"})
+        for name, fn in cases:
+            row: dict[str, Any] = {"subject": name, **base}
+            try:
+                if name.endswith("fwd"):
+                    with torch.no_grad():
+                        row.update(_time_ms(fn, iters=iters, warmup=warmup, device=device))
+                else:
+                    row.update(_time_ms(fn, iters=iters, warmup=warmup, device=device))
+                row["us_per_step"] = row["median_ms"] * 1e3 / S
+                row["GFLOP_per_s"] = (
+                    2 * N * Dk * Dk * Dv * S * (2 if "bwd" in name else 1) / (row["median_ms"] / 1e3) / 1e9
+                )
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- decode
 
 
 def decode(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[dict[str, Any]]:
+    from olmo_attn.recurrent import recurrent as rec
+    from olmo_attn.recurrent.chunked import l2norm
+
     B, H, Dk, Dv = (4, 2, 32, 64) if smoke else (64, 16, 128, 256)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in HBM_PEAK_GBS.items() if k in gpu), None)
@@ -382,7 +471,36 @@ def decode(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[d
     beta = torch.sigmoid(torch.randn(B, H, generator=gen)).to(device, dt)
     state = torch.randn(B, H, Dk, Dv, generator=gen).to(device) * 0.01
     state_bytes = state.numel() * state.element_size()
-    for label, compile_ in (("step[eager,in-place]", False), ("step[torch.compile]", True)):
+
+    def gbs(row: dict[str, Any]) -> None:
+        row["GB_per_s"] = 2 * state_bytes / (row["median_ms"] / 1e3) / 1e9
+        if peak:
+            row["hbm_peak_GB_per_s"] = peak
+            row["fraction_of_hbm"] = row["GB_per_s"] / peak
+
+    # the previous compiled step (matmul form, out of place: cuBLAS reads S, a fused update
+    # reads S and writes a new one), for comparison
+    old_compiled = torch.compile(rec._step_math, dynamic=False, fullgraph=True)
+    qn, kn = l2norm(q.float()), l2norm(k.float())
+    steps: list[tuple[str, Callable[[torch.Tensor], Any]]] = [
+        (
+            "step[eager,in-place]",
+            lambda s: rec.gated_delta_rule_step(q, k, v, g, beta, s, use_qk_l2norm=True, kernel="eager"),
+        ),
+        (
+            "step[triton]",
+            lambda s: rec.gated_delta_rule_step(q, k, v, g, beta, s, use_qk_l2norm=True, kernel="triton"),
+        ),
+        (
+            "step[compile,fused]",
+            lambda s: rec.gated_delta_rule_step(q, k, v, g, beta, s, use_qk_l2norm=True, kernel="compile"),
+        ),
+        (
+            "step[compile,old matmul form]",
+            lambda s: old_compiled(qn, kn, v.float(), g, beta.float(), s, Dk**-0.5),
+        ),
+    ]
+    for label, fn in steps:
         row: dict[str, Any] = {
             "subject": label,
             "B": B,
@@ -393,17 +511,22 @@ def decode(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[d
         }
         try:
             s = state.clone()
-
-            def step(s=s, compile_=compile_) -> None:
-                # compiled: out of place (a new state per token); eager: in place
-                gated_delta_rule_step(q, k, v, g, beta, s, use_qk_l2norm=True, inplace=True, compile=compile_)
-
             with torch.no_grad():
-                row.update(_time_ms(step, iters=max(iters, 50), warmup=warmup + 3, device=device))
-            row["GB_per_s"] = 2 * state_bytes / (row["median_ms"] / 1e3) / 1e9
-            if peak:
-                row["hbm_peak_GB_per_s"] = peak
-                row["fraction_of_hbm"] = row["GB_per_s"] / peak
+                ref_o, _ = rec.gated_delta_rule_step(
+                    q, k, v, g, beta, state.clone(), use_qk_l2norm=True, kernel="eager"
+                )
+                out = fn(state.clone())
+                o_chk = out[0] if isinstance(out, tuple) else out
+                row["rel_rms_vs_eager"] = rel_rms(o_chk.float(), ref_o.float())
+                row.update(
+                    _time_ms(lambda fn=fn, s=s: fn(s), iters=max(iters, 50), warmup=warmup + 3, device=device)
+                )
+            gbs(row)
+            fails = rec.step_kernel_failures()
+            if "triton" in label and not package_status("triton").available:
+                fails["triton"] = "triton is not importable"
+            if any(key in label for key in fails):
+                row["fell_back_to_eager"] = {key: val for key, val in fails.items() if key in label}
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -435,10 +558,7 @@ def decode(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[d
 
             with torch.no_grad():
                 row.update(_time_ms(fla_step, iters=max(iters, 50), warmup=warmup + 3, device=device))
-            row["GB_per_s"] = 2 * state_bytes / (row["median_ms"] / 1e3) / 1e9
-            if peak:
-                row["hbm_peak_GB_per_s"] = peak
-                row["fraction_of_hbm"] = row["GB_per_s"] / peak
+            gbs(row)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -449,21 +569,28 @@ def decode(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[d
 
     # whole layer, one token per step (projections + convs + step + norm + output)
     d_model = 256 if smoke else 2048
-    row = {"subject": "GatedDeltaNet.decode_step", "B": B, "d_model": d_model, "n_heads": H}
-    try:
-        m = GatedDeltaNet(d_model=d_model, n_heads=H, head_dim=Dk, dtype=dt, init_device=str(device))
-        cache = m.init_cache(B)
-        x = torch.randn(B, 1, d_model, device=device, dtype=dt)
-        with torch.no_grad():
-            row.update(
-                _time_ms(lambda: m(x, cache=cache), iters=max(iters, 50), warmup=warmup, device=device)
-            )
-        row["tokens_per_s"] = B / (row["median_ms"] / 1e3)
-    except Exception as e:
-        row["error"] = f"{type(e).__name__}: {e}"
-        traceback.print_exc()
-    rows.append(row)
-    print(json.dumps(row))
+    for kernel in ("auto", "eager", "compile"):
+        row = {"subject": f"GatedDeltaNet.decode_step[{kernel}]", "B": B, "d_model": d_model, "n_heads": H}
+        try:
+            m = GatedDeltaNet(d_model=d_model, n_heads=H, head_dim=Dk, dtype=dt, init_device=str(device))
+            m.decode_kernel = kernel
+            cache = m.init_cache(B)
+            x = torch.randn(B, 1, d_model, device=device, dtype=dt)
+            with torch.no_grad():
+                row.update(
+                    _time_ms(
+                        lambda m=m, cache=cache, x=x: m(x, cache=cache),
+                        iters=max(iters, 50),
+                        warmup=warmup + 2,
+                        device=device,
+                    )
+                )
+            row["tokens_per_s"] = B / (row["median_ms"] / 1e3)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        rows.append(row)
+        print(json.dumps(row))
     return rows
 
 
@@ -522,12 +649,12 @@ def _table(result: dict[str, Any]) -> str:
             pk = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-"
             tf = f"{r['tflops']:.0f}" if "tflops" in r else "-"
             lines.append(f"{r['subject']:36s} {r['pass']:8s} {r['median_ms']:10.3f} {pk:>9s} {tf:>8s}")
-    ours = "ours[C=64,auto]"
+    ours, old = f"ours:{HEADLINE_NEW}", f"ours:{HEADLINE_OLD}"
     sdpa = next((s for s, _ in by if s.startswith("sdpa[") and "median_ms" in by[(s, "fwd")]), None)
     ratios = {}
     for p in ("fwd", "fwd+bwd"):
         o = by.get((ours, p), {}).get("median_ms")
-        for other in ("fla", sdpa):
+        for other in ("fla", sdpa, old):
             t = by.get((other, p), {}).get("median_ms") if other else None
             if o and t:
                 ratios[f"{ours} / {other} {p}"] = o / t
@@ -535,6 +662,15 @@ def _table(result: dict[str, Any]) -> str:
     if ratios:
         lines.append("")
         lines.extend(f"ratio {k}: {v:.2f}x" for k, v in ratios.items())
+    lines.append("")
+    for r in result.get("scan", []):
+        if "error" in r:
+            lines.append(f"{r['subject']:28s} C={r.get('chunk')} error: {r['error'][:80]}")
+        elif "median_ms" in r:
+            lines.append(
+                f"{r['subject']:28s} C={r['chunk']:<4d} {r['median_ms']:8.3f} ms  {r['us_per_step']:6.2f} us/step  "
+                f"{r['GFLOP_per_s']:7.0f} GFLOP/s"
+            )
     lines.append("")
     for r in result["decode"]:
         if "skipped" in r:
@@ -549,6 +685,7 @@ def _table(result: dict[str, Any]) -> str:
             )
             lines.append(
                 f"{r['subject']:28s} {r['median_ms'] * 1e3:8.1f} us  {r['GB_per_s']:7.0f} GB/s{frac}"
+                + (f"  (fell back to eager: {r['fell_back_to_eager']})" if "fell_back_to_eager" in r else "")
             )
         else:
             lines.append(
@@ -563,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few iterations")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "decode"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "scan", "decode"])
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     iters = 3 if args.smoke else max(20, args.iters)
@@ -575,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     for section, fn in (
         ("correctness", lambda: correctness(device, args.smoke)),
         ("speed", lambda: speed(device, args.smoke, iters, warmup)),
+        ("scan", lambda: scan(device, args.smoke, iters, warmup)),
         ("decode", lambda: decode(device, args.smoke, iters, warmup)),
     ):
         if section in args.skip:

@@ -137,8 +137,10 @@ class GatedDeltaNet(SequenceMixer):
     Keyword args beyond OLMo-core's: ``backend`` (``"auto" | "torch" | "fla"``, default auto),
     ``chunk_size`` of our chunked kernel (64) and ``recompute`` (our kernel keeps only its inputs
     for the backward and recomputes the rest: about one extra kernel forward, much less memory).
-    Attribute ``compile_decode`` (default False) decodes single tokens with the
-    ``torch.compile``-fused step.
+    Attribute ``decode_kernel`` picks the kernel of single-token decoding steps (``"auto"``:
+    the fused Triton step on CUDA, eager elsewhere; ``"eager"``, ``"triton"``, ``"compile"``; see
+    :func:`olmo_attn.recurrent.gated_delta_rule_step`); ``compile_decode = True`` is
+    ``decode_kernel = "compile"``.
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class GatedDeltaNet(SequenceMixer):
         self.chunk_size = chunk_size
         self.recompute = recompute
         self.compile_decode = False
+        self.decode_kernel = "auto"
         factory = {"dtype": dtype, "device": init_device}
 
         self.w_q = nn.Linear(d_model, K, bias=False, **factory)
@@ -571,6 +574,7 @@ class GatedDeltaNet(SequenceMixer):
                 cache.state,
                 use_qk_l2norm=True,
                 compile=self.compile_decode,
+                kernel=self.decode_kernel,
             )
             if new_state is not cache.state:
                 cache.state = new_state

@@ -11,12 +11,16 @@ which is the recurrence of ``docs/CONVENTIONS.md`` rearranged so that ``S`` is n
 decoding is memory-bound, its floor is one read and one write of the state per token,
 ``2 * B * HV * Dk * Dv * 4`` bytes for a float32 state.
 
-* eager, in place (default without gradients): one batched matmul reads ``S`` for ``a`` and ``b``,
-  then ``S *= gamma`` and ``S += k u^T`` (two read-write passes): five passes over ``S``.
-* ``compile=True``: the whole step (conversion, L2 norm, head broadcast, the two reductions, the
-  update, written back into ``state`` in place) as one ``torch.compile`` graph in reduction form,
-  which Inductor emits as one persistent reduction over ``Dk`` (column ``S[:, v]`` in registers)
-  fused with the update: one read and one write of ``S``.
+* ``kernel="eager"`` (CPU default; always when a gradient is recorded): one batched matmul reads
+  ``S`` for ``a`` and ``b``, then ``S *= gamma`` and ``S += k u^T`` in place (two read-write
+  passes): five passes over ``S``.
+* ``kernel="triton"`` (the default on CUDA, :mod:`.triton_step`): one Triton kernel, one read and
+  one write of ``S``.
+* ``kernel="compile"``: the whole step (conversion, L2 norm, head broadcast, the two reductions, the
+  update, written back into ``state`` in place) as one ``torch.compile`` graph in reduction form
+  (no matmul, which Inductor would hand to cuBLAS as a separate pass), so that the reductions over
+  ``Dk`` and the update can share one kernel: one read and one write of ``S`` when Inductor fuses
+  them, three passes when it does not.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 
 from .chunked import autocast_off, compute_dtype_for, l2norm, validate_gdr_inputs
 
-__all__ = ["gated_delta_rule_step", "recurrent_gated_delta_rule"]
+__all__ = ["STEP_KERNELS", "gated_delta_rule_step", "recurrent_gated_delta_rule", "step_kernel_failures"]
 
 
 def _expand_heads(x: torch.Tensor, hv: int) -> torch.Tensor:
@@ -92,6 +96,8 @@ def _step_fused(
 
 
 _COMPILED: dict[str, Any] = {}
+_FAILED: dict[str, str] = {}  # kernel -> why it could not run here (then eager is used)
+STEP_KERNELS = ("auto", "eager", "triton", "compile")
 
 
 def _compiled_step() -> Any | None:
@@ -99,6 +105,12 @@ def _compiled_step() -> Any | None:
     if "fn" not in _COMPILED:
         _COMPILED["fn"] = torch.compile(_step_fused, dynamic=False, fullgraph=True)
     return _COMPILED["fn"]
+
+
+def step_kernel_failures() -> dict[str, str]:
+    """Step kernels that failed to build or run here (``{"triton" | "compile": error}``); these
+    calls ran the eager step instead."""
+    return dict(_FAILED)
 
 
 def gated_delta_rule_step(
@@ -113,6 +125,7 @@ def gated_delta_rule_step(
     use_qk_l2norm: bool = False,
     inplace: bool | None = None,
     compile: bool = False,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the gated delta rule (decoding).
 
@@ -122,9 +135,14 @@ def gated_delta_rule_step(
         scale: default ``Dk ** -0.5``.
         use_qk_l2norm: L2-normalise q and k (eps 1e-6) first.
         inplace: update ``state`` in place (default: when no gradient is being recorded).
-        compile: use the ``torch.compile``-fused step (no gradient; :func:`_step_fused`): one read
-            and one write of the state. In place as ``inplace`` says (out of place it first copies
-            the state). Falls back to eager where compilation fails (remembered).
+        compile: same as ``kernel="compile"``.
+        kernel: ``"eager"`` (PyTorch ops: five passes over the state in place, differentiable),
+            ``"triton"`` (:mod:`.triton_step`: one read and one write of a float32 state),
+            ``"compile"`` (the ``torch.compile``-d :func:`_step_fused`) or ``"auto"`` (``"triton"``
+            on CUDA when no gradient is recorded, the state is float32 and Triton imports; else
+            ``"eager"``). ``triton`` / ``compile`` never record gradients (eager is used when one
+            is needed), work in place as ``inplace`` says (out of place they first copy the
+            state), and fall back to eager where they fail to build (remembered).
 
     Autocast is disabled inside: the step runs in the state's dtype with or without an enclosing
     ``torch.autocast``.
@@ -149,15 +167,35 @@ def gated_delta_rule_step(
     )
     if inplace is None:
         inplace = not grad and state.dtype == cdt
+    if kernel not in STEP_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, STEP_KERNELS))}, got {kernel!r}")
+    if compile:
+        kernel = "compile"
+    if kernel == "auto":
+        kernel = "triton" if q.device.type == "cuda" and cdt == torch.float32 else "eager"
     with autocast_off(q.device):
-        if compile and not grad and _COMPILED.get("fn", True) is not None:
+        if kernel == "triton" and not grad and _FAILED.get("triton") is None:
+            from .triton_step import triton_gated_delta_rule_step, triton_step_usable
+
+            target = state if inplace and state.dtype == cdt else state.to(cdt, copy=True)
+            ok, _ = triton_step_usable(target, q, k, v, g, beta)
+            if ok:
+                try:
+                    o = triton_gated_delta_rule_step(
+                        q, k, v, g, beta, target, scale=scale, use_qk_l2norm=use_qk_l2norm
+                    )
+                    return o, target
+                except Exception as e:  # Triton cannot build/launch it here: remember, run eager
+                    _FAILED["triton"] = f"{type(e).__name__}: {e}"
+        if kernel == "compile" and not grad and _COMPILED.get("fn", True) is not None:
             target = state if inplace and state.dtype == cdt else state.to(cdt, copy=True)
             try:
                 fn = _compiled_step()
                 o = fn(q, k, v, g, beta, target, scale, bool(use_qk_l2norm))
                 return o, target
-            except Exception:  # no working compiler here: remember, use the eager step
+            except Exception as e:  # no working compiler here: remember, use the eager step
                 _COMPILED["fn"] = None
+                _FAILED["compile"] = f"{type(e).__name__}: {e}"
         qn, kn = q.to(cdt), k.to(cdt)
         if use_qk_l2norm:
             qn, kn = l2norm(qn), l2norm(kn)

@@ -9,6 +9,7 @@ from gdn_testing import BUDGET_DGATE, BUDGET_DQKV, BUDGET_OUT, gdr_inputs, lengt
 
 from olmo_attn.recurrent import GatedDeltaNet, chunk_gated_delta_rule, gated_delta_rule_step
 from olmo_attn.recurrent import fla as fla_mod
+from olmo_attn.recurrent.recurrent import step_kernel_failures
 from reference import twins
 
 pytestmark = [
@@ -61,12 +62,21 @@ def _inputs(B, T, H, HV, Dk, Dv, docs, dtype):
     return inp, cu, do, dfin
 
 
-@pytest.mark.parametrize("solve", ["solve", "blocked"])
+@pytest.mark.parametrize(
+    ("solve", "scan", "C"),
+    [
+        ("auto", "auto", 64),
+        ("auto", "auto", 128),
+        ("solve", "transition", 64),
+        ("blocked", "transition", 64),
+        ("blocked", "delta", 64),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(("B", "T", "H", "HV", "Dk", "Dv", "docs"), CASES)
-def test_chunked_cuda_budgets(B, T, H, HV, Dk, Dv, docs, dtype, solve):
+def test_chunked_cuda_budgets(B, T, H, HV, Dk, Dv, docs, dtype, solve, scan, C):
     inp, cu, do, dfin = _inputs(B, T, H, HV, Dk, Dv, docs, dtype)
-    o, fin, grads = _run(chunk_gated_delta_rule, inp, cu, do, dfin, solve=solve)
+    o, fin, grads = _run(chunk_gated_delta_rule, inp, cu, do, dfin, solve=solve, scan=scan, chunk_size=C)
     ro, rfin, rgrads = _reference(inp, cu, B, T, do, dfin)
     f = 1.0 if dtype == torch.bfloat16 else 0.002
     assert rel_rms(o, ro) < BUDGET_OUT * f and rel_rms(fin, rfin) < BUDGET_OUT * f
@@ -112,9 +122,51 @@ def test_module_cuda_bf16_forward_backward(backend):
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-def test_decode_equals_forward_cuda():
+@pytest.mark.parametrize("solve", ["auto", "blocked"])
+def test_chunked_cuda_autocast_changes_nothing(solve):
+    """Under ``torch.autocast("cuda", bfloat16)`` (forward and backward inside it) the kernel's
+    outputs, final states and gradients equal a run without autocast (it used to fail with "Input
+    dtypes must be the same" in the state recurrence)."""
+    inp, cu, do, dfin = _inputs(1, 330, 2, 4, 64, 128, [100, 1, 0, 150, 79], torch.float32)
+    plain = _run(chunk_gated_delta_rule, inp, cu, do, dfin, solve=solve)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        auto = _run(chunk_gated_delta_rule, inp, cu, do, dfin, solve=solve)
+    assert auto[0].dtype == torch.float32
+    # float32 rounding level (bf16 matmuls under autocast would be ~1e-3); not bitwise, as GPU
+    # reductions need not repeat their order
+    assert rel_rms(auto[0], plain[0]) < 1e-6 and rel_rms(auto[1], plain[1]) < 1e-6
+    for n in NAMES:
+        assert rel_rms(auto[2][n], plain[2][n]) < 1e-6, n
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "HV", "Dk", "Dv", "dtype"),
+    [
+        (64, 16, 16, 128, 256, torch.bfloat16),
+        (3, 2, 6, 24, 40, torch.float32),
+        (2, 1, 1, 256, 96, torch.float16),
+    ],
+)
+def test_triton_step_cuda_matches_eager(B, H, HV, Dk, Dv, dtype):
+    inp = gdr_inputs(B, 3, H, HV, Dk, Dv, dtype=torch.float32, device="cuda")
+    s_e = inp["h0"].clone()
+    s_t = inp["h0"].clone()
+    for t in range(3):
+        args = [inp[n][:, t].to(dtype) for n in ("q", "k", "v")]
+        g, beta = inp["g"][:, t], inp["beta"][:, t].to(dtype)
+        o_e, s_e = gated_delta_rule_step(*args, g, beta, s_e, use_qk_l2norm=True, kernel="eager")
+        o_t, s_t = gated_delta_rule_step(*args, g, beta, s_t, use_qk_l2norm=True, kernel="triton")
+        assert "triton" not in step_kernel_failures(), step_kernel_failures()
+        assert o_t.dtype == dtype
+        assert rel_rms(o_t, o_e) < (1e-6 if dtype == torch.float32 else 8e-3)
+        assert rel_rms(s_t, s_e) < 1e-6
+
+
+@pytest.mark.parametrize("decode_kernel", ["auto", "eager"])
+def test_decode_equals_forward_cuda(decode_kernel):
     torch.manual_seed(0)
     m = GatedDeltaNet(d_model=128, n_heads=2, n_v_heads=4, init_device="cuda", backend="torch")
+    m.decode_kernel = decode_kernel
     m.init_weights(init_method="normal", d_model=128, block_idx=0, num_blocks=2, std=0.1)
     x = torch.randn(4, 40, 128, device="cuda")
     with torch.no_grad():
@@ -129,5 +181,6 @@ def test_compiled_step_cuda():
     args = [inp[n][:, 0] for n in ("q", "k", "v", "g", "beta")]
     o1, s1 = gated_delta_rule_step(*args, inp["h0"].clone(), use_qk_l2norm=True)
     o2, s2 = gated_delta_rule_step(*args, inp["h0"].clone(), use_qk_l2norm=True, compile=True)
+    assert "compile" not in step_kernel_failures(), step_kernel_failures()
     torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)

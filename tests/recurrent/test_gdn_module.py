@@ -448,3 +448,33 @@ def test_left_padding_mask_is_transparent_and_decoding_continues():
             assert rel_rms(y_next[i, 0], alone[n]) < 1e-12
     with pytest.raises(ValueError, match="attention_mask must be"):
         m(x, attention_mask=mask[:, :5])
+
+
+def test_module_under_cpu_autocast_forward_backward_and_decode():
+    """bf16 CPU autocast around the layer (projections in bf16, the kernels in float32 inside):
+    within the GPU bf16 budget of the float64 reference, finite gradients, and decoding under
+    autocast continues the prefill exactly as without autocast."""
+    torch.manual_seed(0)
+    m = GatedDeltaNet(d_model=64, n_heads=2, n_v_heads=4, backend="torch")
+    m.init_weights(init_method="normal", d_model=64, block_idx=0, num_blocks=2, std=0.05)
+    x = torch.randn(2, 48, 64, requires_grad=True)
+    cu = lengths_to_cu([50, 46])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, cu_doc_lens=cu)
+    y.float().square().mean().backward()
+    weights = {k: v.detach().double() for k, v in m.state_dict().items()}
+    r = twins.gdn_layer_forward(
+        weights, x.detach().double().reshape(1, 96, 64), n_heads=2, n_v_heads=4, cu_doc_lens=cu.numpy()
+    ).reshape(2, 48, 64)
+    assert rel_rms(y, r) < 2e-2
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
+    with torch.no_grad():
+        outs = []
+        for auto in (False, True):
+            cache = m.init_cache(2)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=auto):
+                m(x[:, :20], cache=cache)
+            outs.append((m(x[:, 20:21], cache=cache), cache.state.clone()))
+        # the prefill's projections differ (bf16 under autocast); the state stays float32
+        assert outs[1][1].dtype == torch.float32
+        assert rel_rms(outs[1][0], outs[0][0]) < 2e-2
