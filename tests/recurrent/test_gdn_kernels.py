@@ -310,6 +310,32 @@ def test_doubling_inverse_is_the_inverse(C):
     torch.testing.assert_close(torch.matmul(eye + a, inv), eye.expand_as(a), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gradients_of_a_subset_of_inputs(recompute):
+    """Only some inputs require grad (with and without recomputation, with documents): those get
+    exactly the gradients of the all-inputs run, the others none."""
+    inp = gdr_inputs(1, 70, 1, 2, 8, 8, n_seq=3)
+    cu = lengths_to_cu([20, 30, 20])
+
+    def run(req: set[str], rc: bool) -> dict:
+        ts = {n: inp[n].clone().requires_grad_(n in req) for n in NAMES}
+        o, f = chunk_gated_delta_rule(
+            *[ts[n] for n in NAMES[:5]], initial_state=ts["h0"], output_final_state=True,
+            use_qk_l2norm=True, cu_seqlens=cu, chunk_size=16, recompute=rc,
+        )  # fmt: skip
+        (o.square().sum() + f.sum()).backward()
+        return {n: ts[n].grad for n in NAMES}
+
+    full = run(set(NAMES), False)
+    for req in ({"v"}, {"h0"}, {"g", "beta"}, {"q", "h0"}):
+        got = run(req, recompute)
+        for n in NAMES:
+            if n in req:
+                torch.testing.assert_close(got[n], full[n], rtol=1e-12, atol=1e-12)
+            else:
+                assert got[n] is None, n
+
+
 # ----------------------------------------------------------------------------------- recurrent
 
 
