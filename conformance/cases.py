@@ -441,6 +441,9 @@ def build_cases(
     subjects: Sequence[Subject] | None = None,
 ) -> list[Case]:
     """The case list for ``tiers`` (cheapest first) and ``backends`` (default: every subject)."""
+    unknown_tiers = sorted(set(tiers) - set(TIERS))
+    if unknown_tiers:
+        raise ValueError(f"unknown tier(s) {unknown_tiers}; choose among {', '.join(TIERS)}")
     tiers = [t for t in TIERS if t in set(tiers)]
     pool = list(subjects) if subjects is not None else all_subjects()
     gdn_rows = list(GDN_IMPLS)

@@ -114,6 +114,17 @@ class ExactBackend(AttentionBackend):
                 cu_doc_lens_k=self.segments(list(docs.cu_k_host)),
                 local_k_slice=docs.local_k_slice,
             )
+        if dropout_p > 0:  # the counter-based keep mask of olmo_attn.ops.dropout, in the solved layout
+            from olmo_attn.ops.dropout import keep_mask, new_seed
+
+            B, T, Hq = q.shape[:3]
+            n_k = (
+                (docs.local_k_slice.stop - docs.local_k_slice.start)
+                if docs and docs.local_k_slice
+                else k.shape[0] * k.shape[1]
+            )
+            shape = (1, Hq, B * T, n_k) if docs is not None else (B, Hq, T, k.shape[1])
+            kw.update(keep_mask=keep_mask(new_seed(), *shape, dropout_p), dropout_p=dropout_p)
         q4, k4, v4 = self.group(q.to(F64), k.to(F64), v.to(F64))
         out, _ = twins.sdpa(q4, k4, v4, **kw)
         return out.to(q.dtype)
