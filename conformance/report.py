@@ -17,8 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .cases import TIERS
-from .hardware import capability_rows, format_fingerprint
+from .cases import TIERS, Case
+from .checks import CheckResult
+from .hardware import BackendRow, Fingerprint, capability_rows, format_fingerprint
 from .results import FAILED, PASSED, SKIPPED, CaseResult
 from .runner import RunReport, build_matrix, row_label
 
@@ -238,3 +239,84 @@ def markdown(report: RunReport) -> str:
 
 def write_markdown(report: RunReport, path: str | os.PathLike) -> Path:
     return _write(path, markdown(report))
+
+
+# ------------------------------------------------------------------------------------------ reading back
+
+
+def _float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _result_from_dict(d: dict[str, Any]) -> CaseResult:
+    case = Case(
+        tier=d["tier"],
+        family=d["family"],
+        backend=d["backend"],
+        variant=d["variant"],
+        dtype=d["dtype"],
+        params=tuple(d["params"].items()),
+        features=tuple(d["features"]),
+        size=d.get("size", "quick"),
+        base_seed=d.get("base_seed", 0),
+        skip_reason=d["message"] if d["status"] == SKIPPED else None,
+    )
+    checks = [
+        CheckResult(
+            c["name"],
+            c["passed"],
+            c["message"],
+            _float(c["err"]),
+            _float(c["baseline_err"]),
+            _float(c["threshold"]),
+        )
+        for c in d["checks"]
+    ]
+    return CaseResult(case, d["status"], checks, d["message"], d["duration_s"], d.get("info", {}))
+
+
+def _fingerprint_from_dict(d: dict[str, Any]) -> Fingerprint:
+    d = dict(d)
+    rows = [BackendRow(**{k: v for k, v in b.items() if k != "status"}) for b in d.pop("backends")]
+    return Fingerprint(**d, backends=rows)
+
+
+def load_json(path: str | os.PathLike) -> RunReport:
+    """A :class:`RunReport` back from :func:`write_json`'s file (to merge runs, or re-render them)."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(
+            f"{path}: not an olmo-attn conformance report (schema {doc.get('schema')!r}, want {SCHEMA!r})"
+        )
+    started = _dt.datetime.fromisoformat(doc["started"]).timestamp()
+    return RunReport(
+        [_result_from_dict(r) for r in doc["results"]],
+        _fingerprint_from_dict(doc["fingerprint"]),
+        doc.get("options", {}),
+        started,
+        float(doc["duration_s"]),
+    )
+
+
+def merge(reports: list[RunReport]) -> RunReport:
+    """One report from several runs on the same machine (a run split to fit a time limit): results
+    concatenated in tier order (a case id seen twice keeps its last result), durations added."""
+    if not reports:
+        raise ValueError("merge needs at least one report")
+    names = {(r.fingerprint.device_name, r.fingerprint.arch) for r in reports}
+    if len(names) > 1:
+        raise ValueError(f"refusing to merge runs from different devices: {sorted(names)}")
+    by_id: dict[str, CaseResult] = {}
+    for rep_ in reports:
+        for r in rep_.results:
+            by_id.pop(r.case.id, None)
+            by_id[r.case.id] = r
+    rank = {t: i for i, t in enumerate(TIERS)}
+    results = sorted(by_id.values(), key=lambda r: rank.get(r.case.tier, len(rank)))
+    return RunReport(
+        results,
+        reports[0].fingerprint,
+        {"merged": [r.options for r in reports]},
+        min(r.started for r in reports),
+        sum(r.duration_s for r in reports),
+    )

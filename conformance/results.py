@@ -48,6 +48,8 @@ class CaseResult:
             "params": {k: v for k, v in self.case.params},
             "features": list(self.case.features),
             "seed": self.case.seed,
+            "base_seed": self.case.base_seed,
+            "size": self.case.size,
             "status": self.status,
             "message": self.message,
             "duration_s": round(self.duration_s, 4),

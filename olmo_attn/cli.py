@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 TIER_CHOICES = "config | cpu | multiproc | gpu | multigpu | all (comma-separated for several)"
 
@@ -65,6 +66,13 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
     p.add_argument("--markdown", metavar="FILE", help="write the Markdown report")
     p.add_argument("--list", action="store_true", help="print the selected case ids and exit")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: merge these JSON reports (one machine, a run split to fit a time limit) and "
+        "write/print the combined report",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
 
 
@@ -81,8 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run_conformance(args: argparse.Namespace) -> int:
     from conformance import report as rep
     from conformance.cases import build_cases
-    from conformance.runner import parse_tiers, print_summary, run_cases
+    from conformance.runner import parse_tiers, run_cases
 
+    if args.merge:
+        try:
+            report = rep.merge([rep.load_json(p) for p in args.merge])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"olmo-attn conformance --merge: {e}", file=sys.stderr)
+            return 2
+        return _finish(report, args)
     try:
         tiers = parse_tiers(_split(args.tier))
         backends = _split(args.backends)
@@ -104,6 +119,14 @@ def run_conformance(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     report = run_cases(cases, progress=not args.no_progress, options=options)
+    return _finish(report, args)
+
+
+def _finish(report: Any, args: argparse.Namespace) -> int:
+    """Print the matrix, write the requested files, return the exit code (``report``: a RunReport)."""
+    from conformance import report as rep
+    from conformance.runner import print_summary
+
     print_summary(report, sys.stdout)
     for path, writer in (
         (args.json, rep.write_json),

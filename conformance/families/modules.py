@@ -166,6 +166,38 @@ def make_setup(case: Case) -> Setup:
     return Setup(kind, ctor, ref, B, T, d_model, cu, generate=(v == "kvcache_generate"), info=info)
 
 
+def place_clip(setup: Setup, weights: Tensors, x: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """Put ``clip_qkv`` in a gap of the projections' magnitudes, away from every value by more than the
+    case dtype's rounding of the projections.
+
+    ``clamp`` has a kink: a projection that rounds to the other side of the bound flips its
+    gradient between 0 and O(1), which no error budget can bound (and which happens to any correct
+    implementation, more often the larger the case). So the bound is placed among the largest
+    magnitudes (a few values are still clipped: the feature is exercised) in a gap at least four
+    times wider than the largest rounding error of the projections (two on each side). Returns the bound, or ``None``
+    when no such gap exists (then nothing is clipped and ``info`` says so).
+    """
+    if "clip_qkv" not in setup.ref:
+        return None
+    names = ("w_qkv",) if setup.kind == "fused" else ("w_q", "w_k", "w_v")
+    mags, errs = [], []
+    for n in names:
+        w, b = weights[f"{n}.weight"], weights.get(f"{n}.bias")
+        exact = baseline.linear(x, w, b)
+        rounded = baseline.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)).double()
+        mags.append(exact.abs().flatten())
+        errs.append((rounded - exact).abs().max())
+    band = 2 * float(torch.stack(errs).max()) + 1e-12  # the module's rounding may differ from ours
+    top = torch.sort(torch.cat(mags), descending=True).values
+    hi = max(8, top.numel() // 100)
+    window = top[1 : hi + 1]  # at least two values stay clipped
+    gaps = window[:-1] - window[1:]
+    if gaps.numel() == 0 or float(gaps.max()) <= 2 * band:
+        return None
+    i = int(gaps.argmax())
+    return float((window[i] + window[i + 1]) / 2)
+
+
 def build_module(setup: Setup, subject: Subject, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """The ``olmo_attn`` module on the backend under test (registered subjects are swapped in)."""
     from olmo_attn.attention import Attention, FusedAttention, NormalizedAttention
@@ -384,6 +416,11 @@ def run_module(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Chec
     weights = load_random_weights(module, gen, setup.d_model)
     x = randn(gen, (setup.B, setup.T, setup.d_model), dtype)
     dout = randn(gen, (setup.B, setup.T, setup.d_model), dtype)
+    if "clip_qkv" in setup.ref:
+        clip = place_clip(setup, weights, x, dtype)
+        bound = clip if clip is not None else 1e30  # no safe gap: nothing is clipped
+        setup.ref["clip_qkv"] = module.clip_qkv = bound
+        setup.info["clip_qkv"] = clip if clip is not None else "inactive (no gap away from rounding)"
     fwd_kw: dict[str, Any] = {}
     if setup.cu is not None:
         fwd_kw = {

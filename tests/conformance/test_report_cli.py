@@ -187,3 +187,18 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_json_reads_back_and_merges(mixed_report, tmp_path):
+    path = rep.write_json(mixed_report, tmp_path / "a.json")
+    back = rep.load_json(path)
+    assert [r.case.id for r in back.results] == [r.case.id for r in mixed_report.results]
+    assert back.counts() == mixed_report.counts() and back.exit_code == mixed_report.exit_code
+    first = next(r for r in back.results if r.status == "failed")
+    assert first.failed_checks and first.worst_budget_ratio > 1
+    merged = rep.merge([back, back])  # a case id seen twice keeps one result
+    assert merged.counts() == mixed_report.counts()
+    out = tmp_path / "m.md"
+    assert main(["conformance", "--merge", str(path), str(path), "--markdown", str(out)]) == 1
+    assert "## Failures (2)" in out.read_text()
+    assert main(["conformance", "--merge", str(tmp_path / "missing.json")]) == 2

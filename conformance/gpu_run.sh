@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The conformance run on a lent GPU machine, in chunks that each fit one device call, then merged.
+#
+#   conformance/gpu_run.sh run NAME [olmo-attn conformance options...]   one chunk -> $DEST/chunks/NAME.json
+#   conformance/gpu_run.sh merge                                         chunks -> $DEST/<gpu>-<date>.{json,md,xml}
+#   conformance/gpu_run.sh all [options...]                              --tier all in one go, then the reports
+#
+# DEST is $OUT when set (the device tool's output folder), else conformance/reports. Suggested chunks:
+#   run host      --tier config,cpu
+#   run gpu-torch --tier gpu --backends torch fla
+#   run gpu-flash --tier gpu --backends flash_2 flash_3 flash_4 te
+#   run cp-cpu    --tier multiproc
+#   run cp-gpu    --tier multigpu            (2+ GPUs: run it on an nvidia-h100-x2 machine)
+# Each chunk's JSON is complete on its own; `merge` refuses chunks from different GPUs.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+DEST=${OUT:-conformance/reports}
+mkdir -p "$DEST/chunks"
+gpu=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' | tr ' /' '__')
+stem="$DEST/${gpu}-$(date -u +%F)"
+cmd=${1:-all}
+shift || true
+case "$cmd" in
+  run)
+    name=${1:?usage: gpu_run.sh run NAME [options]}
+    shift
+    start=$(date +%s)
+    set +e
+    "$PY" -m conformance --no-progress --json "$DEST/chunks/$name.json" "$@" 2>&1 | tee "$DEST/chunks/$name.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    echo "chunk $name: exit code $rc, $(( $(date +%s) - start )) s" | tee -a "$DEST/chunks/$name.log"
+    exit "$rc"
+    ;;
+  merge)
+    "$PY" -m olmo_attn.cli conformance --merge "$DEST"/chunks/*.json \
+      --json "$stem.json" --markdown "$stem.md" --junit "$stem.xml"
+    ;;
+  all)
+    "$PY" -m conformance --no-progress --tier all --json "$stem.json" --markdown "$stem.md" --junit "$stem.xml" "$@"
+    ;;
+  *)
+    echo "usage: gpu_run.sh run NAME [options] | merge | all [options]" >&2
+    exit 2
+    ;;
+esac
