@@ -191,11 +191,27 @@ def check_unchanged(
 # ----------------------------------------------------------------------------- determinism
 
 
-def check_determinism(
-    name: str, run: Callable[[], Mapping[str, torch.Tensor]], first: Mapping[str, torch.Tensor]
-) -> CheckResult:
-    """Run again; every tensor must be bit-identical to ``first`` (backends claiming determinism)."""
-    again = run()
+@contextlib.contextmanager
+def deterministic_mode() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` for the block: how a user asks every backend for
+    its deterministic backward (flash-attn's ``deterministic=True`` follows it). Restored on exit."""
+    prev_enabled = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            yield
+    finally:
+        torch.use_deterministic_algorithms(prev_enabled, warn_only=prev_warn)
+
+
+def check_determinism(name: str, run: Callable[[], Mapping[str, torch.Tensor]]) -> CheckResult:
+    """Two runs in deterministic mode must be bit-identical, tensor by tensor (backends whose table
+    entry claims ``Feature.deterministic``)."""
+    with deterministic_mode():
+        first = run()
+        again = run()
     for k, a in first.items():
         same, msg = bit_identical(k, a, again[k])
         if not same:

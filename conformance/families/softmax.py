@@ -493,7 +493,7 @@ def run_checks(
         results.append(_edge_check(edge_name, problem, runner, outs["out"], gen, edge_sides, case))
 
     if Feature.deterministic in subject.spec.features:
-        results.append(check_determinism("determinism", lambda: runner.full(inputs), outs))
+        results.append(check_determinism("determinism", lambda: runner.full(inputs)))
 
     if poison:
         results.append(_poison_check(problem, runner, refs, lows))
@@ -758,23 +758,57 @@ def run_kernel(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Chec
     return run_checks(case, subject, problem, runner, ctx, with_lse=True, edge_name=edge), info
 
 
+def recover_keep(kernel: Any, problem: Problem, make_call: Callable[[], Any], device: str) -> torch.Tensor:
+    """The keep mask a kernel's dropout actually used, read off one forward with ``v`` = identity.
+
+    With ``v[j] = e_j`` (key ``j``'s value is the ``j``-th unit vector; needs ``D >= Tk``),
+    ``out[i, j] = P_ij · keep_ij / (1 − p)``, so the kept entries are the non-zero ones (``P_ij > 0``
+    wherever the mask allows the pair). Works for any RNG: flash-attn's Philox stream as well as our
+    counter-based mask; the real run then replays the same mask from the same seed.
+    Returns bool ``[B', Hq, Tq', Tk']`` in the reference layout (``False`` where the mask forbids).
+    """
+    q, k = problem.inputs["q"], problem.inputs["k"]
+    Tk_ref = problem.kv_to_ref(k).shape[1]
+    D = q.shape[-1]
+    if Tk_ref > D:
+        raise ValueError(f"recovering the keep mask needs head_dim >= keys ({D} < {Tk_ref})")
+    flat = torch.zeros(*k.shape[:-2], k.shape[-2], D, dtype=torch.float64)  # backend layout of v
+    idx = torch.arange(Tk_ref)
+    ref_v = problem.kv_to_ref(flat)  # a view: writing it fills the backend-layout tensor
+    ref_v[:, idx, :, idx] = 1.0
+    call = make_call()
+    with torch.no_grad():
+        out, _ = kernel.forward(
+            _on(q, device, problem.dtype),
+            _on(k, device, problem.dtype),
+            _on(flat, device, problem.dtype),
+            call,
+        )
+    probs = problem.q_to_ref(_cpu(out).double())[..., :Tk_ref]  # [B', Tq', Hq, Tk']
+    return (probs != 0).permute(0, 2, 1, 3) & problem.allowed[:, None]
+
+
 def run_dropout(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[CheckResult], dict[str, Any]]:
-    """Seeded dropout against the reference with the same keep mask; no dropout in eval mode."""
-    rng, gen, B, T, Hq, Hkv, D, _full = _base_shape(case)
+    """Seeded dropout against the reference with the kernel's own keep mask; no dropout in eval mode.
+
+    The mask is recovered from an identity-``V`` probe (:func:`recover_keep`) and must (a) keep about
+    ``1 − p`` of the allowed pairs, (b) be replayed exactly by the same seed (the judged run uses it).
+    When it equals ``olmo_attn.ops.dropout.keep_mask(seed, ...)`` (the torch backend's counter-based
+    mask) the case says so; other kernels (flash-attn's Philox) use their own stream.
+    """
+    rng, gen, B, _T, Hq, Hkv, D, _full = _base_shape(case)
     dtype, device, variant = case.torch_dtype(), case.device, case.variant
     p = float(rng.choice([0.1, 0.3]))
+    T = int(rng.choice([t for t in (17, 33, 50, 64) if t <= D]))  # keys <= head_dim for the probe
     info: dict[str, Any] = {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "D": D, "dropout_p": p}
     if variant == "eval_off":
         return _eval_dropout(case, subject, gen, B, T, Hq, Hkv, D, p, dtype, device), info
-    try:
-        from olmo_attn.ops.dropout import keep_mask
-    except ImportError as e:  # pragma: no cover - depends on the ops package
-        raise RuntimeError(f"olmo_attn.ops.dropout.keep_mask is unavailable: {e}") from e
     seed = int(rng.integers(0, 2**62))
     scale = 1.0 / math.sqrt(D)
     if variant == "keep_mask_varlen":
-        cu = draw_documents(rng, B, T, cross_rows=True)
+        B = max(1, D // T)  # the probe needs every key of the flattened batch within head_dim
         n = B * T
+        cu = draw_documents(rng, B, T, cross_rows=True)
         inputs = {
             "q": randn(gen, (n, Hq, D), dtype),
             "k": randn(gen, (n, Hkv, D), dtype),
@@ -782,7 +816,6 @@ def run_dropout(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Che
             "dout": randn(gen, (n, Hq, D), dtype),
         }
         problem = _varlen_problem(dtype, inputs, cu_q=cu, cu_k=cu, causal=True, window=(-1, -1), scale=scale)
-        problem.keep = keep_mask(seed, 1, Hq, n, n, p)
         make_call = _kernel_call_factory(
             subject,
             device,
@@ -794,7 +827,8 @@ def run_dropout(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Che
             dropout_p=p,
             dropout_seed=seed,
         )
-        info["cu_seqlens"] = cu
+        shared_shape = (1, Hq, n, n)
+        info.update(B=B, cu_seqlens=cu)
     else:
         inputs = {
             "q": randn(gen, (B, T, Hq, D), dtype),
@@ -803,15 +837,34 @@ def run_dropout(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Che
             "dout": randn(gen, (B, T, Hq, D), dtype),
         }
         problem = _dense_problem(dtype, inputs, causal=True, window=(-1, -1), scale=scale)
-        problem.keep = keep_mask(seed, B, Hq, T, T, p)
         make_call = _kernel_call_factory(
             subject, device, scale=scale, causal=True, window=(-1, -1), dropout_p=p, dropout_seed=seed
         )
-    problem.dropout_p = p
+        shared_shape = (B, Hq, T, T)
     info["dropout_seed"] = seed
     backend = subject.build_backend(head_dim=D, n_heads=Hq, n_kv_heads=Hkv, scale=scale, dropout_p=p)
-    runner = kernel_runner(backend.kernel(), device, dtype, make_call)
-    return run_checks(case, subject, problem, runner, ctx, with_lse=True, edge_name=None), info
+    kernel = backend.kernel()
+    keep = recover_keep(kernel, problem, make_call, device)
+    checks = [_dropout_rate(keep, problem.allowed, p)]
+    from olmo_attn.ops.dropout import keep_mask
+
+    shared = keep_mask(seed, *shared_shape, p) & problem.allowed[:, None]
+    info["mask"] = "olmo_attn.ops.dropout.keep_mask" if torch.equal(shared, keep) else "the kernel's own RNG"
+    problem.keep = keep
+    problem.dropout_p = p
+    runner = kernel_runner(kernel, device, dtype, make_call)
+    checks += run_checks(case, subject, problem, runner, ctx, with_lse=True, edge_name=None)
+    return checks, info
+
+
+def _dropout_rate(keep: torch.Tensor, allowed: torch.Tensor, p: float) -> CheckResult:
+    """The fraction of allowed pairs dropped is ``p`` within 6 standard deviations."""
+    n = int(allowed.expand(keep.shape[0], *allowed.shape[1:]).sum()) * keep.shape[1]
+    dropped = n - int(keep.sum())
+    sigma = math.sqrt(n * p * (1 - p))
+    ok_ = abs(dropped - n * p) <= 6 * sigma + 1
+    msg = f"dropout_rate: {dropped} of {n} allowed pairs dropped ({dropped / max(n, 1):.3f}, p = {p})"
+    return ok("dropout_rate", msg) if ok_ else fail("dropout_rate", msg)
 
 
 def _eval_dropout(
