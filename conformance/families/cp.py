@@ -275,7 +275,7 @@ def run_attention_case(case: Case, subject: Subject) -> tuple[list[CheckResult],
     dtype = case.torch_dtype()
     full = case.size == "full"
     Hq, Hkv = _cp_heads(rng, world, style)
-    D = int(rng.choice([32, 64] if full else [8, 16]))
+    D = int(rng.choice([32, 64] if full else [8, 16])) if case.device == "cpu" else int(rng.choice([64, 128]))
     T = world * int(rng.integers(6, 40 if full else 12)) + int(
         rng.integers(0, 2 * world)
     )  # often not divisible
@@ -340,7 +340,7 @@ def run_module_case(case: Case, subject: Subject) -> tuple[list[CheckResult], di
     world = int(case.param["world"])
     dtype = case.torch_dtype()
     H, Hkv = _cp_heads(rng, world, style)
-    D = int(rng.choice([8, 16]))
+    D = int(rng.choice([8, 16])) if case.device == "cpu" else 64
     d_model = H * D
     T = world * int(rng.integers(6, 12)) + int(rng.integers(0, 2 * world))
     cu = draw_documents(rng, 1, T)
