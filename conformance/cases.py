@@ -397,9 +397,16 @@ def _points_for(subject: Subject, tier: str) -> list[_Point]:
     raise ValueError(f"unknown tier {tier!r}; choose among {TIERS}")
 
 
-def _quick_subset(points: list[_Point]) -> list[_Point]:
+def _point_key(p: _Point) -> tuple:
+    return (p.family, p.variant, p.dtype, tuple(sorted(p.params.items())))
+
+
+def _quick_subset(points: list[_Point], prefer: set[tuple] | None = None) -> list[_Point]:
     """Greedy covering: every variant, every per-variant axis value within each variant, and every
-    value of the other axes somewhere in the family, with as few points as that takes."""
+    value of the other axes somewhere in the family, with as few points as that takes.
+
+    Points in ``prefer`` (those earlier backends of the tier chose) are tried first, so backends
+    share problems and the pairwise comparison has something to compare."""
     chosen: list[_Point] = []
     by_family: dict[str, list[_Point]] = {}
     for p in points:
@@ -422,7 +429,10 @@ def _quick_subset(points: list[_Point]) -> list[_Point]:
         for vi, v in enumerate(variants):
             vp = [p for p in fam_points if p.variant == v]
             shift = (vi * 5) % len(vp)
-            ordered += vp[shift:] + vp[:shift]
+            vp = vp[shift:] + vp[:shift]
+            if prefer:
+                vp.sort(key=lambda p: _point_key(p) not in prefer)  # stable: preferred first
+            ordered += vp
         for p in ordered:
             r = reqs(p)
             if r & need:
@@ -464,10 +474,12 @@ def build_cases(
                 Case("config", "config", LIBRARY_ROW, v, features=("config",), size=size, base_seed=seed)
                 for v in CONFIG_LIBRARY_VARIANTS
             ]
+        preferred: set[tuple] = set()
         for subject in pool:
             points = _points_for(subject, tier)
             if quick:
-                points = _quick_subset(points)
+                points = _quick_subset(points, preferred)
+                preferred |= {_point_key(p) for p in points}
             reason = None if tier == "config" else subject.unavailable_reason(device)
             if reason is None and tier == "multigpu":
                 n = torch.cuda.device_count()

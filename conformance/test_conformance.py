@@ -46,8 +46,12 @@ def _cases(config) -> list:
     return cases + pairwise_cases(cases)
 
 
+_CTX = RunContext()  # this process's tensors, so a pairwise case reuses the two runs it compares
+
+
 def _marks(case) -> list:
-    marks = []
+    # with ``--dist loadgroup`` a problem's cases and its pairwise cases share a worker (and its _CTX)
+    marks = [pytest.mark.xdist_group(case.problem_key if case.family != "pairwise" else _member_key(case))]
     if case.tier in ("gpu", "multigpu"):
         marks.append(pytest.mark.gpu)
     if case.tier == "multigpu":
@@ -60,14 +64,21 @@ def _marks(case) -> list:
 def pytest_generate_tests(metafunc):
     if "conformance_case" in metafunc.fixturenames:
         cases = _cases(metafunc.config)
+        _CTX.keep_for_pairwise = any(c.family == "pairwise" for c in cases)  # else keep no tensors
         metafunc.parametrize(
             "conformance_case",
             [pytest.param(c, id=c.id, marks=_marks(c)) for c in cases],
         )
 
 
+def _member_key(case) -> str:
+    from conformance.families.pairwise import member_cases
+
+    return member_cases(case)[0].problem_key
+
+
 def test_case(conformance_case) -> None:
-    result = run_case(conformance_case, RunContext())
+    result = run_case(conformance_case, _CTX)
     if result.status == SKIPPED:
         pytest.skip(result.message)
     if result.status == FAILED:
