@@ -233,8 +233,12 @@ def mean_error_budget(
     low: torch.Tensor,
     dtype: torch.dtype,
     scale: float | None = None,
+    fudge: float | None = None,
 ) -> Verdict:
-    """FlexAttention rule: ``mean|out − ref| ≤ fudge · mean|low − ref|`` (+ the round-off floors)."""
+    """FlexAttention rule: ``mean|out − ref| ≤ fudge · mean|low − ref|`` (+ the round-off floors).
+
+    ``fudge`` defaults to :func:`mean_fudge` of ``dtype``.
+    """
     check = f"{name}.mean"
     problem = nonfinite_problem(name, out, ref)
     if problem is not None:
@@ -245,7 +249,7 @@ def mean_error_budget(
         return Verdict(check, True, 0.0, 0.0, 0.0, f"{check}: no finite entries to compare")
     err = float((o - r).abs().mean())
     base = float((lo - r).abs().mean())
-    fudge = mean_fudge(dtype)
+    fudge = mean_fudge(dtype) if fudge is None else fudge
     floor = max(
         MEAN_FLOOR * torch.finfo(dtype).eps * float(r.abs().mean()),
         atol_floor(dtype, ref_scale(ref) if scale is None else scale),

