@@ -177,17 +177,6 @@ def bit_identical(name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[bool, st
     )
 
 
-def check_unchanged(
-    name: str, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
-) -> CheckResult:
-    """``after`` equals ``before`` bit for bit, tensor by tensor."""
-    for k, a in before.items():
-        same, msg = bit_identical(f"{name}:{k}", a, after[k])
-        if not same:
-            return fail(name, msg)
-    return ok(name)
-
-
 # ----------------------------------------------------------------------------- determinism
 
 
