@@ -56,6 +56,7 @@ def _failed_checks(results: list[Any]) -> set[str]:
     return {c.name for r in results for c in r.failed_checks}
 
 
+@pytest.mark.slow
 def test_exact_backend_passes_its_matrix_slice():
     subject = subject_for("exact", ExactBackend, features=FEATURES)
     results = _run(subject, "cpu/attn or cpu/kernel or cpu/packed or cpu/dropout", one_per_variant=True)
@@ -79,7 +80,9 @@ def test_window_off_by_one_fails_the_window_edge_check():
 
 
 def test_missing_softmax_scale_fails_the_output_budget():
-    results = _run(subject_for("wrong_scale", WrongScale, features=FEATURES), "cpu/attn/wrong_scale/causal and mha")
+    results = _run(
+        subject_for("wrong_scale", WrongScale, features=FEATURES), "cpu/attn/wrong_scale/causal and mha"
+    )
     assert all(r.status == FAILED for r in results)
     names = _failed_checks(results)
     assert {"out", "dq"} <= names, names
@@ -99,7 +102,9 @@ def test_leaked_document_boundary_fails_isolation():
 
 def test_wrong_gqa_grouping_fails_only_grouped_cases():
     results = _run(
-        subject_for("wrong_gqa", WrongGQA, features=FEATURES), "cpu/attn/wrong_gqa/causal", one_per_variant=False
+        subject_for("wrong_gqa", WrongGQA, features=FEATURES),
+        "cpu/attn/wrong_gqa/causal",
+        one_per_variant=False,
     )
     grouped = [r for r in results if r.case.param["gqa"] == "gqa4"]
     ungrouped = [r for r in results if r.case.param["gqa"] in ("mha", "mqa")]  # MQA: one kv head, same result
@@ -108,6 +113,7 @@ def test_wrong_gqa_grouping_fails_only_grouped_cases():
     assert ungrouped and all(r.status == PASSED for r in ungrouped), [r.message for r in ungrouped]
 
 
+@pytest.mark.slow
 def test_lse_off_by_a_constant_fails_the_lse_check():
     results = _run(subject_for("wrong_lse", WrongLSE, features=FEATURES), "cpu/kernel/wrong_lse/")
     assert results and all(r.status == FAILED for r in results)
