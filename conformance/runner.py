@@ -95,6 +95,7 @@ class Progress:
         self.quiet = quiet
         self.done = 0
         self.failed = 0
+        self._tier: str | None = None
         self._rich: Any = None
         if use_rich is None:
             use_rich = stream.isatty()
@@ -123,6 +124,9 @@ class Progress:
     def start_case(self, case: Case) -> None:
         if self._rich is not None:
             self._rich.update(self._task, description=case.id)
+        elif not self.quiet and case.tier != self._tier:
+            print(f"[{self.done}/{self.total}] tier {case.tier}", file=self.stream, flush=True)
+        self._tier = case.tier
 
     def end_case(self, result: CaseResult) -> None:
         self.done += 1
