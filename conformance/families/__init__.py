@@ -7,11 +7,14 @@ does an ``UnsupportedFeatureError`` for a feature the backend's table entry clai
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import torch
 
 from ..cases import Case
 from ..checks import CheckResult, fail
@@ -46,6 +49,26 @@ def _exception_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e} (at {where})"
 
 
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """float32 means float32 while a case runs: no TF32 in matmuls or cuDNN convolutions (PyTorch
+    enables TF32 convolutions by default; a float32 case judged with float32 budgets would otherwise
+    measure the global flags). Restored on exit."""
+    prev = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, precision = prev
+        torch.set_float32_matmul_precision(precision)
+
+
 def run_case(case: Case, ctx: RunContext | None = None, subject: Subject | None = None) -> CaseResult:
     """Run one case and judge it; never raises (harness bugs show up as failed cases)."""
     ctx = ctx or RunContext()
@@ -56,7 +79,8 @@ def run_case(case: Case, ctx: RunContext | None = None, subject: Subject | None 
         if subject is None and case.family not in ("config", "pairwise", "gdn"):
             subject = get_subject(case.backend)
         fn = family_fn(case.family)
-        checks, info = fn(case, subject, ctx)  # type: ignore[arg-type]
+        with full_fp32():
+            checks, info = fn(case, subject, ctx)  # type: ignore[arg-type]
         if not checks:
             checks = [fail("harness", "the case produced no checks")]
         status, message = summarize_checks(checks)
