@@ -1,0 +1,16 @@
+# Helpers for the device-call scripts: bounded steps whose logs land in $OUT.
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+mkdir -p "$OUT"
+step() {  # step SECONDS LOGNAME CMD...  (log in $OUT/LOGNAME, its tail printed)
+  local t=$1 log=$2; shift 2
+  local t0=$SECONDS
+  timeout -k 10 "$t" "$@" > "$OUT/$log" 2>&1; local rc=$?
+  echo "== $log rc=$rc $((SECONDS - t0))s"; tail -n "${TAIL:-20}" "$OUT/$log" | cut -c1-400
+}
+fla_site() {  # flash-linear-attention 0.6.0 from the carried wheel, once per machine
+  if [ ! -d /tmp/fla/fla ] && ls .carry/wheels/fla_core-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fla .carry/wheels/fla_core-*.whl
+  fi
+  [ -d /tmp/fla/fla ] && export PYTHONPATH=/tmp/fla${PYTHONPATH:+:$PYTHONPATH}
+  return 0
+}
