@@ -107,7 +107,7 @@ TABLE: dict[str, BackendSpec] = {
         BackendSpec(
             name="flash_2",
             class_name="FlashAttention2Backend",
-            module="flash_attn",
+            module="flash_attn.flash_attn_interface",  # not bare flash_attn: flash-attn-4 alone installs the namespace
             distribution="flash-attn",
             install="pip install flash-attn --no-build-isolation (>= 2.7; Ampere sm_80 or newer NVIDIA GPU)",
             devices=frozenset({"cuda"}),

@@ -724,3 +724,14 @@ def test_kvcache_double_writes_and_hides_left_padding() -> None:
     assert torch.equal(kc[:, 3], k[:, 0])
     ref, _ = segment_attention(q[1], kc[1, 2:4], vc[1, 2:4], scale=0.4, causal=True, window=(-1, -1))
     torch.testing.assert_close(out[1], ref)
+
+
+def test_flash_attn_4_alone_does_not_make_flash_2_available(monkeypatch):
+    """flash-attn-4 installs the ``flash_attn`` namespace (``flash_attn.cute``) without FA2's
+    functions: flash_2 must then be unavailable, not fail at call time (seen on an H200)."""
+    pkg = _module("flash_attn", __path__=[])
+    _install(monkeypatch, {"flash_attn": pkg})
+    from olmo_attn.backends import capabilities as caps
+
+    reason = caps.unavailable_reason("flash_2")
+    assert reason is not None and "flash_attn.flash_attn_interface" in reason
