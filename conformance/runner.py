@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import torch
 
 from .cases import LIBRARY_ROW, TIERS, Case, build_cases
-from .families import run_case
+from .families import run_case, run_cp_cases
 from .families.pairwise import pairwise_results
 from .hardware import NOT_VERIFIED, Fingerprint, fingerprint
 from .results import FAILED, PASSED, SKIPPED, CaseResult, RunContext
@@ -53,6 +53,17 @@ FEATURE_ORDER = (
     "ulysses_cp",
     "pairwise",
 )
+
+
+CP_BATCH = 8  # context-parallel cases per launch of worker processes
+
+
+def _batchable(case: Case) -> bool:
+    return case.family == "cp" and case.skip_reason is None
+
+
+def _batch_key(case: Case) -> tuple:
+    return (case.tier, case.param.get("world"))
 
 
 def default_tiers() -> list[str]:
@@ -340,16 +351,37 @@ def run_cases(
     bar = Progress(len(cases), stream, use_rich=use_rich, quiet=not progress)
     results: list[CaseResult] = []
     by_key: dict[str, dict[str, Case]] = {}
+    rank = {t: n for n, t in enumerate(TIERS)}
+    # within a tier, context-parallel cases grouped by world size (so they batch), otherwise as given
+    cases = sorted(
+        cases, key=lambda c: (rank[c.tier], _batchable(c), c.param.get("world", 0) if _batchable(c) else 0)
+    )
     try:
-        for case in cases:
+        i = 0
+        while i < len(cases):
+            case = cases[i]
             bar.start_case(case)
-            res = run_case(case, ctx)
-            if res.status != SKIPPED:
-                by_key.setdefault(case.problem_key, {})[case.backend] = case
-            results.append(res)
-            bar.end_case(res)
-            if on_result is not None:
-                on_result(res)
+            if _batchable(case):  # consecutive CP cases of one tier and world size share a launch
+                j = i + 1
+                while (
+                    j < len(cases)
+                    and j - i < CP_BATCH
+                    and _batchable(cases[j])
+                    and _batch_key(cases[j]) == _batch_key(case)
+                ):
+                    j += 1
+                batch = run_cp_cases(list(cases[i:j]))
+            else:
+                j = i + 1
+                batch = [run_case(case, ctx)]
+            for res in batch:
+                if res.status != SKIPPED:
+                    by_key.setdefault(res.case.problem_key, {})[res.case.backend] = res.case
+                results.append(res)
+                bar.end_case(res)
+                if on_result is not None:
+                    on_result(res)
+            i = j
     finally:
         bar.close()
     results += pairwise_results(ctx, by_key)

@@ -80,19 +80,42 @@ def run_case(case: Case, ctx: RunContext | None = None, subject: Subject | None 
             subject = get_subject(case.backend)
         fn = family_fn(case.family)
         with full_fp32():
-            checks, info = fn(case, subject, ctx)  # type: ignore[arg-type]
-        if not checks:
-            checks = [fail("harness", "the case produced no checks")]
-        status, message = summarize_checks(checks)
-        return CaseResult(case, status, checks, message, time.perf_counter() - t0, info)
-    except SkipCase as s:
-        return CaseResult(case, SKIPPED, [], str(s), time.perf_counter() - t0)
+            outcome: Any = fn(case, subject, ctx)  # type: ignore[arg-type]
     except Exception as e:
-        text = _exception_text(e)
+        outcome = e
+    return result_from(case, outcome, time.perf_counter() - t0)
+
+
+def result_from(case: Case, outcome: Any, duration_s: float) -> CaseResult:
+    """A :class:`CaseResult` from a family's ``(checks, info)`` or the exception it raised."""
+    if isinstance(outcome, SkipCase):
+        return CaseResult(case, SKIPPED, [], str(outcome), duration_s)
+    if isinstance(outcome, BaseException):
+        text = _exception_text(outcome)
         check = fail("exception", f"exception: {text}")
-        return CaseResult(
-            case, FAILED, [check], f"failed checks: exception — {text}", time.perf_counter() - t0
-        )
+        return CaseResult(case, FAILED, [check], f"failed checks: exception — {text}", duration_s)
+    checks, info = outcome
+    if not checks:
+        checks = [fail("harness", "the case produced no checks")]
+    status, message = summarize_checks(checks)
+    return CaseResult(case, status, checks, message, duration_s, info)
+
+
+def run_cp_cases(cases: list[Case]) -> list[CaseResult]:
+    """Context-parallel cases of one tier and world size in one launch of worker processes."""
+    from .cp import run_cp_batch
+
+    t0 = time.perf_counter()
+    subjects = []
+    for c in cases:
+        try:
+            subjects.append(get_subject(c.backend))
+        except ValueError:
+            subjects.append(None)
+    with full_fp32():
+        outcomes = run_cp_batch(cases, subjects)
+    share = (time.perf_counter() - t0) / max(len(cases), 1)
+    return [result_from(c, o, share) for c, o in zip(cases, outcomes)]
 
 
 class SkipCase(Exception):

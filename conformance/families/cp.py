@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,9 @@ from ..tolerances import gdn_budget
 from . import SkipCase
 from .softmax import _dense_problem, _flat_doc_problem, draw_documents, draw_window, lowprec, randn, reference
 
-CP_TIMEOUT_S = 240.0
+CP_TIMEOUT_S = 120.0  # one case (start-up included); a batch gets BATCH_BASE_S + BATCH_PER_CASE_S each
+BATCH_BASE_S = 60.0
+BATCH_PER_CASE_S = 20.0
 
 
 def _backend_factory(subject: Subject) -> Any:
@@ -264,7 +267,10 @@ def _cp_heads(rng: np.random.Generator, world: int, style: str) -> tuple[int, in
     return Hq, Hkv
 
 
-def run_attention_case(case: Case, subject: Subject) -> tuple[list[CheckResult], dict[str, Any]]:
+CaseGen = Generator[tuple[Any, dict[str, Any]], Any, tuple[list[CheckResult], dict[str, Any]]]
+
+
+def run_attention_case(case: Case, subject: Subject) -> CaseGen:
     style, rest = case.variant.split("_", 1)
     balancer = "ulysses" if style == "ulysses" else ("zig_zag" if rest.startswith("zig_zag") else "llama3")
     mask = rest[len(balancer) + 1 :] if style == "ring" else rest[len("ulysses") + 1 :]
@@ -314,7 +320,7 @@ def run_attention_case(case: Case, subject: Subject) -> tuple[list[CheckResult],
         "style": style,
         "balancer": balancer,
     }
-    got = _launch(case, attention_rank, spec)
+    got = yield (attention_rank, spec)
     if cu is None:
         problem = _dense_problem(dtype, inputs, causal=True, window=window)
         meta: dict[str, Any] = {}
@@ -331,7 +337,7 @@ def run_attention_case(case: Case, subject: Subject) -> tuple[list[CheckResult],
     return checks, info
 
 
-def run_module_case(case: Case, subject: Subject) -> tuple[list[CheckResult], dict[str, Any]]:
+def run_module_case(case: Case, subject: Subject) -> CaseGen:
     style = case.variant.split("_")[1]
     balancer = case.variant.split("_", 2)[2]
     factory = _backend_factory(subject)
@@ -362,7 +368,7 @@ def run_module_case(case: Case, subject: Subject) -> tuple[list[CheckResult], di
         "window_size": w,
         "weights": {n: t.to(dtype) for n, t in weights.items()},
     }
-    got = _launch(case, module_rank, spec)
+    got = yield (module_rank, spec)
     wd = {n: t.to(dtype).double() for n, t in weights.items()}
     opts = {"n_heads": H, "n_kv_heads": Hkv, "rope": {"name": "default", "theta": 10_000}, "window_size": w}
     ref_out = torch.from_numpy(
@@ -417,7 +423,7 @@ def _random_attention_weights(
     }
 
 
-def run_gdn_case(case: Case) -> tuple[list[CheckResult], dict[str, Any]]:
+def run_gdn_case(case: Case) -> CaseGen:
     import reference.gated_deltanet as ref_gdn
     from olmo_attn.recurrent import GatedDeltaNet
 
@@ -448,7 +454,7 @@ def run_gdn_case(case: Case) -> tuple[list[CheckResult], dict[str, Any]]:
     x = randn(gen, (B, T, d_model), dtype)
     dout = randn(gen, (B, T, d_model), dtype)
     spec = {"x": x, "dout": dout, "dtype": dtype, "cu": cu, "d_model": d_model, "H": H, "weights": weights}
-    got = _launch(case, gdn_rank, spec)
+    got = yield (gdn_rank, spec)
     single = _gdn_module(spec, case.device)
     xs = x.to(device=case.device, dtype=dtype).requires_grad_(True)
     o = single(xs, cu_doc_lens=torch.tensor(cu, dtype=torch.int32, device=case.device) if cu else None)
@@ -476,16 +482,113 @@ def run_gdn_case(case: Case) -> tuple[list[CheckResult], dict[str, Any]]:
     return checks, {"world": world, "B": B, "T": T, "H": H, "d_model": d_model, "cu_doc_lens": cu}
 
 
-def run_cp(case: Case, subject: Subject | None, ctx: RunContext) -> tuple[list[CheckResult], dict[str, Any]]:
+def case_generator(case: Case, subject: Subject | None) -> CaseGen:
+    """The case as a generator: it yields ``(rank_body, spec)`` once, receives rank 0's result and
+    returns ``(checks, info)`` — so several cases can share one launch (:func:`run_cp_batch`)."""
+    if case.variant == "gdn_ulysses":
+        return run_gdn_case(case)
+    if subject is None:
+        raise ValueError(f"case {case.id} needs its backend")
+    if case.variant.startswith("module_"):
+        return run_module_case(case, subject)
+    return run_attention_case(case, subject)
+
+
+def _finish(gen: CaseGen, result: Any) -> tuple[list[CheckResult], dict[str, Any]]:
+    try:
+        gen.send(result)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("a CP case generator yielded twice")
+
+
+def _failure(case: Case, e: Exception) -> tuple[list[CheckResult], dict[str, Any]]:
     from conformance.distributed import DistributedRunError
 
-    try:
-        if case.variant == "gdn_ulysses":
-            return run_gdn_case(case)
-        assert subject is not None
-        if case.variant.startswith("module_"):
-            return run_module_case(case, subject)
-        return run_attention_case(case, subject)
-    except DistributedRunError as e:
+    if isinstance(e, DistributedRunError):
         name = "timeout" if "timed out" in e.summary else "distributed"
         return [fail(name, f"{name}: {e}")], {"world": case.param.get("world")}
+    raise e
+
+
+def run_cp(case: Case, subject: Subject | None, ctx: RunContext) -> tuple[list[CheckResult], dict[str, Any]]:
+    """One case, one launch."""
+    gen = case_generator(case, subject)
+    body, spec = next(gen)
+    try:
+        result = _launch(case, body, spec)
+    except Exception as e:
+        gen.close()
+        return _failure(case, e)
+    return _finish(gen, result)
+
+
+def batch_rank(items: list[tuple[Any, dict[str, Any]]]) -> list[tuple[str, Any]] | None:
+    """One rank of a batch: every case in turn; a case that raises reports its error (rank 0 keeps
+    the results). A case that raises on some ranks only leaves the others in a collective until the
+    process group's timeout: the batch then fails as a whole and its cases are rerun one by one."""
+    import traceback
+
+    from conformance.distributed import rank
+
+    out: list[tuple[str, Any]] = []
+    for body, spec in items:
+        try:
+            out.append(("ok", body(spec)))
+        except Exception as e:
+            out.append(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+    return out if rank() == 0 else None
+
+
+def run_cp_batch(
+    cases: list[Case], subjects: list[Subject | None]
+) -> list[tuple[list[CheckResult], dict[str, Any]] | BaseException]:
+    """Several CP cases of one tier and world size in one launch (start-up and rendezvous paid once).
+
+    Returns, per case, ``(checks, info)`` or the exception that stopped it (``SkipCase`` included).
+    If the launch itself fails (a rank died or hung), every case is rerun in a launch of its own so
+    that the failure is attributed to the right case.
+    """
+    from conformance.distributed import run_distributed
+
+    out: list[Any] = [None] * len(cases)
+    gens: dict[int, CaseGen] = {}
+    items = []
+    for i, (case, subject) in enumerate(zip(cases, subjects)):
+        try:
+            gen = case_generator(case, subject)
+            items.append(next(gen))
+            gens[i] = gen
+        except BaseException as e:
+            out[i] = e
+    if not gens:
+        return out
+    first = cases[next(iter(gens))]
+    world = int(first.param["world"])
+    backend = "gloo" if first.device == "cpu" else "nccl"
+    try:
+        results = run_distributed(
+            batch_rank,
+            world,
+            backend=backend,
+            timeout_s=BATCH_BASE_S + BATCH_PER_CASE_S * len(items),
+            args=(items,),
+        )[0]
+    except Exception:
+        for i, gen in gens.items():
+            gen.close()
+            try:
+                out[i] = run_cp(cases[i], subjects[i], RunContext())
+            except BaseException as e:
+                out[i] = e
+        return out
+    for (i, gen), (status, value) in zip(gens.items(), results):
+        if status == "ok":
+            try:
+                out[i] = _finish(gen, value)
+            except BaseException as e:
+                out[i] = e
+        else:
+            gen.close()
+            out[i] = RuntimeError(f"in the ranks: {value}")
+    return out

@@ -9,6 +9,7 @@ their own names, with a copy of the torch backend's table entry as their capabil
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +20,7 @@ from olmo_attn.backends.base import AttentionBackend
 from olmo_attn.backends.capabilities import TABLE, Feature
 from olmo_attn.masks import DocSegments
 from olmo_attn.ops.kernel import KernelCall
+from reference.attention import allowed_mask
 
 F64 = torch.float64
 
@@ -71,10 +73,51 @@ class ExactKernel:
         return out.to(q.dtype), lse
 
     def backward(self, dout, q, k, v, out, lse, call):
-        leaves = [t.detach().to(F64).requires_grad_(True) for t in (q, k, v)]
-        o, _ = self._run(*leaves, call)
-        grads = torch.autograd.grad(o, leaves, dout.to(F64))
-        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+        """Flash-style: the share of the full gradient given the final ``out`` / ``lse`` (which may
+        merge several key blocks, as in ring attention), via the surrogate
+        ``g = Σ exp(s − lse) ∘ (Z · dO·vᵀ − rowsum(dO ∘ out))`` whose gradient w.r.t. ``s`` is ``dS``."""
+        varlen = call.varlen
+        with torch.enable_grad():  # ring attention calls this inside an autograd.Function's backward
+            leaves = [t.detach().to(F64).requires_grad_(True) for t in (q, k, v)]
+            ql, kl, vl = (t[None] if varlen else t for t in leaves)
+            do, o = (t.detach().to(F64) for t in (dout, out))
+            L = lse.detach().to(F64)
+            if varlen:
+                do, o, L = do[None], o[None], L[None]
+            qg, kg, vg = self.owner.group(ql, kl, vl)
+            G = qg.shape[2] // kg.shape[2]
+            kg, vg = kg.repeat_interleave(G, dim=2), vg.repeat_interleave(G, dim=2)
+            Tq, Tk = qg.shape[1], kg.shape[1]
+            cu_q = cu_k = None
+            if varlen:
+                cu_q = self.owner.segments(_host(call.cu_seqlens_q, call.cu_seqlens_q_host))
+                cu_k = self.owner.segments(_host(call.cu_seqlens_k, call.cu_seqlens_k_host) or cu_q)
+            mask = torch.from_numpy(
+                allowed_mask(
+                    Tq,
+                    Tk,
+                    causal=call.causal,
+                    window=self.owner.kernel_window(call.window),
+                    cu_seqlens_q=cu_q,
+                    cu_seqlens_k=cu_k,
+                )
+            )[None, None]
+            scale = self.owner.kernel_scale(call.scale, q.shape[-1])
+            s = scale * torch.einsum("bqhd,bkhd->bhqk", qg, kg)
+            valid = mask & torch.isfinite(L)[..., None]
+            finite_l = torch.where(torch.isfinite(L), L, torch.zeros_like(L))
+            p = torch.exp((s - finite_l[..., None]).masked_fill(~valid, -math.inf))  # no inf*0 in the grad
+            z = torch.ones_like(p)
+            if call.dropout_p > 0:
+                from olmo_attn.ops.dropout import keep_mask
+
+                z = keep_mask(call.dropout_seed, qg.shape[0], qg.shape[2], Tq, Tk, call.dropout_p).to(F64)
+                z = z / (1.0 - call.dropout_p)
+            dp = torch.einsum("bqhd,bkhd->bhqk", do, vg)
+            delta = (do * o).sum(-1).transpose(1, 2)[..., None]  # [B, H, Tq, 1]
+            g = (p * (z * dp.detach() - delta)).sum() + (p.detach() * z * dp).sum()
+            grads = torch.autograd.grad(g, leaves)
+        return tuple(gr.to(t.dtype) for gr, t in zip(grads, (q, k, v)))
 
 
 class ExactBackend(AttentionBackend):
