@@ -369,6 +369,7 @@ CONFIG_LIBRARY_VARIANTS = (
     "input_errors",
     "balancers",
     "state_dict_keys",
+    "normalized_attention",
 )
 LIBRARY_ROW = "library"  # matrix row of the configuration checks that belong to no backend
 

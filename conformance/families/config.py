@@ -499,6 +499,47 @@ def _state_dict_keys() -> list[CheckResult]:
     ]
 
 
+def _normalized_attention() -> list[CheckResult]:
+    """nGPT: ``sq``/``sk`` give an effective scale of 1 at init, the softmax scale is ``sqrt(D)``, and
+    ``normalize_matrices`` equals the reference's (unit rows of w_q/w_k/w_v, unit columns of w_out)."""
+    import math
+
+    import reference.modules as ref_mod
+    from olmo_attn.attention import NormalizedAttention
+
+    m = NormalizedAttention(d_model=32, n_heads=4, n_kv_heads=2, backend="torch", dtype=torch.float64)
+    results = []
+    eff = m.sq * (m.sq_init_value / m.sq_init_scaling)
+    results.append(
+        ok("normalized_init", "sq, sk: effective scale 1 at init")
+        if torch.allclose(eff, torch.ones_like(eff))
+        and torch.allclose(m.sk * math.sqrt(32), torch.ones_like(m.sk))
+        else fail("normalized_init", f"normalized_init: effective scale {eff[:4].tolist()} (want 1)")
+    )
+    scale = m.backend.softmax_scale
+    results.append(
+        ok("normalized_scale")
+        if math.isclose(scale, math.sqrt(8))
+        else fail("normalized_scale", f"softmax scale {scale}, want sqrt(D) = {math.sqrt(8)}")
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    before = {n: t.detach().clone() for n, t in m.state_dict().items()}
+    m.normalize_matrices()
+    want = ref_mod.normalize_matrices({n: t.numpy() for n, t in before.items()})
+    bad = [
+        n for n, t in m.state_dict().items() if not np.allclose(t.numpy(), want[n], rtol=1e-12, atol=1e-14)
+    ]
+    results.append(
+        fail("normalize_matrices", f"normalize_matrices: {bad} differ from the reference")
+        if bad
+        else ok("normalize_matrices")
+    )
+    return results
+
+
 LIBRARY_CHECKS: dict[str, Callable[[], list[CheckResult]]] = {
     "window_for_layer": _window_for_layer,
     "attention_num_params": _attention_num_params,
@@ -507,6 +548,7 @@ LIBRARY_CHECKS: dict[str, Callable[[], list[CheckResult]]] = {
     "input_errors": _input_errors,
     "balancers": _balancers,
     "state_dict_keys": _state_dict_keys,
+    "normalized_attention": _normalized_attention,
 }
 
 
