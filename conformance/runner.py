@@ -97,6 +97,9 @@ def parse_tiers(spec: str | Sequence[str] | None) -> list[str]:
 # ------------------------------------------------------------------------------------------ progress
 
 
+SLOW_CASE_S = 5.0  # plain progress names every case slower than this
+
+
 class Progress:
     """A live progress bar (rich) or plain progress lines."""
 
@@ -106,6 +109,7 @@ class Progress:
         self.quiet = quiet
         self.done = 0
         self.failed = 0
+        self._t0 = time.perf_counter()
         self._tier: str | None = None
         self._rich: Any = None
         if use_rich is None:
@@ -156,8 +160,18 @@ class Progress:
                 file=self.stream,
                 flush=True,
             )
+        elif result.duration_s > SLOW_CASE_S:
+            print(
+                f"[{self.done}/{self.total}] {result.status} in {result.duration_s:.1f} s: {result.case.id}",
+                file=self.stream,
+                flush=True,
+            )
         elif self.done == self.total or self.done % 25 == 0:
-            print(f"[{self.done}/{self.total}] {self.failed} failed so far", file=self.stream, flush=True)
+            print(
+                f"[{self.done}/{self.total}] {self.failed} failed so far ({time.perf_counter() - self._t0:.0f} s)",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._rich is not None:
@@ -341,8 +355,17 @@ def run_cases(
     use_rich: bool | None = None,
     options: dict[str, Any] | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
+    time_budget_s: float | None = None,
+    checkpoint: Callable[[RunReport], None] | None = None,
+    checkpoint_every_s: float = 30.0,
 ) -> RunReport:
-    """Run ``cases`` in order (tiers cheapest first), then the pairwise comparisons."""
+    """Run ``cases`` in order (tiers cheapest first), then the pairwise comparisons.
+
+    ``time_budget_s``: no case starts after this many seconds; the rest are reported as skipped
+    with that reason (a run that must fit a time limit still ends with a complete report).
+    ``checkpoint`` is called with the report so far at most every ``checkpoint_every_s`` seconds,
+    so a run killed from outside leaves its finished cases behind.
+    """
     stream = stream or sys.stdout
     started = time.time()
     t0 = time.perf_counter()
@@ -356,10 +379,18 @@ def run_cases(
     cases = sorted(
         cases, key=lambda c: (rank[c.tier], _batchable(c), c.param.get("world", 0) if _batchable(c) else 0)
     )
+    last_checkpoint = time.perf_counter()
     try:
         i = 0
         while i < len(cases):
             case = cases[i]
+            if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+                reason = f"not started: the run's time budget of {time_budget_s:g} s was used up"
+                for rest in cases[i:]:
+                    res = CaseResult(rest, SKIPPED, [], reason, 0.0)
+                    results.append(res)
+                    bar.end_case(res)
+                break
             bar.start_case(case)
             if _batchable(case):  # consecutive CP cases of one tier and world size share a launch
                 j = i + 1
@@ -382,6 +413,9 @@ def run_cases(
                 if on_result is not None:
                     on_result(res)
             i = j
+            if checkpoint is not None and time.perf_counter() - last_checkpoint > checkpoint_every_s:
+                checkpoint(RunReport(list(results), fp, options or {}, started, time.perf_counter() - t0))
+                last_checkpoint = time.perf_counter()
     finally:
         bar.close()
     results += pairwise_results(ctx, by_key)

@@ -74,6 +74,13 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
         "write/print the combined report",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="start no case after this many seconds; the rest are reported as skipped (runs that must fit "
+        "a time limit, e.g. one device call); with --json the report is also checkpointed every 30 s",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +125,20 @@ def run_conformance(args: argparse.Namespace) -> int:
         "pattern": args.pattern,
         "seed": args.seed,
     }
-    report = run_cases(cases, progress=not args.no_progress, options=options)
+    checkpoint = None
+    if args.json:
+        json_path = args.json
+
+        def checkpoint(partial: Any) -> None:
+            rep.write_json(partial, json_path)
+
+    report = run_cases(
+        cases,
+        progress=not args.no_progress,
+        options=options,
+        time_budget_s=args.time_budget,
+        checkpoint=checkpoint,
+    )
     return _finish(report, args)
 
 
