@@ -10,6 +10,6 @@ source ~/fa4_site/env.sh
 fla_site
 python3 -c "import flash_attn.cute as c; print('flash_attn.cute OK', getattr(c, '__version__', ''))"
 TAIL=25 step 150 fa4_check.log python3 scripts/fa4/gpu_check.py --out "$OUT/fa4_gpu_check.json"
-TAIL=12 step 270 conf_flash4.log python3 -m conformance --no-progress --tier gpu --backends flash_4 torch --json "$OUT/conf_gpu_flash4.json"
+TAIL=12 step 270 conf_flash4.log python3 -m conformance --no-progress --tier gpu --backends flash_4 --json "$OUT/conf_gpu_flash4.json"
 cp olmo_attn/backends/preference.json "$OUT/preference.json"
 TAIL=30 step 160 backend_bench.log python3 benchmarks/backend_bench.py --out "$OUT/backends.json" --write-preference "$OUT/preference.json"
