@@ -139,13 +139,33 @@ def flex_forward(
     fn = _flex_fn(q.device)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[2] != k.shape[2]
+    # Inductor picks its flex *decoding* kernel for queries shorter than 128; on an H200 with
+    # torch 2.11 that kernel failed to lower (NoValidChoicesError) for grouped / single KV heads
+    # at several head dims. The main kernel handles every length.
+    opts = {"FORCE_USE_FLEX_ATTENTION": True} if q.is_cuda else None
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # older PyTorch: return_lse
-        out, lse = fn(qh, kh, vh, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+        out, lse = fn(
+            qh,
+            kh,
+            vh,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=gqa,
+            return_lse=True,
+            kernel_options=opts,
+        )
     else:
         out, aux = fn(
-            qh, kh, vh, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True)
+            qh,
+            kh,
+            vh,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=gqa,
+            return_aux=AuxRequest(lse=True),
+            kernel_options=opts,
         )
         lse = aux.lse
     return out.transpose(1, 2), lse
