@@ -1,0 +1,222 @@
+"""Render the README's benchmark and conformance tables from the committed result files.
+
+    python benchmarks/readme_tables.py            # print the Markdown
+    python benchmarks/readme_tables.py --update   # rewrite README.md between the table markers
+
+Reads ``benchmarks/results/*.json`` and ``conformance/reports/*.json``; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+REPORTS = ROOT / "conformance" / "reports"
+BEGIN, END = "<!-- tables:begin (benchmarks/readme_tables.py) -->", "<!-- tables:end -->"
+
+
+def _load(pattern: str) -> list[tuple[Path, dict]]:
+    return [(p, json.loads(p.read_text())) for p in sorted(RESULTS.glob(pattern))]
+
+
+def _gpu(env: dict) -> str:
+    return env.get("gpu") or env.get("device_name") or env.get("device") or "?"
+
+
+def torch_backend() -> list[str]:
+    out = []
+    for path, d in _load("*-torch_backend.json"):
+        cfg, env = d["config"], d["env"]
+        out += [
+            f"**torch backend vs cuDNN SDPA** — {_gpu(env)}, torch {env.get('torch')}, "
+            f"B{cfg['B']} T{cfg['T']} Hq{cfg['Hq']} Hkv{cfg['Hkv']} D{cfg['D']} bf16, window {cfg['window']}, "
+            f"{cfg.get('n_documents')} packed documents (longest {cfg.get('doc_lengths_max')}) "
+            f"([`{path.name}`](benchmarks/results/{path.name})). FLOPs count only unmasked pairs.",
+            "",
+            "| workload | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in d["results"]:
+            out.append(
+                f"| {r['workload']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | "
+                f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops']:.0f} |"
+            )
+        out.append("")
+    return out
+
+
+def backends() -> list[str]:
+    out = []
+    for path, d in _load("*-backends.json"):
+        env, res = d["env"], d["results"]
+        ok = [r for r in res if r.get("fwd_ms") is not None and r.get("fwd_bwd_ms") is not None]
+        names = sorted({r["backend"] for r in ok}, key=lambda n: (n != "torch", n))
+        out += [
+            f"**Every available backend** — {_gpu(env)}, bf16, Hq32 Hkv8 D128, B·T = 32k tokens; "
+            f"cells are fwd / fwd+bwd ms (fwd+bwd TFLOP/s) ([`{path.name}`](benchmarks/results/{path.name})).",
+            "",
+            "| mask | T | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        rows: dict[tuple, dict[str, str]] = {}
+        for r in ok:
+            rows.setdefault((r["mask"], r["seq_len"]), {})[r["backend"]] = (
+                f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ({r['fwd_bwd_tflops']:.0f})"
+            )
+        for (mask, T), cells in rows.items():
+            out.append(f"| {mask} | {T} | " + " | ".join(cells.get(n, "—") for n in names) + " |")
+        pref = d.get("preference") or {}
+        if pref:
+            out += [
+                "",
+                "Measured preference order (`olmo_attn/backends/preference.json`): "
+                + "; ".join(
+                    f"{arch} {kind}: {' > '.join(order)}"
+                    for arch, kinds in pref.items()
+                    if isinstance(kinds, dict)
+                    for kind, order in kinds.items()
+                    if isinstance(order, list)
+                )
+                + ".",
+            ]
+        out.append("")
+    return out
+
+
+def module() -> list[str]:
+    out = []
+    for path, d in _load("*-module.json"):
+        env, cfg = d["env"], d["config"]
+        out += [
+            f"**Whole `Attention` module vs OLMo-core 3.0.0** (its torch backend, the only one it can run there) — "
+            f"{_gpu(env)}; B{cfg['batch']} T{cfg['seq_len']} d_model {cfg['d_model']} "
+            f"Hq{cfg['n_heads']} Hkv{cfg['n_kv_heads']}, RoPE + QK RMS-norm, bf16 autocast, "
+            f"forward+backward ([`{path.name}`](benchmarks/results/{path.name})).",
+            "",
+            "| window | ours (backend) | ours ms | ours tok/s | OLMo-core ms | OLMo-core tok/s | speed-up | max abs diff |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in d["results"]:
+            if "ours_ms" not in r:
+                continue
+            win = r["window"] or "full"
+            be = r["ours_backend"] + (" (auto)" if r["ours_backend_requested"] == "auto" else "")
+            out.append(
+                f"| {win} | {be} | {r['ours_ms']:.2f} | {r['ours_tokens_per_s'] / 1e3:.0f}k | "
+                f"{r['olmo_core_ms']:.2f} | {r['olmo_core_tokens_per_s'] / 1e3:.0f}k | ×{r['speedup']:.2f} | "
+                f"{r['max_abs_diff_vs_olmo_core']:.2g} |"
+            )
+        out.append("")
+    return out
+
+
+def gdn() -> list[str]:
+    out = []
+    for path, d in _load("*-gdn.json"):
+        env = d["env"]
+        out += [
+            f"**Gated DeltaNet** — {_gpu(env)}, bf16, B2 T8192 H16 Dk128 Dv256 "
+            f"([`{path.name}`](benchmarks/results/{path.name})); causal softmax attention at the same shape for scale.",
+            "",
+            "| subject | fwd ms | fwd+bwd ms |",
+            "|---|---|---|",
+        ]
+        rows: dict[str, dict[str, str]] = {}
+        for r in d["speed"]:
+            val = (
+                f"{r['median_ms']:.2f}"
+                if "median_ms" in r
+                else str(r.get("skipped", r.get("error", "—")))[:60]
+            )
+            rows.setdefault(r["subject"], {})[r["pass"]] = val
+        for subject, cells in rows.items():
+            out.append(f"| {subject} | {cells.get('fwd', '—')} | {cells.get('fwd+bwd', '—')} |")
+        out += ["", "| decode step (batch 64, state 128 MB) | µs | GB/s | % of HBM |", "|---|---|---|---|"]
+        for r in d["decode"]:
+            if "GB_per_s" in r:
+                out.append(
+                    f"| {r['subject']} | {r['median_ms'] * 1e3:.0f} | {r['GB_per_s']:.0f} | "
+                    f"{100 * r['GB_per_s'] / r['hbm_peak_GB_per_s']:.0f}% |"
+                )
+        out.append("")
+    return out
+
+
+def conformance() -> list[str]:
+    out = ["| report | device | cases | passed | failed | skipped |", "|---|---|---|---|---|---|"]
+    for p in sorted(REPORTS.glob("*.json")):
+        d = json.loads(p.read_text())
+        fp, c = d["fingerprint"], d["counts"]
+        dev = f"{fp.get('device_name', '?')} ({fp.get('arch', '?')})"
+        md = p.with_suffix(".md").name
+        out.append(
+            f"| [`{md}`](conformance/reports/{md}) | {dev} | {c['total']} | {c['passed']} | {c['failed']} | "
+            f"{c['skipped']} |"
+        )
+    return [*out, ""]
+
+
+def capabilities() -> list[str]:
+    """The backend × feature matrix, straight from the one capability table."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from olmo_attn.backends.capabilities import TABLE, Feature
+
+    feats = list(Feature)
+    out = [
+        "| backend | runs on | dtypes | head dim | verified on hardware | "
+        + " | ".join(f.value for f in feats)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(feats),
+    ]
+    for name, spec in TABLE.items():
+        dtypes = ", ".join(sorted(str(d).replace("torch.", "") for d in spec.dtypes))
+        marks = " | ".join("✓" if f in spec.features else "—" for f in feats)
+        verified = "yes" if spec.verified_on_hardware else "not verified on hardware here"
+        out.append(
+            f"| {name} | {spec.arch_text()} | {dtypes} | ≤ {spec.head_dim_max} | {verified} | {marks} |"
+        )
+    return [*out, ""]
+
+
+def render() -> str:
+    parts = [
+        "### Capability table",
+        "",
+        *capabilities(),
+        "### Conformance reports",
+        "",
+        *conformance(),
+        "### Speed",
+        "",
+        *torch_backend(),
+        *backends(),
+        *module(),
+        *gdn(),
+    ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--update", action="store_true", help="rewrite README.md between the markers")
+    args = ap.parse_args()
+    text = render()
+    if not args.update:
+        print(text)
+        return
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    new, n = re.subn(re.escape(BEGIN) + r".*?" + re.escape(END), BEGIN + "\n" + text + END, body, flags=re.S)
+    if n != 1:
+        raise SystemExit(f"README.md needs exactly one {BEGIN} ... {END} block")
+    readme.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
