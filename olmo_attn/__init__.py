@@ -22,6 +22,15 @@ from .attention import (
 from .backends import TABLE, AttentionBackend, AttentionBackendName, BackendSpec, Feature
 from .buffer_cache import BufferCache
 from .config import Config, DType, StrEnum
+from .cp import (
+    RingAttentionLlama3LoadBalancer,
+    RingAttentionLoadBalancer,
+    RingAttentionLoadBalancerType,
+    RingAttentionZigZagLoadBalancer,
+    RingContextParallelStyle,
+    UlyssesContextParallelStyle,
+    UlyssesLoadBalancer,
+)
 from .exceptions import (
     BackendUnavailableError,
     ConfigurationError,
@@ -41,6 +50,7 @@ from .norm import (
     RMSNorm,
     l2_normalize,
 )
+from .recurrent import GatedDeltaNet, GatedDeltaNetConfig, GDNCache
 from .rope import (
     ABFRoPEScalingConfig,
     ComplexRotaryEmbedding,
@@ -56,11 +66,6 @@ from .rope import (
     compute_inv_freqs,
     document_position_ids,
 )
-
-# --- context parallelism (olmo_attn.cp) and Gated DeltaNet (olmo_attn.recurrent): the lead adds
-# --- their public names here (RingAttentionLoadBalancer*, RingContextParallelStyle,
-# --- UlyssesContextParallelStyle, UlyssesLoadBalancer, GatedDeltaNet, GatedDeltaNetConfig, …)
-# --- and to __all__ below.
 
 __version__ = "0.1.0"
 
@@ -109,8 +114,11 @@ __all__ = [
     "FusedAttention",
     "FusedRMSNorm",
     "FusedRotaryEmbedding",
+    "GDNCache",
     "GateConfig",
     "GateGranularity",
+    "GatedDeltaNet",
+    "GatedDeltaNetConfig",
     "KVCacheManager",
     "L2Norm",
     "LayerNorm",
@@ -122,6 +130,11 @@ __all__ = [
     "PIRoPEScalingConfig",
     "QwenRMSNorm",
     "RMSNorm",
+    "RingAttentionLlama3LoadBalancer",
+    "RingAttentionLoadBalancer",
+    "RingAttentionLoadBalancerType",
+    "RingAttentionZigZagLoadBalancer",
+    "RingContextParallelStyle",
     "RoPEBuffers",
     "RoPEConfig",
     "RoPEScalingConfig",
@@ -134,6 +147,8 @@ __all__ = [
     "StrEnum",
     "TEAttentionBackend",
     "TorchAttentionBackend",
+    "UlyssesContextParallelStyle",
+    "UlyssesLoadBalancer",
     "UnsupportedFeatureError",
     "YaRNRoPEScalingConfig",
     "compute_inv_freqs",

@@ -48,7 +48,10 @@ def build(**kw) -> FlashAttention2Backend:
 # ----- availability -----------------------------------------------------------------------------------
 def test_unavailable_without_flash_attn() -> None:
     hardware.clear_caches()
-    with pytest.raises(BackendUnavailableError, match=r"flash_attn\.flash_attn_interface not installed.*pip install flash-attn"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"flash_attn\.flash_attn_interface not installed.*pip install flash-attn",
+    ):
         build()
 
 
