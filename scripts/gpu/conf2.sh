@@ -8,5 +8,5 @@ bash .carry/fa4_2/fa4_install.sh ~/fa4_stash ~/fa4_site > "$OUT/fa4_install.log"
 source ~/fa4_site/env.sh
 fla_site
 export PYTHONWARNINGS=ignore::UserWarning
-TAIL=40 step 545 conf_gpu_flash4.log python3 -m conformance --tier gpu --backends flash_4 torch --time-budget 470 \
+TAIL=40 step 290 conf_gpu_flash4.log python3 -m conformance --tier gpu --backends flash_4 torch --time-budget 230 \
   --json "$OUT/conf_gpu_flash4.json"
