@@ -333,8 +333,10 @@ class AttentionBackend(nn.Module):
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocSegments | None, dropout_p: float
     ) -> torch.Tensor:
-        """Causal attention ``[B, T, H, D]`` with this backend's window; documents per ``docs``."""
-        raise NotImplementedError
+        """Causal attention ``[B, T, H, D]`` with this backend's window; documents per ``docs``.
+
+        Abstract hook: every concrete backend overrides it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _attend (abstract hook)")
 
     def _attend_packed(self, qkv: torch.Tensor, docs: DocSegments | None, dropout_p: float) -> torch.Tensor:
         """Packed ``[B, T, 3, H, D]`` input; default: views into the unpacked path."""
@@ -346,4 +348,7 @@ class AttentionBackend(nn.Module):
     ) -> torch.Tensor:
         """Write the new ``k, v`` into ``manager``'s cache and attend over it (bottom-right causal)."""
         self.assert_supports_kv_cache()
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} claims kv_cache in the capability table but does not implement "
+            "_attend_kvcache (abstract hook)"
+        )
