@@ -448,8 +448,14 @@ class RotaryEmbeddingBase(nn.Module):
         return name if dtype == torch.float32 else f"{name}_{str(dtype).replace('torch.', '')}"
 
     @abstractmethod
+    def _get_rotary_embedding(
+        self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Any:
+        """This variant's tables for ``seq_len`` positions on ``device`` (cached)."""
+
     def warmup_cache(self, max_seq_len: int, device: torch.device | str) -> None:
         """Compute and cache the tables for ``max_seq_len`` positions on ``device``."""
+        self._get_rotary_embedding(max_seq_len, torch.device(device))
 
     @abstractmethod
     def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
@@ -484,9 +490,6 @@ class RotaryEmbeddingBase(nn.Module):
 
 class RotaryEmbedding(RotaryEmbeddingBase):
     """Rotate-half RoPE (``name="default"``) on ``q`` and ``k``; see the module docstring."""
-
-    def warmup_cache(self, max_seq_len: int, device: torch.device | str) -> None:
-        self._get_rotary_embedding(max_seq_len, torch.device(device))
 
     def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
         pos_sin, pos_cos = self._get_rotary_embedding(max_seq_len, torch.device(device))
@@ -652,9 +655,6 @@ class FusedRotaryEmbedding(RotaryEmbeddingBase):
             partial_rotary_factor=partial_rotary_factor,
         )
 
-    def warmup_cache(self, max_seq_len: int, device: torch.device | str) -> None:
-        self._get_rotary_embedding(max_seq_len, torch.device(device))
-
     def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
         pos_sin, pos_cos = self._get_rotary_embedding(max_seq_len, torch.device(device))
         return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
@@ -772,9 +772,6 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
             scaling=scaling,
             partial_rotary_factor=partial_rotary_factor,
         )
-
-    def warmup_cache(self, max_seq_len: int, device: torch.device | str) -> None:
-        self._get_rotary_embedding(max_seq_len, torch.device(device))
 
     def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
         return RoPEBuffers(freqs_cis=self._get_rotary_embedding(max_seq_len, torch.device(device)))

@@ -148,6 +148,19 @@ def _gather(x: torch.Tensor, dim: int, index: torch.Tensor, pad_value: Any, what
     return out.contiguous()
 
 
+def _gather_all(
+    inputs: Sequence[torch.Tensor],
+    dims: Sequence[int],
+    index: torch.Tensor,
+    pad_values: list[PadValue] | None,
+) -> list[torch.Tensor]:
+    """:func:`_gather` of every input along its sequence dim with its own pad value."""
+    return [
+        _gather(x, d, index, _pad_value(pad_values, i), f"inputs[{i}]")
+        for i, (x, d) in enumerate(zip(inputs, dims))
+    ]
+
+
 def _chunk_index(starts: torch.Tensor, lengths: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Concatenate ``arange(start, start + length)`` per chunk; positions ``>= end`` become ``-1``.
 
@@ -316,10 +329,7 @@ class RingAttentionLoadBalancer(ABC):
                 f"{self._resolve_multiple(length_multiple)} and no pad_values were given; pass pad_values "
                 "(one per input) or trim the inputs"
             )
-        return [
-            _gather(x, d, index, _pad_value(pad_values, i), f"inputs[{i}]")
-            for i, (x, d) in enumerate(zip(inputs, dims))
-        ]
+        return _gather_all(inputs, dims, index, pad_values)
 
     @abstractmethod
     def batch_shard_by_document(
@@ -467,11 +477,7 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
                 f"must provide a 'pad_value' when 'length_multiple' is specified (length_multiple="
                 f"{length_multiple} needs padding on this rank); pass pad_values (one per input)"
             )
-        outputs = [
-            _gather(x, d, index, _pad_value(pad_values, i), f"inputs[{i}]")
-            for i, (x, d) in enumerate(zip(inputs, dims))
-        ]
-        return outputs, meta
+        return _gather_all(inputs, dims, index, pad_values), meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,11 +607,7 @@ class RingAttentionLlama3LoadBalancer(RingAttentionLoadBalancer):
                     f"inputs[{i}] has {x.shape[d]} elements along seq_dim={seq_dims[i]} but cu_doc_lens[-1]="
                     f"{total}; the llama3 balancer needs every input to be exactly the packed documents"
                 )
-        outputs = [
-            _gather(x, d, index, _pad_value(pad_values, i), f"inputs[{i}]")
-            for i, (x, d) in enumerate(zip(inputs, dims))
-        ]
-        return outputs, meta
+        return _gather_all(inputs, dims, index, pad_values), meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,11 +671,7 @@ class UlyssesLoadBalancer(RingAttentionLoadBalancer):
                     f"inputs[{i}] has {x.shape[d]} elements along seq_dim={seq_dims[i]} but cu_doc_lens[-1]="
                     f"{total}; cu_doc_lens must cover exactly the packed inputs"
                 )
-        outputs = [
-            _gather(x, d, index, _pad_value(pad_values, i), f"inputs[{i}]")
-            for i, (x, d) in enumerate(zip(inputs, dims))
-        ]
-        return outputs, meta
+        return _gather_all(inputs, dims, index, pad_values), meta
 
 
 __all__ = [
