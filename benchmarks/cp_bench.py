@@ -75,6 +75,7 @@ class BenchConfig:
     time_budget_s: float = 420.0  # throughput cases not started after this are skipped (reported)
     seed: int = 0
     smoke: bool = False
+    partial_out: str | None = None  # rank 0 rewrites this JSON after every result (survives a kill)
 
     @classmethod
     def smoke_config(cls) -> BenchConfig:
@@ -185,6 +186,27 @@ def _to_device_meta(meta: dict[str, Any], device) -> dict[str, Any]:
         k: (v.to(device=device, dtype=torch.int32) if isinstance(v, torch.Tensor) else v)
         for k, v in meta.items()
     }
+
+
+_T0 = time.perf_counter()
+_PARTIAL: dict[str, Any] = {"correctness": [], "throughput": [], "skipped": []}
+
+
+def _progress(cfg: BenchConfig, msg: str, **update: Any) -> None:
+    """Rank 0: a timestamped progress line on stderr, and the partial results to ``cfg.partial_out``."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    print(f"[cp_bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+    _PARTIAL.update(update)
+    if cfg.partial_out:
+        doc = {"config": asdict(cfg), "progress": msg, **_PARTIAL}
+        tmp = Path(cfg.partial_out + ".tmp")
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc, indent=1, default=str))
+            os.replace(tmp, cfg.partial_out)
+        except OSError as e:  # a progress file must never stop the measurement
+            print(f"[cp_bench] could not write {cfg.partial_out}: {e}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- correctness
@@ -328,6 +350,12 @@ def check_correctness(cfg: BenchConfig, mesh, device) -> list[dict]:
                         "tensors": verdicts,
                     }
                 )
+                _progress(
+                    cfg,
+                    f"correctness {strategy} documents={docs}: "
+                    + ("passed" if results[-1]["passed"] else "FAILED"),
+                    correctness=results,
+                )
     return results
 
 
@@ -387,6 +415,7 @@ def throughput(cfg: BenchConfig, mesh, device, skipped: list[dict]) -> list[Row]
             dist.broadcast(over, 0)
             if bool(over.item()):
                 skipped.append({"tokens_per_gpu": T_l, "documents": docs, "reason": "time budget spent"})
+                _progress(cfg, f"skipped {T_l} tokens/GPU documents={docs}: time budget", skipped=skipped)
                 continue
             rng = np.random.default_rng(cfg.seed + T_l)
             doc_lens = document_lengths(total, rng, cfg.mean_doc_len) if docs else [total]
@@ -410,12 +439,28 @@ def throughput(cfg: BenchConfig, mesh, device, skipped: list[dict]) -> list[Row]
                     f, fb = f * ratio, fb * ratio
                     baseline = "scaled"
                 single = torch.tensor([f, fb], dtype=torch.float64, device=device)
+                _progress(
+                    cfg, f"single GPU {total} tokens documents={docs}: fwd {f:.2f} ms, fwd+bwd {fb:.2f} ms"
+                )
             else:
                 baseline = "measured" if total <= cfg.max_single_tokens else "scaled"
             if cuda:
                 torch.cuda.empty_cache()
             dist.broadcast(single, 0)
             for strategy in cfg.strategies:
+                over = torch.tensor([float(time.perf_counter() - start > cfg.time_budget_s)], device=device)
+                dist.broadcast(over, 0)
+                if bool(over.item()):
+                    skipped.append(
+                        {
+                            "tokens_per_gpu": T_l,
+                            "documents": docs,
+                            "strategy": strategy,
+                            "reason": "time budget spent",
+                        }
+                    )
+                    _progress(cfg, f"skipped {strategy} {T_l} tokens/GPU documents={docs}", skipped=skipped)
+                    continue
                 lb = _balancer(strategy, docs, mesh)
                 index, meta = _layout(strategy, lb, cu, total)
                 T_local = index.numel()
@@ -459,6 +504,13 @@ def throughput(cfg: BenchConfig, mesh, device, skipped: list[dict]) -> list[Row]
                         tflops_per_gpu_fwd_bwd=flops_fb / W / (t_fb / 1e3) / 1e12,
                         rank_fwd_bwd_ms=[float(x) for x in per_rank[:, 1]],
                     )
+                )
+                r = rows[-1]
+                _progress(
+                    cfg,
+                    f"{strategy} {T_l} tokens/GPU documents={docs}: fwd {r.fwd_ms:.2f} ms "
+                    f"({r.pct_ideal_fwd:.0f}% ideal), fwd+bwd {r.fwd_bwd_ms:.2f} ms ({r.pct_ideal_fwd_bwd:.0f}%)",
+                    throughput=[asdict(x) for x in rows],
                 )
                 if cuda:
                     torch.cuda.empty_cache()
@@ -548,7 +600,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {c['strategy']} | {c['documents']} | " + " | ".join(cells) + " |")
     for sk in result.get("skipped", []):
         lines.append(
-            f"\nskipped: {sk['tokens_per_gpu']} tokens/GPU, documents={sk['documents']}: {sk['reason']}"
+            f"\nskipped: {sk.get('strategy', 'all strategies')}, {sk['tokens_per_gpu']} tokens/GPU, "
+            f"documents={sk['documents']}: {sk['reason']}"
         )
     if any(r["baseline"] == "scaled" for r in result["throughput"]):
         lines.append("\n\\* single-GPU time measured at --max-single-tokens and scaled by allowed pairs")
@@ -559,7 +612,7 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespac
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny float32 shapes (CPU/gloo ok)")
     p.add_argument("--launch", type=int, default=0, help="spawn N ranks with conformance.distributed")
-    p.add_argument("--out", type=str, default=None, help="results JSON")
+    p.add_argument("--out", type=str, default=None, help="results JSON (and OUT.partial.json while running)")
     p.add_argument("--markdown", type=str, default=None, help="also write the table here")
     p.add_argument("--backend", type=str, default=None)
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per GPU")
@@ -582,6 +635,8 @@ def parse(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespac
             setattr(cfg, name, val)
     if args.time_budget is not None:
         cfg.time_budget_s = args.time_budget
+    if args.out:
+        cfg.partial_out = str(Path(args.out).with_suffix(".partial.json"))
     if args.tokens:
         cfg.tokens = tuple(args.tokens)
     if args.strategies:

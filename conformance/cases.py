@@ -450,8 +450,13 @@ def build_cases(
     seed: int = 0,
     pattern: str | None = None,
     subjects: Sequence[Subject] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[Case]:
-    """The case list for ``tiers`` (cheapest first) and ``backends`` (default: every subject)."""
+    """The case list for ``tiers`` (cheapest first) and ``backends`` (default: every subject).
+
+    ``shard=(i, n)`` keeps shard ``i`` of ``n`` (1-based): the cases whose problem hashes to it, so
+    every backend's case of one problem lands in the same shard and pairwise checks still run.
+    """
     unknown_tiers = sorted(set(tiers) - set(TIERS))
     if unknown_tiers:
         raise ValueError(f"unknown tier(s) {unknown_tiers}; choose among {', '.join(TIERS)}")
@@ -516,7 +521,25 @@ def build_cases(
     if pattern:
         match = compile_pattern(pattern)
         cases = [c for c in cases if match(c.id)]
+    if shard is not None:
+        i, n = shard
+        if not (isinstance(n, int) and isinstance(i, int) and 1 <= i <= n):
+            raise ValueError(f"shard must be I/N with 1 <= I <= N, got {i}/{n}")
+        cases = [c for c in cases if zlib.crc32(c.problem_key.encode()) % n == i - 1]
     return cases
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"2/4"`` -> ``(2, 4)``; ``None`` passes through; anything else is a ``ValueError``."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes I/N (e.g. 2/4), got {text!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard {text}: need 1 <= I <= N")
+    return i, n
 
 
 def with_skip(case: Case, reason: str) -> Case:

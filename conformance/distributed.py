@@ -46,7 +46,7 @@ __all__ = [
 
 _TAIL_LINES = 40
 _GRACE_S = 1.0  # after the first failure, how long the other ranks get to report their own error
-_STACK_DUMP_S = 0.5  # how long hung ranks get to write their stacks before SIGKILL
+_STACK_DUMP_S = 2.0  # how long hung ranks get to write their stacks before SIGKILL
 
 
 @dataclass
@@ -156,7 +156,8 @@ def run_distributed(
             ``torch.distributed.init_process_group`` with the default group spanning all ranks.
         world_size: number of processes.
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (rank ``r`` uses ``cuda:r % device_count``).
-        timeout_s: deadline for the whole case, start-up included; also the process group's timeout.
+        timeout_s: deadline for the whole case, start-up included (the process group's own timeout is
+            a little longer, so the supervisor reports a hang — with stacks — before NCCL/gloo do).
         threads_per_rank: ``torch.set_num_threads`` in each rank (default: CPU cores / world size, at
             least 1), so ranks do not oversubscribe the machine.
         env: extra environment variables for the ranks.
@@ -386,8 +387,15 @@ def _worker_main(
             _STATE["device"] = torch.device("cpu")
         _STATE.update(rank=r, world_size=W, backend=backend)
         store = dist.FileStore(os.path.join(workdir, "store"), W)
+        # NCCL: bind the communicator to this rank's GPU up front (no per-barrier device guess)
+        bind = {"device_id": _STATE["device"]} if backend == "nccl" else {}
         dist.init_process_group(
-            backend, store=store, rank=r, world_size=W, timeout=timedelta(seconds=float(timeout_s))
+            backend,
+            store=store,
+            rank=r,
+            world_size=W,
+            timeout=timedelta(seconds=float(timeout_s) + 10.0),
+            **bind,
         )
         result = fn(*args, **kwargs)
         blob = pickle.dumps(("ok", result))

@@ -4,6 +4,9 @@
 #   conformance/gpu_run.sh run NAME [olmo-attn conformance options...]   one chunk -> $DEST/chunks/NAME.json
 #   conformance/gpu_run.sh merge                                         chunks -> $DEST/<gpu>-<date>.{json,md,xml}
 #   conformance/gpu_run.sh all [options...]                              --tier all in one go, then the reports
+#   conformance/gpu_run.sh parallel N [options...]                       --tier all side by side, then merged:
+#       the gpu tier as N shards spread round-robin over the visible GPUs (CUDA_VISIBLE_DEVICES), the
+#       host tiers (config, cpu, multiproc) and, with 2+ GPUs, the multigpu tier beside them
 #
 # DEST is $OUT when set (the device tool's output folder), else conformance/reports. Suggested chunks:
 #   run host      --tier config,cpu
@@ -14,6 +17,7 @@
 # Each chunk's JSON is complete on its own; `merge` refuses chunks from different GPUs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SELF="$PWD/conformance/gpu_run.sh"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 DEST=${OUT:-conformance/reports}
@@ -38,11 +42,36 @@ case "$cmd" in
     "$PY" -m olmo_attn.cli conformance --merge "$DEST"/chunks/*.json \
       --json "$stem.json" --markdown "$stem.md" --junit "$stem.xml"
     ;;
+  parallel)
+    n=${1:?usage: gpu_run.sh parallel N [options]}
+    shift
+    ngpu=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+    if [ "$ngpu" -lt 1 ]; then
+      echo "gpu_run.sh parallel needs a CUDA GPU" >&2
+      exit 2
+    fi
+    # N compiling processes share the cores: bound each one's Inductor worker pool
+    export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / (n + 2) > 1 ? $(nproc) / (n + 2) : 1 ))}
+    pids=()
+    for i in $(seq 1 "$n"); do
+      CUDA_VISIBLE_DEVICES=$(( (i - 1) % ngpu )) "$SELF" run "gpu-$i-of-$n" --tier gpu --shard "$i/$n" "$@" >/dev/null 2>&1 &
+      pids+=($!)
+    done
+    "$SELF" run host --tier config,cpu,multiproc "$@" >/dev/null 2>&1 &
+    pids+=($!)
+    if [ "$ngpu" -ge 2 ]; then
+      "$SELF" run multigpu --tier multigpu "$@" >/dev/null 2>&1 &
+      pids+=($!)
+    fi
+    for p in "${pids[@]}"; do wait "$p" || true; done
+    tail -q -n 1 "$DEST"/chunks/*.log
+    "$SELF" merge
+    ;;
   all)
     "$PY" -m conformance --no-progress --tier all --json "$stem.json" --markdown "$stem.md" --junit "$stem.xml" "$@"
     ;;
   *)
-    echo "usage: gpu_run.sh run NAME [options] | merge | all [options]" >&2
+    echo "usage: gpu_run.sh run NAME [options] | merge | all [options] | parallel N [options]" >&2
     exit 2
     ;;
 esac

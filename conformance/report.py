@@ -299,8 +299,9 @@ def load_json(path: str | os.PathLike) -> RunReport:
 
 
 def merge(reports: list[RunReport]) -> RunReport:
-    """One report from several runs on the same machine (a run split to fit a time limit): results
-    concatenated in tier order (a case id seen twice keeps its last result), durations added."""
+    """One report from several runs on the same machine (a run split to fit a time limit, or shards run
+    side by side): results concatenated in tier order (a case id seen twice keeps its last result);
+    the duration is the wall-clock time the runs covered (overlapping shards counted once)."""
     if not reports:
         raise ValueError("merge needs at least one report")
     names = {(r.fingerprint.device_name, r.fingerprint.arch) for r in reports}
@@ -313,10 +314,14 @@ def merge(reports: list[RunReport]) -> RunReport:
             by_id[r.case.id] = r
     rank = {t: i for i, t in enumerate(TIERS)}
     results = sorted(by_id.values(), key=lambda r: rank.get(r.case.tier, len(rank)))
+    wall, end = 0.0, -math.inf
+    for start, stop in sorted((r.started, r.started + r.duration_s) for r in reports):
+        wall += max(0.0, stop - max(start, end))
+        end = max(end, stop)
     return RunReport(
         results,
         reports[0].fingerprint,
-        {"merged": [r.options for r in reports]},
+        {"merged": [r.options for r in reports], "busy_s": sum(r.duration_s for r in reports)},
         min(r.started for r in reports),
-        sum(r.duration_s for r in reports),
+        wall,
     )

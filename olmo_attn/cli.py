@@ -73,6 +73,12 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
         help="run nothing: merge these JSON reports (one machine, a run split to fit a time limit) and "
         "write/print the combined report",
     )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run shard I of N (1-based; cases split by problem, so pairwise checks stay whole): "
+        "parallel runs, e.g. one per GPU, merged afterwards with --merge",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     p.add_argument(
         "--time-budget",
@@ -95,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_conformance(args: argparse.Namespace) -> int:
     from conformance import report as rep
-    from conformance.cases import build_cases
+    from conformance.cases import build_cases, parse_shard
     from conformance.runner import parse_tiers, run_cases
 
     if args.merge:
@@ -108,8 +114,14 @@ def run_conformance(args: argparse.Namespace) -> int:
     try:
         tiers = parse_tiers(_split(args.tier))
         backends = _split(args.backends)
+        shard = parse_shard(args.shard)
         cases = build_cases(
-            tiers=tiers, backends=backends, quick=args.quick, seed=args.seed, pattern=args.pattern
+            tiers=tiers,
+            backends=backends,
+            quick=args.quick,
+            seed=args.seed,
+            pattern=args.pattern,
+            shard=shard,
         )
     except ValueError as e:
         print(f"olmo-attn conformance: {e}", file=sys.stderr)
@@ -124,6 +136,7 @@ def run_conformance(args: argparse.Namespace) -> int:
         "mode": "quick" if args.quick else "full",
         "pattern": args.pattern,
         "seed": args.seed,
+        "shard": args.shard,
     }
     checkpoint = None
     if args.json:

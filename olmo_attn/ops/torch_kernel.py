@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import flex as flex_ops
+from .aten_flash import aten_flash_backward, aten_flash_forward, aten_flash_supported
 from .blockwise import BlockPlan, BlockwiseAttention, blockwise_backward, blockwise_forward
 from .kernel import KernelCall
 from .masking import MaskIndex, build_mask_index
@@ -30,6 +31,11 @@ from .sdpa import varlen_attention, varlen_supported
 #: Kernel for intra-document masking on CUDA: ``"flex"`` (FlexAttention block mask) or ``"varlen"``
 #: (``torch.nn.attention.varlen.varlen_attn``, shared segmentations only). The GPU benchmark times both.
 DOCUMENT_KERNEL: str = os.environ.get("OLMO_ATTN_DOCUMENT_KERNEL", "flex")
+
+#: LSE kernel of :class:`TorchKernel` (ring attention's per-block kernel) on CUDA fp16/bf16: ``"flash"``
+#: (PyTorch's bundled flash-attention 2, :mod:`.aten_flash`: no compilation, direct flash-style
+#: backward) or ``"flex"`` (compiled FlexAttention, backward by recompute + autograd).
+LSE_KERNEL: str = os.environ.get("OLMO_ATTN_TORCH_LSE_KERNEL", "flash")
 
 _PLAN_CACHE: OrderedDict[tuple, Any] = OrderedDict()
 _PLAN_CACHE_SIZE = 32
@@ -199,7 +205,8 @@ def attend(
 
 
 class TorchKernel:
-    """``AttentionKernel`` of the torch backend (FlexAttention on CUDA, blockwise elsewhere).
+    """``AttentionKernel`` of the torch backend: PyTorch's bundled flash kernel on CUDA fp16/bf16
+    (:data:`LSE_KERNEL`), FlexAttention for the rest of CUDA, the blockwise kernel elsewhere.
 
     ``forward(q, k, v, call) -> (out, lse)`` records no autograd graph; ``backward`` returns this
     call's share of ``dq, dk, dv`` given the final ``out``/``lse`` (``docs`` of :mod:`.kernel`).
@@ -210,14 +217,16 @@ class TorchKernel:
     name = "torch"
 
     def __init__(self, blocks: BlockSizes = DEFAULT_BLOCKS, impl: str | None = None) -> None:
-        if impl not in (None, "flex", "blockwise"):
-            raise ValueError(f"impl={impl!r} must be None, 'flex' or 'blockwise'")
+        if impl not in (None, "flash", "flex", "blockwise"):
+            raise ValueError(f"impl={impl!r} must be None, 'flash', 'flex' or 'blockwise'")
         self.blocks = blocks
         self.impl = impl
 
     def _impl(self, q4: torch.Tensor, call: KernelCall) -> str:
         if self.impl is not None:
             return self.impl
+        if LSE_KERNEL == "flash" and aten_flash_supported(q4, call):
+            return "flash"
         return "flex" if flex_ops.flex_supported(q4, call.dropout_p) else "blockwise"
 
     def forward(
@@ -226,6 +235,8 @@ class TorchKernel:
         _check_dropout(call)
         q4, k4, v4 = _as_4d(q, k, v, call)
         impl = self._impl(q4, call)
+        if impl == "flash":
+            return aten_flash_forward(q, k, v, call)
         index, plan = prepare_mask(
             q4, k4, call, kind=impl, q_start=None, key_lo=None, key_hi=None, blocks=self.blocks
         )
@@ -259,9 +270,11 @@ class TorchKernel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_dropout(call)
         q4, k4, v4 = _as_4d(q, k, v, call)
+        impl = self._impl(q4, call)
+        if impl == "flash":
+            return aten_flash_backward(dout, q, k, v, out, lse, call)
         if call.varlen:
             dout, out, lse = dout[None], out[None], lse[None]
-        impl = self._impl(q4, call)
         index, plan = prepare_mask(
             q4, k4, call, kind=impl, q_start=None, key_lo=None, key_hi=None, blocks=self.blocks
         )

@@ -14,6 +14,7 @@ from conformance.cases import (
     MODULE_VARIANTS,
     build_cases,
     compile_pattern,
+    parse_shard,
 )
 from conformance.subjects import all_subjects, get_subject, registered
 from olmo_attn.backends.capabilities import TABLE, Feature
@@ -153,3 +154,17 @@ def test_unknown_backend_or_tier_is_an_error():
 def test_subjects_are_the_table_rows():
     assert [s.name for s in all_subjects()][: len(TABLE)] == list(TABLE)
     assert all(s.spec is TABLE[s.name] for s in all_subjects() if s.shipped)
+
+
+def test_shards_partition_the_cases_by_problem():
+    full = build_cases(tiers=["config", "cpu", "gpu"], backends=None)
+    shards = [build_cases(tiers=["config", "cpu", "gpu"], backends=None, shard=(i, 3)) for i in (1, 2, 3)]
+    ids = [c.id for s in shards for c in s]
+    assert sorted(ids) == sorted(c.id for c in full)  # every case exactly once
+    where = {c.problem_key: i for i, s in enumerate(shards) for c in s}
+    assert all(where[c.problem_key] == i for i, s in enumerate(shards) for c in s)  # problems stay whole
+    assert all(len(s) > len(full) // 6 for s in shards)  # roughly balanced
+    assert parse_shard("2/3") == (2, 3) and parse_shard(None) is None
+    for bad in ("0/3", "4/3", "x", "1/2/3"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)

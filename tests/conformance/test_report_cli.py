@@ -202,3 +202,16 @@ def test_json_reads_back_and_merges(mixed_report, tmp_path):
     assert main(["conformance", "--merge", str(path), str(path), "--markdown", str(out)]) == 1
     assert "## Failures (2)" in out.read_text()
     assert main(["conformance", "--merge", str(tmp_path / "missing.json")]) == 2
+
+
+def test_merge_counts_wall_clock_once_for_side_by_side_shards(mixed_report):
+    import dataclasses
+
+    def at(start: float, dur: float):
+        return dataclasses.replace(mixed_report, started=start, duration_s=dur)
+
+    # two shards side by side (0-100 s, 10-60 s), then a later chunk (200-230 s)
+    merged = rep.merge([at(1000.0, 100.0), at(1010.0, 50.0), at(1200.0, 30.0)])
+    assert merged.duration_s == pytest.approx(130.0)
+    assert merged.options["busy_s"] == pytest.approx(180.0)
+    assert merged.started == 1000.0
