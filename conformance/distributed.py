@@ -158,8 +158,8 @@ def run_distributed(
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (rank ``r`` uses ``cuda:r % device_count``).
         timeout_s: deadline for the whole case, start-up included (the process group's own timeout is
             a little longer, so the supervisor reports a hang — with stacks — before NCCL/gloo do).
-        threads_per_rank: ``torch.set_num_threads`` in each rank (default: CPU cores / world size, at
-            least 1), so ranks do not oversubscribe the machine.
+        threads_per_rank: ``torch.set_num_threads`` in each rank (default: ``OMP_NUM_THREADS`` or the
+            CPU cores, divided by the world size, at least 1), so ranks do not oversubscribe the machine.
         env: extra environment variables for the ranks.
 
     Raises:
@@ -172,7 +172,8 @@ def run_distributed(
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    cores = int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or os.cpu_count() or 1  # a bounded parent's share
+    threads = threads_per_rank or max(1, cores // world_size)
     workdir = tempfile.mkdtemp(prefix="olmo_attn_dist_")
     procs: list[subprocess.Popen] = []
     logs: list[Any] = []

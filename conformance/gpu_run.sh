@@ -6,7 +6,9 @@
 #   conformance/gpu_run.sh all [options...]                              --tier all in one go, then the reports
 #   conformance/gpu_run.sh parallel N [options...]                       --tier all side by side, then merged:
 #       the gpu tier as N shards spread round-robin over the visible GPUs (CUDA_VISIBLE_DEVICES), the
-#       host tiers (config, cpu, multiproc) and, with 2+ GPUs, the multigpu tier beside them
+#       host tiers (config, cpu, multiproc) and, with 2+ GPUs, the multigpu tier beside them.
+#       Env: PARALLEL_SKIP ("host", "multigpu"), GPU_ARGS / HOST_ARGS / MULTIGPU_ARGS (extra options of
+#       one part), CHUNK_PREFIX (chunk names; `merge` reads chunks in name order, a later result wins)
 #
 # DEST is $OUT when set (the device tool's output folder), else conformance/reports. Suggested chunks:
 #   run host      --tier config,cpu
@@ -50,21 +52,31 @@ case "$cmd" in
       echo "gpu_run.sh parallel needs a CUDA GPU" >&2
       exit 2
     fi
-    # N compiling processes share the cores: bound each one's Inductor worker pool
-    export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / (n + 2) > 1 ? $(nproc) / (n + 2) : 1 ))}
+    skip=" ${PARALLEL_SKIP:-} "  # e.g. "host multigpu"
+    procs=$(( n + 2 ))
+    # side-by-side processes share the cores: bound each one's BLAS/OpenMP threads and Inductor workers
+    # (unbounded, N processes x all-core thread pools made CPU cases 100x slower on a 32-core host)
+    per=$(( $(nproc) / procs > 1 ? $(nproc) / procs : 1 ))
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$per} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$per}
+    pre=${CHUNK_PREFIX:-}
     pids=()
     for i in $(seq 1 "$n"); do
-      CUDA_VISIBLE_DEVICES=$(( (i - 1) % ngpu )) "$SELF" run "gpu-$i-of-$n" --tier gpu --shard "$i/$n" "$@" >/dev/null 2>&1 &
+      # shellcheck disable=SC2086
+      CUDA_VISIBLE_DEVICES=$(( (i - 1) % ngpu )) "$SELF" run "${pre}gpu-$i-of-$n" --tier gpu --shard "$i/$n" "$@" ${GPU_ARGS:-} >/dev/null 2>&1 &
       pids+=($!)
     done
-    "$SELF" run host --tier config,cpu,multiproc "$@" >/dev/null 2>&1 &
-    pids+=($!)
-    if [ "$ngpu" -ge 2 ]; then
-      "$SELF" run multigpu --tier multigpu "$@" >/dev/null 2>&1 &
+    if [[ "$skip" != *" host "* ]]; then
+      # shellcheck disable=SC2086
+      "$SELF" run "${pre}host" --tier config,cpu,multiproc "$@" ${HOST_ARGS:-} >/dev/null 2>&1 &
+      pids+=($!)
+    fi
+    if [ "$ngpu" -ge 2 ] && [[ "$skip" != *" multigpu "* ]]; then
+      # shellcheck disable=SC2086
+      "$SELF" run "${pre}multigpu" --tier multigpu "$@" ${MULTIGPU_ARGS:-} >/dev/null 2>&1 &
       pids+=($!)
     fi
     for p in "${pids[@]}"; do wait "$p" || true; done
-    tail -q -n 1 "$DEST"/chunks/*.log
+    tail -q -n 1 "$DEST"/chunks/"$pre"*.log
     "$SELF" merge
     ;;
   all)

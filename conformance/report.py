@@ -300,7 +300,8 @@ def load_json(path: str | os.PathLike) -> RunReport:
 
 def merge(reports: list[RunReport]) -> RunReport:
     """One report from several runs on the same machine (a run split to fit a time limit, or shards run
-    side by side): results concatenated in tier order (a case id seen twice keeps its last result);
+    side by side): results concatenated in tier order (a case id seen twice keeps its last result,
+    except that a skip never replaces a result of a case that ran);
     the duration is the wall-clock time the runs covered (overlapping shards counted once)."""
     if not reports:
         raise ValueError("merge needs at least one report")
@@ -310,6 +311,9 @@ def merge(reports: list[RunReport]) -> RunReport:
     by_id: dict[str, CaseResult] = {}
     for rep_ in reports:
         for r in rep_.results:
+            seen = by_id.get(r.case.id)
+            if seen is not None and r.status == SKIPPED and seen.status != SKIPPED:
+                continue  # a case that ran keeps its result over a later skip (e.g. a spent time budget)
             by_id.pop(r.case.id, None)
             by_id[r.case.id] = r
     rank = {t: i for i, t in enumerate(TIERS)}

@@ -212,3 +212,32 @@ def test_kernel_dense_non_causal_and_empty_rows(fa4: Recorder) -> None:
     assert (fwd.kwargs["window_size_left"], fwd.kwargs["window_size_right"]) == (2, 1)
     with pytest.raises(UnsupportedFeatureError, match="does not support dropout"):
         Flash4Kernel().forward(q, k, v, KernelCall(scale=0.25, dropout_p=0.1, dropout_seed=3))
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_kv_cache_on_sm90_hd256_gathers_only_visible_slots(fa4: Recorder, head_dim: int) -> None:
+    """sm_90, head_dim > 128: the kernel gets the visible slots only (the H200 run showed poison in unused
+    slots reaching the output through the cache view); head_dim <= 128 keeps the zero-copy view."""
+    B, S, Hq, Hkv, T = 2, 12, 2, 1, 5
+    backend = build(head_dim=head_dim, n_heads=Hq, n_kv_heads=Hkv)
+    cache = KVCacheManager(B, S, Hkv, head_dim, dtype=torch.bfloat16)
+    cache.k_cache.fill_(float("nan"))  # poison: no query may see a slot it was not given
+    cache.v_cache.fill_(float("nan"))
+    leftpad = torch.tensor([0, 3], dtype=torch.int32)
+    cache.record_leftpad(leftpad)
+    q, k, v = qkv(B=B, T=T, Hq=Hq, Hkv=Hkv, D=head_dim, seed=3)
+    out = backend((q, k, v), kv_cache_manager=cache)
+    call = fa4.only("flash_attn_varlen_func")
+    if head_dim == 128:
+        assert call.kwargs["seqused_k"] is not None and call.args[1].data_ptr() == cache.k_cache.data_ptr()
+        return
+    assert call.kwargs.get("seqused_k") is None
+    assert call.kwargs["cu_seqlens_k"].tolist() == [0, 5, 7]  # T - leftpad[b] visible keys, back to back
+    assert not torch.isnan(call.args[1]).any() and not torch.isnan(call.args[2]).any()
+    ref, *_ = kv_cache_attention(
+        q.float().numpy(), k.float().numpy(), v.float().numpy(), np.zeros((B, S, Hkv, head_dim)),
+        np.zeros((B, S, Hkv, head_dim)), cache_seqlens=0, cache_leftpad=leftpad.numpy(),
+    )  # fmt: skip
+    valid = (np.arange(T)[None, :] >= leftpad.numpy()[:, None])[..., None, None]
+    assert not torch.isnan(out[torch.from_numpy(valid[..., 0, 0])]).any()
+    np.testing.assert_allclose(np.where(valid, out.float().numpy(), 0), np.where(valid, ref, 0), atol=3e-2)

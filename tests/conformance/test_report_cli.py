@@ -215,3 +215,17 @@ def test_merge_counts_wall_clock_once_for_side_by_side_shards(mixed_report):
     assert merged.duration_s == pytest.approx(130.0)
     assert merged.options["busy_s"] == pytest.approx(180.0)
     assert merged.started == 1000.0
+
+
+def test_merge_keeps_a_result_over_a_later_skip(mixed_report):
+    import dataclasses
+
+    from conformance.results import SKIPPED
+
+    ran = next(r for r in mixed_report.results if r.status != SKIPPED)
+    skip = dataclasses.replace(ran, status=SKIPPED, message="not started: the run's time budget was used up")
+    later = dataclasses.replace(mixed_report, results=[skip])
+    merged = rep.merge([mixed_report, later])
+    assert next(r for r in merged.results if r.case.id == ran.case.id).status == ran.status
+    merged = rep.merge([later, mixed_report])  # and a later result replaces an earlier skip
+    assert next(r for r in merged.results if r.case.id == ran.case.id).status == ran.status
