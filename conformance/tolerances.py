@@ -298,10 +298,17 @@ def rel_rms_budget(
 
 
 def pairwise_budget(
-    name: str, a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, dtype: torch.dtype
+    name: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ref: torch.Tensor,
+    low: torch.Tensor,
+    dtype: torch.dtype,
+    scale: float | None = None,
 ) -> Verdict:
     """Two backends agree with each other as well as one must agree with ``ref``:
-    ``max|a − b| ≤ k · max|low − ref| + atol`` (a complement to, never a replacement for, ``ref``)."""
+    ``max|a − b| ≤ k · max|low − ref| + atol`` (a complement to, never a replacement for, ``ref``), with
+    the atol floor at ``scale`` (default ``max|ref|``) exactly as :func:`max_error_budget` has it."""
     problem = nonfinite_problem(name, a, ref) or nonfinite_problem(name, b, ref)
     if problem is not None:
         return Verdict(name, False, math.nan, None, math.nan, problem)
@@ -312,6 +319,7 @@ def pairwise_budget(
         return Verdict(name, True, 0.0, 0.0, 0.0, f"{name}: no finite entries to compare")
     err = float((ao - bo).abs().max())
     base = float((lo - r).abs().max())
-    threshold = K_FACTOR * base + max(measured_atol(ref, dtype), atol_floor(dtype, ref_scale(ref)))
+    floor = atol_floor(dtype, ref_scale(ref) if scale is None else scale)
+    threshold = K_FACTOR * base + max(measured_atol(ref, dtype), floor)
     msg = f"{name}: max|a-b| = {err:.3e} vs budget {threshold:.3e}"
     return Verdict(name, err <= threshold, err, base, threshold, msg)

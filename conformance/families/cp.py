@@ -34,6 +34,7 @@ from ..results import RunContext
 from ..subjects import Subject
 from ..tolerances import gdn_budget
 from . import SkipCase
+from .gdn import LAYER_K, low_layer
 from .softmax import _dense_problem, _flat_doc_problem, draw_documents, draw_window, lowprec, randn, reference
 
 CP_TIMEOUT_S = 120.0  # one case (start-up included); a batch gets BATCH_BASE_S + BATCH_PER_CASE_S each
@@ -478,7 +479,18 @@ def run_gdn_case(case: Case) -> CaseGen:
         )
         for c in checks
     ]
-    checks += judge_rel_rms({"o": got["o"]}, {"o": ref}, {"o": gdn_budget("o", dtype)})
+    # a whole layer in the case dtype: max(fla's kernel budget, LAYER_K x the plain-PyTorch layer's error)
+    layer = {
+        "n_heads": H,
+        "n_v_heads": probe.n_v_heads,
+        "head_dim": probe.w_q.weight.shape[0] // H,
+        "expand_v": probe.expand_v,
+        "allow_neg_eigval": probe.allow_neg_eigval,
+    }
+    low = low_layer(layer, {n: t.to(dtype) for n, t in weights.items()}, x.to(dtype), cu)
+    checks += judge_rel_rms(
+        {"o": got["o"]}, {"o": ref}, {"o": gdn_budget("o", dtype)}, {"o": low}, k_low=LAYER_K
+    )
     return checks, {"world": world, "B": B, "T": T, "H": H, "d_model": d_model, "cu_doc_lens": cu}
 
 

@@ -286,7 +286,7 @@ def _ref_kwargs(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _low_layer(s: dict[str, Any], w: Tensors, x: torch.Tensor, cu: list[int] | None) -> torch.Tensor:
+def low_layer(s: dict[str, Any], w: Tensors, x: torch.Tensor, cu: list[int] | None) -> torch.Tensor:
     """The layer in plain PyTorch, in ``x.dtype`` (decay and state in the same dtype)."""
     B, T, _ = x.shape
     H, HV, Dk = s["n_heads"], s["n_v_heads"], s["head_dim"]
@@ -383,7 +383,7 @@ def run_layer(case: Case, impl: str) -> tuple[list[CheckResult], dict[str, Any]]
     refs.update({f"d[{n}]": gr for n, gr in zip(leaves, g[1:])})
     low_w = {n: weights[n].to(p.dtype).requires_grad_(True) for n, p in module.named_parameters()}
     xlow = x.to(dtype).requires_grad_(True)
-    lo = _low_layer(s, low_w, xlow, cu)
+    lo = low_layer(s, low_w, xlow, cu)
     lg = torch.autograd.grad(lo, [xlow, *low_w.values()], dout.to(dtype))
     lows: Tensors = {"o": lo.detach(), "dx": lg[0]}
     lows.update({f"d[{n}]": gr for n, gr in zip(low_w, lg[1:])})
@@ -440,7 +440,7 @@ def run_decode(case: Case, impl: str) -> tuple[list[CheckResult], dict[str, Any]
         ref_gdn.gdn_layer_forward({n: t.numpy() for n, t in weights.items()}, x.numpy(), **_ref_kwargs(s))
     )
     low_w = {n: weights[n].to(p.dtype) for n, p in module.named_parameters()}
-    low = _low_layer(s, low_w, x.to(dtype), None)
+    low = low_layer(s, low_w, x.to(dtype), None)
     checks = judge_rel_rms({"o": out}, {"o": ref}, _gdn_budget_names(["o"], dtype), {"o": low}, k_low=LAYER_K)
     if cache.seqlen != T:
         checks.append(fail("cache_seqlen", f"cache_seqlen: the cache counts {cache.seqlen} tokens after {T}"))

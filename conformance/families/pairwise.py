@@ -16,7 +16,7 @@ from typing import Any
 from ..cases import Case
 from ..checks import CheckResult, ok
 from ..results import FAILED, SKIPPED, CaseResult, RunContext, Stored, summarize_checks
-from ..tolerances import pairwise_budget
+from ..tolerances import pairwise_budget, ref_scale
 
 PAIRWISE_FAMILIES = ("attn", "kernel", "packed", "dropout", "module")
 
@@ -58,10 +58,15 @@ def pairwise_cases(cases: Sequence[Case]) -> list[Case]:
 def judge_pair(case: Case, sa: Stored, sb: Stored) -> CaseResult:
     a_name, b_name = case.backend.split("~")
     checks: list[CheckResult] = []
+    # gradients share one atol scale, as in each backend's own judgement (checks.judge_softmax)
+    grad_scale = max((ref_scale(r) for n, r in sa.refs.items() if n.startswith("d")), default=0.0)
     for name, ref in sa.refs.items():
         if name not in sa.outs or name not in sb.outs:
             continue
-        v = pairwise_budget(f"pairwise.{name}", sa.outs[name], sb.outs[name], ref, sa.lows[name], sa.dtype)
+        scale = grad_scale if name.startswith("d") else None
+        v = pairwise_budget(
+            f"pairwise.{name}", sa.outs[name], sb.outs[name], ref, sa.lows[name], sa.dtype, scale=scale
+        )
         checks.append(
             CheckResult(
                 v.name, v.passed, f"{a_name} vs {b_name}: {v.message}", v.err, v.baseline_err, v.threshold

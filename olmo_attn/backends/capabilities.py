@@ -159,8 +159,8 @@ TABLE: dict[str, BackendSpec] = {
             ring_strategies=("zig_zag", "llama3"),
             verified_on_hardware=False,
             notes="adapter written against flash-attn-4 4.0.0b36; head_dim 8-256 on sm_90, 8-128 or 256 on "
-            "sm_100 (checked at construction); KV cache honours cache_leftpad through varlen cu_seqlens_k "
-            "offsets + seqused_k; ring CP through our LSE ring on _flash_attn_fwd/_bwd; deterministic "
+            "sm_100 (checked at construction); KV cache honours cache_leftpad (the visible slots gathered "
+            "into varlen segments: the cache-view path leaked NaN from unused slots on the H200); ring CP through our LSE ring on _flash_attn_fwd/_bwd; deterministic "
             "backward on sm_90 and sm_100; verified_on_hardware flips after the GPU conformance run",
         ),
         BackendSpec(

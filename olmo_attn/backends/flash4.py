@@ -241,42 +241,27 @@ class FlashAttention4Backend(AttentionBackend):
         v_flat = manager.v_cache.view(B * S, *manager.v_cache.shape[2:])
         seqused_k = (pos + T_new - leftpad).clamp_min(0).to(torch.int32)  # [B] visible keys per row
         cu_q = torch.arange(0, (B + 1) * T_new, T_new, dtype=torch.int32, device=dev)  # [B + 1]
-        extra: dict[str, Any] = {}
-        if self._kv_cache_gathers(D, dev):
-            # the visible slots [leftpad_b, pos + T_new) of every row, back to back: the kernel sees no
-            # slot a query may not see (costs one copy of the visible cache per call)
-            slot = torch.arange(S, device=dev)
-            visible = (slot[None, :] >= leftpad[:, None]) & (slot[None, :] < pos + T_new)  # [B, S]
-            rows = visible.reshape(-1).nonzero().squeeze(1)
-            k_flat, v_flat = k_flat.index_select(0, rows), v_flat.index_select(0, rows)
-            cu_k = torch.cat([seqused_k.new_zeros(1), seqused_k.cumsum(0, dtype=torch.int32)])
-            max_k = pos + T_new
-        else:  # a view of the cache: segment b starts at its first visible slot, seqused_k ends it
-            starts = torch.arange(B, dtype=torch.int32, device=dev) * S + leftpad  # [B] flat row of key 0
-            cu_k = torch.cat([starts, torch.full((1,), B * S, dtype=torch.int32, device=dev)])  # [B + 1]
-            max_k = S
-            extra["seqused_k"] = seqused_k
+        # The kernel gets the visible slots [leftpad_b, pos + T_new) of every row, back to back, and no
+        # other slot: through a view of the whole cache (segments from cu_seqlens_k + leftpad, ended by
+        # seqused_k), the H200 conformance run showed NaN in slots no query may see reaching the
+        # output (flash-attn-4 4.0.0b36, every head dim). Costs one copy of the visible cache per call.
+        slot = torch.arange(S, device=dev)
+        visible = (slot[None, :] >= leftpad[:, None]) & (slot[None, :] < pos + T_new)  # [B, S]
+        rows = visible.reshape(-1).nonzero().squeeze(1)
+        k_vis, v_vis = k_flat.index_select(0, rows), v_flat.index_select(0, rows)  # [sum(seqused_k), Hkv, D]
+        cu_k = torch.cat([seqused_k.new_zeros(1), seqused_k.cumsum(0, dtype=torch.int32)])  # [B + 1]
         out = first(
             _cute().flash_attn_varlen_func(
                 q.reshape(B * T_new, Hq, D),
-                k_flat,
-                v_flat,
+                k_vis,
+                v_vis,
                 cu_seqlens_q=cu_q,
                 cu_seqlens_k=cu_k,
                 max_seqlen_q=T_new,
-                max_seqlen_k=max_k,
+                max_seqlen_k=pos + T_new,
                 softmax_scale=self.softmax_scale,
                 causal=True,
                 window_size=fa4_window(self.window_size, True),
-                **extra,
             )
         )
         return out.view(B, T_new, Hq, D)
-
-    @staticmethod
-    def _kv_cache_gathers(head_dim: int, device: torch.device) -> bool:
-        """sm_90 with head_dim > 128 (key tiles of 80 or 112 rows): the H200 conformance run showed NaN
-        in cache slots past ``seqused_k`` / before ``cache_leftpad`` reaching the output through the
-        cache-view path (flash-attn-4 4.0.0b36), so those calls get the visible slots gathered."""
-        sm = info_for(device).sm
-        return sm is not None and sm[0] == 9 and head_dim > 128

@@ -216,3 +216,27 @@ def test_edge_probes_and_check():
         "window_edge", lambda x: fwd(x, window + 1), inputs, probes, fwd(inputs, window + 1), gen
     )
     assert not bad.passed and "just outside the left edge changed" in bad.message
+
+
+def test_pairwise_gradients_share_the_floor_scale():
+    """A window of one key gives dq = dk = 0 exactly: two backends' rounding noise there is judged with
+    the gradients' shared atol scale (as each backend's own check does), not a zero budget."""
+    from conformance.cases import Case
+    from conformance.families.pairwise import judge_pair, pairwise_case
+    from conformance.results import Stored
+
+    zero, dv = torch.zeros(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    refs = {"out": dv.clone(), "dq": zero, "dv": dv}
+    noisy = {"out": dv.half(), "dq": zero.half() + 3e-7, "dv": dv.half()}
+    exact = {"out": dv.half(), "dq": zero.half(), "dv": dv.half()}
+    lows = {"out": dv.half(), "dq": zero.half(), "dv": dv.half()}
+    a = Case("gpu", "kernel", "a", "window", dtype="float16")
+    b = Case("gpu", "kernel", "b", "window", dtype="float16")
+    sa, sb = Stored(noisy, refs, lows, torch.float16), Stored(exact, refs, lows, torch.float16)
+    res = judge_pair(pairwise_case(a, b), sa, sb)
+    assert res.status == "passed", res.message
+    assert (
+        tol.pairwise_budget("dq", zero + 3e-7, zero, zero, zero, torch.float16).passed is False
+    )  # no scale: 0
+    sb_far = Stored({**exact, "dq": zero.half() + 1e-2}, refs, lows, torch.float16)
+    assert judge_pair(pairwise_case(a, b), sa, sb_far).status == "failed"
