@@ -146,6 +146,57 @@ def gdn() -> list[str]:
     return out
 
 
+def context_parallel() -> list[str]:
+    """Ring (zig-zag, llama3) and Ulysses on 2+ GPUs, every backend measured, side by side."""
+    runs = _load("*-cp-*.json")
+    if not runs:
+        return []
+    env, cfg = runs[0][1]["environment"], runs[0][1]["config"]
+    names = [d["config"]["backend"] for _, d in runs]
+    links = ", ".join(f"[`{p.name}`](benchmarks/results/{p.name})" for p, _ in runs)
+    out = [
+        f"**Context parallelism** — {env.get('gpu', '?')} ×{env['world_size']} over NCCL {env.get('nccl', '')}, "
+        f"{cfg['dtype']}, Hq{cfg['n_heads']} Hkv{cfg['n_kv_heads']} D{cfg['head_dim']}, forward+backward ({links}). "
+        "**% of ideal** = one GPU running the whole W·T problem alone (same backend, same mask, measured in the same "
+        "run) ÷ (W × the CP time of the slowest rank); documents: log-normal lengths around "
+        f"{cfg['mean_doc_len']} tokens.",
+        "",
+        "| strategy | documents | tokens/GPU | "
+        + " | ".join(f"{n}: % ideal fwd / fwd+bwd | {n} fwd+bwd ms" for n in names)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(names),
+    ]
+    keyed = [
+        {(r["strategy"], r["documents"], r["tokens_per_gpu"]): r for r in d["throughput"]} for _, d in runs
+    ]
+    for key in sorted(
+        set().union(*keyed), key=lambda k: (k[2], k[1], ("zig_zag", "llama3", "ulysses").index(k[0]))
+    ):
+        cells = []
+        for rows in keyed:
+            r = rows.get(key)
+            cells.append(
+                f"{r['pct_ideal_fwd']:.0f}% / {r['pct_ideal_fwd_bwd']:.0f}% | {r['fwd_bwd_ms']:.2f}"
+                if r
+                else "— | —"
+            )
+        docs = (
+            f"yes ({keyed[0][key]['n_docs']})" if key[1] and key in keyed[0] else ("yes" if key[1] else "no")
+        )
+        out.append(f"| {key[0]} | {docs} | {key[2]} | " + " | ".join(cells) + " |")
+    checks = []
+    for name, (_, d) in zip(names, runs, strict=True):
+        ok = sum(c["passed"] for c in d["correctness"])
+        checks.append(f"{name} {ok}/{len(d['correctness'])}")
+    out += [
+        "",
+        "Correctness in the same runs (gathered out, dq, dk, dv vs float64 within the CONFORMANCE budget, every "
+        "strategy with and without documents): " + ", ".join(checks) + ".",
+        "",
+    ]
+    return out
+
+
 def conformance() -> list[str]:
     out = ["| report | device | cases | passed | failed | skipped |", "|---|---|---|---|---|---|"]
     for p in sorted(REPORTS.glob("*.json")):
@@ -177,7 +228,7 @@ def capabilities() -> list[str]:
     for name, spec in TABLE.items():
         dtypes = ", ".join(sorted(str(d).replace("torch.", "") for d in spec.dtypes))
         marks = " | ".join("✓" if f in spec.features else "—" for f in feats)
-        verified = "yes" if spec.verified_on_hardware else "not verified on hardware here"
+        verified = spec.verified_text()
         out.append(
             f"| {name} | {spec.arch_text()} | {dtypes} | ≤ {spec.head_dim_max} | {verified} | {marks} |"
         )
@@ -197,6 +248,7 @@ def render() -> str:
         *torch_backend(),
         *backends(),
         *module(),
+        *context_parallel(),
         *gdn(),
     ]
     return "\n".join(parts).rstrip() + "\n"

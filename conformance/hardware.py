@@ -11,7 +11,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -76,6 +76,29 @@ class Fingerprint:
         return d
 
 
+def merge_fingerprints(fps: list[Fingerprint]) -> Fingerprint:
+    """One machine's fingerprint from runs on it with different installs (e.g. a package added between
+    two device calls): each backend/package as seen where it was available, the largest GPU count,
+    verification as the capability table states it for the machine's architecture."""
+    base = fps[0]
+    rows: dict[str, BackendRow] = {}
+    packages: dict[str, dict[str, Any]] = {}
+    for fp in fps:
+        for b in fp.backends:
+            if b.name not in rows or (b.available and not rows[b.name].available):
+                rows[b.name] = b
+        for name, info in fp.packages.items():
+            if name not in packages or (info.get("version") and not packages[name].get("version")):
+                packages[name] = info
+    backends = [
+        replace(b, verified_on_hardware=caps.get_spec(b.name).verified_for(base.arch))
+        if b.name in caps.TABLE
+        else b
+        for b in rows.values()
+    ]
+    return replace(base, gpu_count=max(fp.gpu_count for fp in fps), backends=backends, packages=packages)
+
+
 def _nvidia_driver() -> str | None:
     """The NVIDIA driver version (``nvidia-smi``), or None without one."""
     if not torch.cuda.is_available():
@@ -130,7 +153,7 @@ def backend_row(name: str, device: str | None = None) -> BackendRow:
         available=reason is None,
         version=version,
         reason=reason,
-        verified_on_hardware=spec.verified_on_hardware,
+        verified_on_hardware=spec.verified_for(device_info(device).arch),  # on this machine's arch
         devices=spec.arch_text(),
         dtypes=sorted(_dtype_name(d) for d in spec.dtypes),
         head_dim_max=spec.head_dim_max,

@@ -19,7 +19,7 @@ from typing import Any
 
 from .cases import TIERS, Case
 from .checks import CheckResult
-from .hardware import BackendRow, Fingerprint, capability_rows, format_fingerprint
+from .hardware import BackendRow, Fingerprint, capability_rows, format_fingerprint, merge_fingerprints
 from .results import FAILED, PASSED, SKIPPED, CaseResult
 from .runner import RunReport, build_matrix, row_label
 
@@ -49,7 +49,7 @@ def report_dict(report: RunReport) -> dict[str, Any]:
         "exit_code": report.exit_code,
         "matrix": {
             "rows": rows,
-            "row_labels": {r: row_label(r, report.results) for r in rows},
+            "row_labels": {r: row_label(r, report.results, report.fingerprint.arch) for r in rows},
             "columns": cols,
             "cells": {
                 r: {
@@ -211,7 +211,11 @@ def markdown(report: RunReport) -> str:
         for c in cols:
             cell = cells.get((r, c))
             cells_txt.append(_md_escape(cell.text(60)) if cell else "")
-        lines.append(f"| {_md_escape(row_label(r, report.results))} | " + " | ".join(cells_txt) + " |")
+        lines.append(
+            f"| {_md_escape(row_label(r, report.results, report.fingerprint.arch))} | "
+            + " | ".join(cells_txt)
+            + " |"
+        )
     failed = [r for r in report.results if r.status == FAILED]
     lines += ["", f"## Failures ({len(failed)})", ""]
     if not failed:
@@ -324,7 +328,7 @@ def merge(reports: list[RunReport]) -> RunReport:
         end = max(end, stop)
     return RunReport(
         results,
-        reports[0].fingerprint,
+        merge_fingerprints([r.fingerprint for r in reports]),
         {"merged": [r.options for r in reports], "busy_s": sum(r.duration_s for r in reports)},
         min(r.started for r in reports),
         wall,

@@ -258,10 +258,11 @@ def build_matrix(results: Sequence[CaseResult]) -> tuple[list[str], list[str], d
     return rows, columns, cells
 
 
-def row_label(name: str, results: Sequence[CaseResult]) -> str:
-    """Backend name, marked when the capability table does not list it as verified on hardware."""
+def row_label(name: str, results: Sequence[CaseResult], arch: str | None = None) -> str:
+    """Backend name, marked when the capability table does not list it as verified on the run's
+    hardware ``arch`` (``"sm_90"``, ``"cpu"``; ``None``: on any)."""
     subj = {s.name: s for s in all_subjects()}.get(name)
-    if name == LIBRARY_ROW or (subj is not None and subj.verified_on_hardware):
+    if name == LIBRARY_ROW or (subj is not None and subj.verified_for(arch)):
         return name  # (rows without a table entry, e.g. GDN's "fla", are unverified)
     ran = [
         r
@@ -294,7 +295,7 @@ def print_summary(report: RunReport, stream: TextIO, use_rich: bool | None = Non
             for c in cols:
                 table.add_column(c, overflow="fold")
             for r in rows:
-                row = [row_label(r, report.results)]
+                row = [row_label(r, report.results, report.fingerprint.arch)]
                 for c in cols:
                     cell = cells.get((r, c))
                     if cell is None:
@@ -312,7 +313,7 @@ def print_summary(report: RunReport, stream: TextIO, use_rich: bool | None = Non
             return
         except ImportError:
             pass
-    for line in matrix_lines(rows, cols, cells, report.results):
+    for line in matrix_lines(rows, cols, cells, report.results, report.fingerprint.arch):
         print(line, file=stream)
     print(title, file=stream)
     _print_failures(report, stream)
@@ -327,10 +328,14 @@ def _print_failures(report: RunReport, stream: TextIO) -> None:
 
 
 def matrix_lines(
-    rows: list[str], cols: list[str], cells: dict[tuple[str, str], Cell], results: Sequence[CaseResult]
+    rows: list[str],
+    cols: list[str],
+    cells: dict[tuple[str, str], Cell],
+    results: Sequence[CaseResult],
+    arch: str | None = None,
 ) -> list[str]:
     """The matrix as aligned plain-text lines (skip reasons shortened; full ones are in the reports)."""
-    labels = [row_label(r, results) for r in rows]
+    labels = [row_label(r, results, arch) for r in rows]
     w0 = max([len("backend")] + [len(lb) for lb in labels])
     widths = [max(len(c), 10) for c in cols]
     head = "backend".ljust(w0) + " | " + " | ".join(c.ljust(w) for c, w in zip(cols, widths))

@@ -67,6 +67,10 @@ class Subject:
     def verified_on_hardware(self) -> bool:
         return bool(self.spec.verified_on_hardware)
 
+    def verified_for(self, arch: str | None) -> bool:
+        """The table lists this backend as verified on device tag ``arch`` (``None``: on any)."""
+        return self.spec.verified_for(arch)
+
     def unavailable_reason(self, device: str) -> str | None:
         """``None`` if this subject can run on ``device`` ("cpu" / "cuda"), else the exact reason."""
         if device == "cuda" and not torch.cuda.is_available():

@@ -60,9 +60,24 @@ class BackendSpec:
     ring_strategies: tuple[str, ...] = ()  # load balancers its ring CP can run
     # where a feature needs a second package (flash_2's ring via ring-flash-attn is optional for us)
     feature_modules: dict[Feature, str] = field(default_factory=dict)
-    verified_on_hardware: bool = False  # passed conformance on a real device in this project
+    # where this project's conformance passed on real hardware: "any", or device tags ("cpu", "sm_90")
+    verified_on: frozenset[str] = frozenset()
     alternative_modules: tuple[str, ...] = ()  # other import names that also provide it
     notes: str = ""
+
+    @property
+    def verified_on_hardware(self) -> bool:
+        """Verified on some hardware (see :meth:`verified_for` for one device)."""
+        return bool(self.verified_on)
+
+    def verified_for(self, arch: str | None) -> bool:
+        """Conformance passed on this device tag (``"cpu"``, ``"sm_90"``; ``None``: on any device)."""
+        return "any" in self.verified_on or (arch in self.verified_on if arch else self.verified_on_hardware)
+
+    def verified_text(self) -> str:
+        if "any" in self.verified_on:
+            return "yes"
+        return ", ".join(sorted(self.verified_on)) if self.verified_on else "not verified on hardware here"
 
     def arch_ok(self, dev: DeviceInfo) -> bool:
         if dev.type not in self.devices:
@@ -100,7 +115,7 @@ TABLE: dict[str, BackendSpec] = {
             devices=frozenset({"cpu", "cuda"}),
             features=_EVERYTHING - {_F.deterministic},
             ring_strategies=("zig_zag", "llama3"),
-            verified_on_hardware=True,
+            verified_on=frozenset({"any"}),
             notes="SDPA (cuDNN/flash) for plain masks, FlexAttention on CUDA and a blockwise kernel on CPU "
             "for windows, documents and KV cache; never a dense T×T mask",
         ),
@@ -117,7 +132,6 @@ TABLE: dict[str, BackendSpec] = {
             head_dim_multiple=8,
             features=_EVERYTHING,
             ring_strategies=("zig_zag", "llama3"),
-            verified_on_hardware=False,
             notes="NOT VERIFIED ON HARDWARE HERE (no flash-attn wheel for the lent GPUs); adapter written "
             "against flash-attn 2.8.3: flash_attn_func / varlen / qkvpacked / with_kvcache (cache_leftpad); "
             "LSE kernel _wrapped_flash_attn_{forward,backward}; ring CP via ring-flash-attn when installed "
@@ -138,7 +152,6 @@ TABLE: dict[str, BackendSpec] = {
             head_dim_multiple=8,
             features=_EVERYTHING - {_F.dropout},
             ring_strategies=("zig_zag", "llama3"),
-            verified_on_hardware=False,
             notes="NOT VERIFIED ON HARDWARE HERE (no FA3 wheel for the lent GPUs); Hopper only, no dropout; "
             "adapter written against flash-attn 2.8.3's hopper/flash_attn_interface.py; ring CP through our "
             "LSE ring on _flash_attn_forward/_backward",
@@ -157,11 +170,12 @@ TABLE: dict[str, BackendSpec] = {
             head_dim_multiple=8,
             features=_EVERYTHING - {_F.dropout},
             ring_strategies=("zig_zag", "llama3"),
-            verified_on_hardware=False,
+            verified_on=frozenset({"sm_90"}),  # conformance/reports/NVIDIA_H200-2026-11-26.md
             notes="adapter written against flash-attn-4 4.0.0b36; head_dim 8-256 on sm_90, 8-128 or 256 on "
             "sm_100 (checked at construction); KV cache honours cache_leftpad (the visible slots gathered "
             "into varlen segments: the cache-view path leaked NaN from unused slots on the H200); ring CP through our LSE ring on _flash_attn_fwd/_bwd; deterministic "
-            "backward on sm_90 and sm_100; verified_on_hardware flips after the GPU conformance run",
+            "backward on sm_90 and sm_100; verified on sm_90 (H200: every gpu-tier case, pairwise with torch, "
+            "ring and Ulysses CP over NCCL), not yet on sm_100",
         ),
         BackendSpec(
             name="te",
@@ -184,7 +198,6 @@ TABLE: dict[str, BackendSpec] = {
                 _F.deterministic,  # decided by TE at construction (NVTE_ALLOW_NONDETERMINISTIC_ALGO)
             },
             ring_strategies=("zig_zag",),
-            verified_on_hardware=False,
             notes="NOT VERIFIED ON HARDWARE HERE (TE's core library does not fit the lent machines); "
             "DotProductAttention bshd, thd + cu_seqlens for documents; ring CP through TE's p2p ring "
             "(zig-zag layout, no window/documents); Ulysses through our all-to-all",

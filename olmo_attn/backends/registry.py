@@ -5,9 +5,9 @@ The order is measured, not guessed: ``preference.json`` holds, per GPU architect
 time, written by ``benchmarks/backend_bench.py --write-preference`` (:func:`derive_preferences`).
 ``torch`` closes every list: it supports every feature on every device. A backend that was not
 measured on an architecture is never chosen there automatically (it can always be forced), and
-neither is one whose table entry says ``verified_on_hardware=False`` (it has not passed the
-conformance suite on a real device in this project) unless ``allow_unverified=True`` or the
-environment variable ``OLMO_ATTN_ALLOW_UNVERIFIED=1``.
+neither is one whose table entry's ``verified_on`` lacks the device's architecture (it has not
+passed the conformance suite on that hardware in this project) unless ``allow_unverified=True`` or
+the environment variable ``OLMO_ATTN_ALLOW_UNVERIFIED=1``.
 
 File format::
 
@@ -122,8 +122,11 @@ def choose_backend(
     rejected: list[str] = []
     for name in preference_order(device, features):
         reason = rejection_reason(name, features, device=device, dtype=dtype, head_dim=head_dim)
-        if reason is None and not allow and not caps.get_spec(name).verified_on_hardware:
-            reason = f"not verified on hardware (set {ALLOW_UNVERIFIED_ENV}=1 or force backend={name!r})"
+        if reason is None and not allow and not caps.get_spec(name).verified_for(info_for(device).arch):
+            reason = (
+                f"not verified on {info_for(device).arch} hardware (set {ALLOW_UNVERIFIED_ENV}=1 or force "
+                f"backend={name!r})"
+            )
         if reason is None:
             return name
         rejected.append(f"{name}: {reason}")

@@ -51,9 +51,11 @@ def hopper_with_fa2_fa4(monkeypatch: pytest.MonkeyPatch):
     hardware.clear_caches()
 
 
-def _verified(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+def _verified(
+    monkeypatch: pytest.MonkeyPatch, *names: str, on: frozenset[str] = frozenset({"sm_90"})
+) -> None:
     for n in names:
-        monkeypatch.setitem(caps.TABLE, n, dataclasses.replace(caps.TABLE[n], verified_on_hardware=True))
+        monkeypatch.setitem(caps.TABLE, n, dataclasses.replace(caps.TABLE[n], verified_on=on))
 
 
 MEASURED = {
@@ -86,6 +88,7 @@ def test_measured_order_picks_the_fastest_supporting_backend(
 
 def test_unverified_backends_are_not_chosen_automatically(prefs, hopper_with_fa2_fa4, monkeypatch) -> None:
     prefs(MEASURED)
+    _verified(monkeypatch, "flash_2", "flash_4", on=frozenset())
     assert registry.choose_backend([Feature.causal]) == "torch"
     assert registry.choose_backend([Feature.causal], allow_unverified=True) == "flash_4"
     monkeypatch.setenv(registry.ALLOW_UNVERIFIED_ENV, "1")
@@ -95,7 +98,7 @@ def test_unverified_backends_are_not_chosen_automatically(prefs, hopper_with_fa2
 def test_per_architecture_head_dims(prefs, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cuda(monkeypatch, (10, 0), "Fake B200")
     install_flash4(monkeypatch, Recorder())
-    _verified(monkeypatch, "flash_4")
+    _verified(monkeypatch, "flash_4", on=frozenset({"sm_100"}))
     prefs({"sm_100": {"causal": ["flash_4", "torch"]}})
     assert registry.choose_backend([Feature.causal], head_dim=128) == "flash_4"
     assert registry.choose_backend([Feature.causal], head_dim=192) == "torch"  # FA4 sm_100: <=128 or 256
@@ -226,3 +229,22 @@ def test_allowed_pairs_counts() -> None:
     assert bench.allowed_pairs("sliding_window", 1, 5, 2) == 1 + 2 + 2 + 2 + 2
     assert bench.allowed_pairs("sliding_window", 1, 3, 8) == 6  # window wider than T
     assert bench.allowed_pairs("documents", 1, 5, 0, [2, 3]) == 3 + 6
+
+
+def test_verification_is_per_architecture(
+    prefs, hopper_with_fa2_fa4, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flash_4 verified on sm_90 only: chosen on a Hopper, not on a Blackwell it never passed conformance on."""
+    prefs({**MEASURED, "sm_100": MEASURED["sm_90"]})
+    monkeypatch.setitem(
+        caps.TABLE, "flash_2", dataclasses.replace(caps.TABLE["flash_2"], verified_on=frozenset())
+    )
+    monkeypatch.setitem(
+        caps.TABLE, "flash_4", dataclasses.replace(caps.TABLE["flash_4"], verified_on=frozenset({"sm_90"}))
+    )
+    assert registry.choose_backend([Feature.causal]) == "flash_4"
+    fake_cuda(monkeypatch, (10, 0), "Fake B200")
+    hardware.clear_caches()
+    assert registry.choose_backend([Feature.causal]) == "torch"
+    assert caps.TABLE["flash_4"].verified_for("sm_90") and not caps.TABLE["flash_4"].verified_for("sm_100")
+    assert caps.TABLE["torch"].verified_for("sm_100") and caps.TABLE["torch"].verified_for("cpu")

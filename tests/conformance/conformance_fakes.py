@@ -234,7 +234,7 @@ def subject_for(
         TABLE["torch"],
         name=name,
         class_name=cls.__name__,
-        verified_on_hardware=False,
+        verified_on=frozenset(),
         features=features if features is not None else TABLE["torch"].features,
     )
 

@@ -229,3 +229,15 @@ def test_merge_keeps_a_result_over_a_later_skip(mixed_report):
     assert next(r for r in merged.results if r.case.id == ran.case.id).status == ran.status
     merged = rep.merge([later, mixed_report])  # and a later result replaces an earlier skip
     assert next(r for r in merged.results if r.case.id == ran.case.id).status == ran.status
+
+
+def test_merge_takes_each_backend_from_a_run_where_it_was_available(mixed_report):
+    import dataclasses
+
+    fp = mixed_report.fingerprint
+    row = fp.backends[0]
+    missing = dataclasses.replace(row, available=False, version=None, reason="not installed")
+    before = dataclasses.replace(mixed_report, fingerprint=dataclasses.replace(fp, backends=[missing], gpu_count=1))
+    after = dataclasses.replace(mixed_report, fingerprint=dataclasses.replace(fp, backends=[row], gpu_count=2))
+    merged = rep.merge([before, after])
+    assert merged.fingerprint.backends[0].available and merged.fingerprint.gpu_count == 2
