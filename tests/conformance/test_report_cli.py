@@ -237,7 +237,11 @@ def test_merge_takes_each_backend_from_a_run_where_it_was_available(mixed_report
     fp = mixed_report.fingerprint
     row = fp.backends[0]
     missing = dataclasses.replace(row, available=False, version=None, reason="not installed")
-    before = dataclasses.replace(mixed_report, fingerprint=dataclasses.replace(fp, backends=[missing], gpu_count=1))
-    after = dataclasses.replace(mixed_report, fingerprint=dataclasses.replace(fp, backends=[row], gpu_count=2))
+    before = dataclasses.replace(
+        mixed_report, fingerprint=dataclasses.replace(fp, backends=[missing], gpu_count=1)
+    )
+    after = dataclasses.replace(
+        mixed_report, fingerprint=dataclasses.replace(fp, backends=[row], gpu_count=2)
+    )
     merged = rep.merge([before, after])
     assert merged.fingerprint.backends[0].available and merged.fingerprint.gpu_count == 2
