@@ -14,3 +14,7 @@ fla_site() {  # flash-linear-attention 0.6.0 from the carried wheel, once per ma
   [ -d /tmp/fla/fla ] && export PYTHONPATH=/tmp/fla${PYTHONPATH:+:$PYTHONPATH}
   return 0
 }
+fa4_site() {  # flash-attn-4 from the stash of an earlier call (part one) and the carried part two
+  bash .carry/fa4_2/fa4_install.sh ~/fa4_stash ~/fa4_site > /tmp/fa4_install.log 2>&1 || { echo "FA4 install failed"; cat /tmp/fa4_install.log; }
+  source ~/fa4_site/env.sh
+}

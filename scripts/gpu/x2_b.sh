@@ -5,8 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh
-bash .carry/fa4_2/fa4_install.sh ~/fa4_stash ~/fa4_site > /tmp/fa4_install.log 2>&1 || { echo "FA4 install failed"; cat /tmp/fa4_install.log; }
-source ~/fa4_site/env.sh
+fa4_site
 fla_site
 export PYTHONWARNINGS=ignore::UserWarning
 python3 -c "import flash_attn.cute; print('flash_attn.cute OK')"

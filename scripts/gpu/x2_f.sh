@@ -5,8 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh
-bash .carry/fa4_2/fa4_install.sh ~/fa4_stash ~/fa4_site > /tmp/fa4_install.log 2>&1 || { echo "FA4 install failed"; cat /tmp/fa4_install.log; }
-source ~/fa4_site/env.sh
+fa4_site
 export PYTHONWARNINGS=ignore::UserWarning
 TAIL=20 step 300 conformance_d.log env OUT=/tmp/conf CHUNK_PREFIX=c- PARALLEL_SKIP="host multigpu" \
   GPU_ARGS="--backends flash_4 torch" bash conformance/gpu_run.sh parallel 6 --time-budget 250
