@@ -458,14 +458,30 @@ class RotaryEmbeddingBase(nn.Module):
         self._get_rotary_embedding(max_seq_len, torch.device(device))
 
     @abstractmethod
-    def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
-        """The tables for positions ``[0, max_seq_len)`` on ``device``."""
+    def _get_rotary_embedding(
+        self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Any:
+        """The cached table(s) for at least ``seq_len`` positions."""
 
-    @abstractmethod
+    def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
+        """The tables for positions ``[0, max_seq_len)`` on ``device`` (``pos_sin, pos_cos``; the complex
+        variant overrides this with ``freqs_cis``)."""
+        pos_sin, pos_cos = self._get_rotary_embedding(max_seq_len, torch.device(device))
+        return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
+
     def get_buffers_for_positions(
         self, position_ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32
     ) -> RoPEBuffers:
-        """Table rows for arbitrary positions: row ``j`` belongs to ``position_ids[j]``."""
+        """Table rows for arbitrary positions: row ``j`` belongs to ``position_ids[j]`` (``[N]``).
+
+        Context parallelism builds these rows from :func:`document_position_ids` (or any global
+        positions) *before* sharding and passes the local rows to ``Attention.forward``.
+        ``dtype``: table dtype (float32 as OLMo-core; float64 for float64 models).
+        """
+        device = torch.device(device)
+        tables = list(self._get_rotary_embedding(self._need_rows(position_ids), device, dtype))
+        pos_sin, pos_cos = self._gather_rows(tables, position_ids, device)
+        return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
 
     def _gather_rows(
         self, tables: list[torch.Tensor], position_ids: torch.Tensor, device: torch.device
@@ -490,24 +506,6 @@ class RotaryEmbeddingBase(nn.Module):
 
 class RotaryEmbedding(RotaryEmbeddingBase):
     """Rotate-half RoPE (``name="default"``) on ``q`` and ``k``; see the module docstring."""
-
-    def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
-        pos_sin, pos_cos = self._get_rotary_embedding(max_seq_len, torch.device(device))
-        return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
-
-    def get_buffers_for_positions(
-        self, position_ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32
-    ) -> RoPEBuffers:
-        """``pos_sin, pos_cos [N, r]`` with row ``j`` for position ``position_ids[j]`` (``[N]``).
-
-        Context parallelism builds these rows from :func:`document_position_ids` (or any global
-        positions) *before* sharding and passes the local rows to ``Attention.forward``.
-        ``dtype``: table dtype (float32 as OLMo-core; float64 for float64 models).
-        """
-        device = torch.device(device)
-        tables = list(self._get_rotary_embedding(self._need_rows(position_ids), device, dtype))
-        pos_sin, pos_cos = self._gather_rows(tables, position_ids, device)
-        return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
 
     def _get_rotary_embedding(
         self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
@@ -654,19 +652,6 @@ class FusedRotaryEmbedding(RotaryEmbeddingBase):
             scaling=scaling,
             partial_rotary_factor=partial_rotary_factor,
         )
-
-    def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
-        pos_sin, pos_cos = self._get_rotary_embedding(max_seq_len, torch.device(device))
-        return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
-
-    def get_buffers_for_positions(
-        self, position_ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32
-    ) -> RoPEBuffers:
-        """``pos_sin, pos_cos [N, D/2]``, row ``j`` for position ``position_ids[j]``."""
-        device = torch.device(device)
-        tables = list(self._get_rotary_embedding(self._need_rows(position_ids), device, dtype))
-        pos_sin, pos_cos = self._gather_rows(tables, position_ids, device)
-        return RoPEBuffers(pos_sin=pos_sin, pos_cos=pos_cos)
 
     def _get_rotary_embedding(
         self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
