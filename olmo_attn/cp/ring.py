@@ -469,19 +469,21 @@ def _step_blocks(plans: dict[str, list[_Block]], rank: int, src: int, windowed: 
     return plans["lower" if src < rank else "upper"]
 
 
-class _ZigZagRing(torch.autograd.Function):
+class _RingFunction(torch.autograd.Function):
+    """Autograd of one ring variant: ``fwd(q, k, v, state) -> (out, lse)``; the backward gets the
+    final ``out``/``lse`` and circulates dK/dV: ``bwd(dout, q, k, v, out, lse, state) -> dq, dk, dv``."""
+
     @staticmethod
-    def forward(ctx, q, k, v, state):  # type: ignore[override]
-        out, lse = _zigzag_forward(q, k, v, state)
+    def forward(ctx, q, k, v, fwd, bwd, state):  # type: ignore[override]
+        out, lse = fwd(q, k, v, state)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.state = state
+        ctx.bwd, ctx.state = bwd, state
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _zigzag_backward(dout, q, k, v, out, lse, ctx.state)
-        return dq, dk, dv, None
+        return (*ctx.bwd(dout, q, k, v, out, lse, ctx.state), None, None, None)
 
 
 @dataclass
@@ -625,7 +627,7 @@ def zigzag_ring_attention(
         varlen=local_cu is not None,
         windowed=window[0] >= 0,
     )
-    return _ZigZagRing.apply(q, k, v, state)
+    return _RingFunction.apply(q, k, v, _zigzag_forward, _zigzag_backward, state)
 
 
 # ---------------------------------------------------------------------------------------------- llama3
@@ -760,21 +762,6 @@ def _llama3_backward(dout, q, k, v, out, lse, st: _Llama3State):
     return dq, dkv[:, :, 0].to(k.dtype), dkv[:, :, 1].to(v.dtype)
 
 
-class _Llama3Ring(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, state):  # type: ignore[override]
-        out, lse = _llama3_forward(q, k, v, state)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.state = state
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _llama3_backward(dout, q, k, v, out, lse, ctx.state)
-        return dq, dk, dv, None
-
-
 def _host(t: torch.Tensor | None, name: str) -> tuple[int, ...] | None:
     if t is None:
         return None
@@ -878,4 +865,4 @@ def llama3_ring_attention(
         key_range=key_range,
         varlen=varlen,
     )
-    return _Llama3Ring.apply(q, k, v, state)
+    return _RingFunction.apply(q, k, v, _llama3_forward, _llama3_backward, state)
