@@ -211,7 +211,7 @@ def sdpa(
     keep_mask=None,
     dropout_p: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """OLMo-core's backend-level attention (spec attention.md §5.3, context_parallel.md §5.1).
+    """OLMo-core's backend-level attention.
 
     Args:
         q: ``[B, Tq, Hq, D]``; k, v: ``[B, Tk, Hkv, D]``.

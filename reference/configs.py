@@ -1,5 +1,4 @@
-"""Configuration arithmetic: sliding-window layer mapping (attention.md §1.1), parameter counts
-(attention.md §6.1, rope.md §10, gated_deltanet.md §1.1) and the ``no_global_rope`` rule (§6.2)."""
+"""Configuration arithmetic: sliding-window layer mapping, parameter counts and the ``no_global_rope`` rule."""
 
 from __future__ import annotations
 
@@ -107,7 +106,7 @@ def attention_num_params(
     dtype=None,
     sliding_window=None,
 ) -> int:
-    """``AttentionConfig.num_params(d_model)`` (§6.1).
+    """``AttentionConfig.num_params(d_model)``.
 
     ``gate``: ``None``, a granularity string, or ``{"granularity": ..., ...}``; ``qk_norm``: ``None``
     or a dict of ``LayerNormConfig`` fields. ``rope`` … ``sliding_window`` carry no parameters.
@@ -146,7 +145,7 @@ def gdn_num_params(
     norm_eps=None,
     dtype=None,
 ) -> int:
-    """``GatedDeltaNetConfig.num_params(d_model)`` (gated_deltanet.md §1.1)."""
+    """``GatedDeltaNetConfig.num_params(d_model)``."""
     HV = n_v_heads or n_heads
     Dk = head_dim or d_model // n_heads
     Dv = int(Dk * expand_v)

@@ -89,7 +89,7 @@ def _zigzag_pick(x: np.ndarray, seq_dim: int, rank: int, world: int) -> np.ndarr
 def zigzag_shard(
     x, seq_dim: int, rank: int, world: int, pad_value=None, length_multiple: int | None = None
 ) -> np.ndarray:
-    """Zig-zag ``batch_shard`` (§4.1): pad the global length to a multiple of ``length_multiple``
+    """Zig-zag ``batch_shard``: pad the global length to a multiple of ``length_multiple``
     (default ``2W``), split into ``2W`` chunks, keep chunks ``r`` and ``2W − 1 − r``."""
     padded, _ = zigzag_pad(x, seq_dim, world, pad_value, length_multiple)
     return _zigzag_pick(padded, seq_dim, rank, world)
@@ -114,7 +114,7 @@ def zigzag_unshard(locals_: list, seq_dim: int, length: int | None = None) -> np
 def zigzag_shard_by_document(
     x, seq_dim: int, cu_doc_lens, rank: int, world: int, pad_value=None, length_multiple: int | None = None
 ) -> tuple[np.ndarray, dict]:
-    """Zig-zag ``batch_shard_by_document`` (§4.2).
+    """Zig-zag ``batch_shard_by_document``.
 
     Each document ``[cu[d], cu[d+1])`` is padded at its end to a multiple of ``2W`` and zig-zag
     split on its own; the kept pieces are concatenated; tokens after ``cu[-1]`` are dropped. With
@@ -239,7 +239,7 @@ def ulysses_pad(x, seq_dim: int, world: int, pad_value, length_multiple: int | N
 def ulysses_shard(
     x, seq_dim: int, rank: int, world: int, pad_value=None, length_multiple: int | None = None
 ) -> np.ndarray:
-    """Ulysses ``batch_shard`` (§6.1): pad to a multiple of ``length_multiple`` (default ``W``), keep
+    """Ulysses ``batch_shard``: pad to a multiple of ``length_multiple`` (default ``W``), keep
     the contiguous slice ``[r·L, (r+1)·L)``."""
     padded, _ = ulysses_pad(x, seq_dim, world, pad_value, length_multiple)
     L = padded.shape[_axis(padded, seq_dim)] // world
@@ -255,7 +255,7 @@ def ulysses_unshard(locals_: list, seq_dim: int, length: int | None = None) -> n
 def ulysses_shard_by_document(
     x, seq_dim: int, cu_doc_lens, rank: int, world: int, pad_value=None, length_multiple: int | None = None
 ) -> tuple[np.ndarray, dict]:
-    """Ulysses ``batch_shard_by_document`` (§6.2): :func:`ulysses_shard` plus global metadata::
+    """Ulysses ``batch_shard_by_document``: :func:`ulysses_shard` plus global metadata::
 
     pad = roundup(N, length_multiple) − N,   N = cu[-1] (must equal x's length here)
     cu_doc_lens = cu (+ [N + pad] if pad > 0),  max_doc_len = max(max(diff(cu)), pad)
@@ -284,7 +284,7 @@ def ulysses_unshard_by_document(locals_: list, seq_dim: int, cu_doc_lens) -> np.
 
 
 def cp2hp(per_rank_inputs: list) -> list[np.ndarray]:
-    """Sequence-sharded → head-sharded (§8.1). Rank ``s`` holds ``[B, T_l, H, D]`` (or ``[B, T_l, C]``);
+    """Sequence-sharded → head-sharded. Rank ``s`` holds ``[B, T_l, H, D]`` (or ``[B, T_l, C]``);
     rank ``r`` gets ``[B, W·T_l, H/W, D]`` with ``out_r[b, s·T_l + t, j] = x_s[b, t, r·(H/W) + j]``."""
     xs = [np.asarray(a) for a in per_rank_inputs]
     world, H = len(xs), xs[0].shape[2]
@@ -295,7 +295,7 @@ def cp2hp(per_rank_inputs: list) -> list[np.ndarray]:
 
 
 def hp2cp(per_rank_inputs: list) -> list[np.ndarray]:
-    """Head-sharded → sequence-sharded (§8.2). Rank ``s`` holds ``[B, T, H_l, D]`` (or ``[B, T, C_l]``);
+    """Head-sharded → sequence-sharded. Rank ``s`` holds ``[B, T, H_l, D]`` (or ``[B, T, C_l]``);
     rank ``r`` gets ``[B, T/W, W·H_l, D]`` with ``out_r[b, t, s·H_l + j] = x_s[b, r·(T/W) + t, j]``."""
     xs = [np.asarray(a) for a in per_rank_inputs]
     world, T = len(xs), xs[0].shape[1]

@@ -10,7 +10,7 @@ Gated delta rule per value head, state ``S ∈ R^{Dk × Dv}`` (fla's ``[K, V]`` 
 
 The state starts at 0 (or ``initial_state``) at the start of every sequence / document.
 
-Layer (§3), with ``σ`` the logistic sigmoid and ``silu(z) = z σ(z)``::
+Layer, with ``σ`` the logistic sigmoid and ``silu(z) = z σ(z)``::
 
     q̃, k̃, ṽ = w_q(x), w_k(x), w_v(x)
     β = σ(w_b(x)) (· 2 if allow_neg_eigval),   g = −exp(A_log) · softplus(w_a(x) + dt_bias)
@@ -174,7 +174,7 @@ def gdn_layer_forward(
     norm_eps: float = 1e-5,
     cu_doc_lens=None,
 ) -> np.ndarray:
-    """``GatedDeltaNet.forward`` (§3): ``x [B, T, d_model]`` → ``[B, T, d_model]``.
+    """``GatedDeltaNet.forward``: ``x [B, T, d_model]`` → ``[B, T, d_model]``.
 
     ``weights`` keys: ``w_q/w_k/w_v/w_a/w_b/w_g/w_out.weight``, ``A_log``, ``dt_bias``,
     ``{q,k,v}_conv1d.weight`` ``[C, 1, Kc]`` (+ optional ``.bias``), ``o_norm.weight``.

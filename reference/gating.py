@@ -1,4 +1,4 @@
-"""Sigmoid output gating (spec attention.md §2) in NumPy float64.
+"""Sigmoid output gating in NumPy float64.
 
 With ``g = w_g(x)`` computed from the block input ``x``::
 

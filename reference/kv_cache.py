@@ -1,4 +1,4 @@
-"""KV-cache decoding (spec attention.md §8) in NumPy float64.
+"""KV-cache decoding in NumPy float64.
 
 A cache holds ``k_cache, v_cache [B, S, Hkv, D]``, one shared length ``cache_seqlens`` and a
 per-row left padding ``cache_leftpad [B]``. One call with ``Tn`` new tokens:

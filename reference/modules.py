@@ -1,7 +1,7 @@
 """Whole-module forwards of ``Attention``, ``FusedAttention`` and ``NormalizedAttention`` in NumPy
-float64, from weights keyed by OLMo-core ``state_dict`` names (spec attention.md §7.3, §9, §10).
+float64, from weights keyed by OLMo-core ``state_dict`` names.
 
-``Attention`` (§7.3), with ``x [B, T, d_model]``, ``Linear(x) = x Wᵀ + b``::
+``Attention``, with ``x [B, T, d_model]``, ``Linear(x) = x Wᵀ + b``::
 
     q, k, v = w_q(x), w_k(x), w_v(x)                     [B, T, H*D], [B, T, Hkv*D], [B, T, Hkv*D]
     clip:      q, k, v = clamp(·, −clip_qkv, clip_qkv)
@@ -208,7 +208,7 @@ def attention_forward_cached(
     softmax_scale: float | None = None,
     cache_leftpad=None,
 ) -> tuple[np.ndarray, KVCache]:
-    """``Attention.forward`` with a KV cache (§8): RoPE ``start_pos = cache.cache_seqlens`` (same for
+    """``Attention.forward`` with a KV cache: RoPE ``start_pos = cache.cache_seqlens`` (same for
     every row), attention via :meth:`KVCache.step`; ``cache_leftpad [B]`` is recorded when given.
 
     Returns ``out [B, T, d_model]`` and the advanced cache.
@@ -246,7 +246,7 @@ def fused_attention_forward(
     pos_cos=None,
     cache_leftpad=None,
 ) -> np.ndarray:
-    """``FusedAttention.forward`` (§9): ``qkv = w_qkv(x).view(B, T, 3, H, D)`` (``D = d_model // H``),
+    """``FusedAttention.forward``: ``qkv = w_qkv(x).view(B, T, 3, H, D)`` (``D = d_model // H``),
     clip, fused RoPE at positions ``[0, T)``, attention, ``w_out``. ``x [B, T, d_model]`` →
     ``[B, T, d_model]``. ``w_qkv.weight = cat(w_q, w_k, w_v)`` of an ``Attention`` checkpoint."""
     del max_doc_len

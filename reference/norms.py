@@ -1,4 +1,4 @@
-"""Normalisation layers used for QK-norm (spec rope.md §10) in NumPy float64.
+"""Normalisation layers used for QK-norm in NumPy float64.
 
 All normalise over the last dimension (``x̄`` = mean, biased variance)::
 

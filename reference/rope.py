@@ -1,10 +1,10 @@
-"""Rotary position embeddings (spec rope.md) in NumPy float64.
+"""Rotary position embeddings in NumPy float64.
 
 Inverse frequencies for rotary width ``r`` (``r = int(D * partial_rotary_factor)``) and base θ::
 
     inv_freq[i] = 1 / θ^(2i / r),   i = 0 … ceil(r/2) − 1,     ang[p, i] = p · inv_freq[i]
 
-A scaling scheme (§6) maps ``inv_freq`` to ``(inv_freq', rescale)``; sin/cos tables are multiplied
+A scaling scheme maps ``inv_freq`` to ``(inv_freq', rescale)``; sin/cos tables are multiplied
 by ``rescale`` (complex RoPE supports no scaling). Two rotation conventions on the first ``r``
 channels (the rest passes through unchanged):
 
@@ -373,5 +373,5 @@ def apply_rope_packed(
 
 def layer_uses_rope(*, no_global_rope: bool, uses_swa: bool) -> bool:
     """The ``no_global_rope`` ("GNoPE") rule: a layer keeps RoPE iff it is a sliding-window layer or
-    ``no_global_rope`` is off (rope.md §7, attention.md §6.2)."""
+    ``no_global_rope`` is off."""
     return uses_swa or not no_global_rope
