@@ -8,6 +8,7 @@ are imported on first access, so optional packages are never imported eagerly.
 
 from typing import Any
 
+from ._version import __version__ as __version__
 from .attention import (
     Attention,
     AttentionConfig,
@@ -66,8 +67,6 @@ from .rope import (
     compute_inv_freqs,
     document_position_ids,
 )
-
-__version__ = "0.1.0"
 
 # name -> (module, attribute), imported on first access (PEP 562)
 _LAZY: dict[str, tuple[str, str]] = {
