@@ -11,6 +11,7 @@ Differences from OLMo-core (documented in the README):
 
 * the llama3 balancer pads as intended (one synthetic trailing document) instead of the reference's
   sign-inverted arithmetic, and needs no ``ring-flash-attn``;
+* the llama3 balancer also shards plain sequences (contiguous shards, no document metadata);
 * negative ``seq_dims`` are normalised instead of silently padding the wrong axis;
 * ``cu_doc_lens`` must also be non-decreasing and integer, and the Ulysses document mode checks
   that the inputs are exactly ``cu_doc_lens[-1]`` long (the reference silently desynchronises).
@@ -512,42 +513,20 @@ def llama3_metadata(cu: Sequence[int], rank: int, world_size: int) -> dict[str, 
 
 
 class RingAttentionLlama3LoadBalancer(RingAttentionLoadBalancer):
-    """Llama3: contiguous shards plus per-rank query/key document offsets (§5).
+    """Llama3: contiguous shards plus per-rank query/key document offsets.
 
-    Rank ``r`` keeps ``[r·L, (r+1)·L)`` of the packed sequence padded (as one synthetic trailing
-    document) to a multiple of ``W`` (or ``length_multiple · W``). Only the document mode exists.
+    With documents, rank ``r`` keeps ``[r·L, (r+1)·L)`` of the packed sequence padded (as one
+    synthetic trailing document) to a multiple of ``W`` (or ``length_multiple · W``). Without
+    documents (:meth:`batch_shard`), rank ``r`` keeps ``[r·L, (r+1)·L)`` of every row, the sequence
+    padded at its end to a multiple of ``W``; llama3 ring attention then needs no metadata (rank
+    ``r``'s queries see keys ``[0, (r+1)·L)``).
     """
 
-    @staticmethod
-    def _plain_error() -> ShardingNotSupportedError:
-        return ShardingNotSupportedError(
-            "RingAttentionLlama3LoadBalancer only shards packed documents: call batch_shard_by_document("
-            "..., cu_doc_lens=...) (a single document is cu_doc_lens=[0, T]), or use the zig_zag / ulysses "
-            "balancer for plain sequences"
-        )
-
     def shard_index(self, length: int, *, length_multiple: int | None = None, rank: int | None = None):
-        raise self._plain_error()
-
-    def batch_shard(
-        self,
-        *,
-        inputs: list[torch.Tensor],
-        seq_dims: list[int],
-        pad_values: list[PadValue] | None = None,
-        length_multiple: int | None = None,
-    ) -> list[torch.Tensor]:
-        raise self._plain_error()
-
-    def unshard(
-        self,
-        shards: Sequence[torch.Tensor],
-        *,
-        seq_dim: int,
-        length: int,
-        length_multiple: int | None = None,
-    ) -> torch.Tensor:
-        raise self._plain_error()
+        r = self._rank(rank)
+        L = self.padded_length(length, length_multiple) // self.cp_world_size
+        index = torch.arange(r * L, (r + 1) * L, dtype=torch.int64)
+        return torch.where(index < length, index, torch.full_like(index, -1))
 
     def _padded_cu(self, cu: tuple[int, ...], length_multiple: int | None) -> tuple[int, ...]:
         if length_multiple is not None and (

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from olmo_attn.cp.errors import ShardingArgumentError, ShardingError, ShardingNotSupportedError
+from olmo_attn.cp.errors import ShardingArgumentError, ShardingError
 from olmo_attn.cp.load_balancers import (
     RingAttentionLlama3LoadBalancer,
     RingAttentionLoadBalancer,
@@ -222,12 +222,19 @@ def test_llama3_pads_as_intended_with_a_synthetic_document():
     assert o.shape == (1, 8) and m["cu_doc_lens_q"].tolist() == [0, 6, 8]
 
 
+def test_llama3_plain_sequences_are_contiguous_shards():
+    """Without documents llama3 keeps [r·L, (r+1)·L) of every row, padded at the end; unshard inverts it."""
+    x = _x(10)
+    shards = [lb.batch_shard(inputs=[x], seq_dims=[1], pad_values=[-1])[0] for lb in _all(L3, 4)]
+    assert [s.tolist() for s in shards] == [[[0, 1, 2]], [[3, 4, 5]], [[6, 7, 8]], [[9, -1, -1]]]
+    back = L3(cp_rank=0, cp_world_size=4).unshard(shards, seq_dim=1, length=10)
+    assert torch.equal(back, x)
+    with pytest.raises(RuntimeError, match="no pad_values"):
+        L3(cp_rank=0, cp_world_size=4).batch_shard(inputs=[x], seq_dims=[1])
+
+
 def test_llama3_errors():
     lb = L3(cp_rank=0, cp_world_size=2)
-    with pytest.raises(NotImplementedError, match="batch_shard_by_document"):
-        lb.batch_shard(inputs=[_x(8)], seq_dims=[1])
-    with pytest.raises(ShardingNotSupportedError):
-        lb.unshard([_x(4), _x(4)], seq_dim=1, length=8)
     with pytest.raises(RuntimeError, match="exactly the packed documents"):
         lb.batch_shard_by_document(
             inputs=[_x(12)], seq_dims=[1], cu_doc_lens=torch.tensor([0, 10]), pad_values=[0]
