@@ -45,6 +45,7 @@ it would run the chunk matmuls in bf16 and mix dtypes in the recurrence.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import math
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "KERNELS",
     "autocast_off",
     "chunk_gated_delta_rule",
     "compute_dtype_for",
@@ -69,6 +71,8 @@ DEFAULT_CHUNK_SIZE = 64
 L2NORM_EPS = 1e-6
 SOLVES = ("auto", "solve", "blocked", "doubling")
 SCANS = ("auto", "transition", "delta")
+KERNELS = ("auto", "torch", "triton")
+TRITON_FAILURES: dict[str, str] = {}  # "chunk" -> why the Triton kernels failed here (then torch runs)
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -103,12 +107,15 @@ def validate_gdr_inputs(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    *,
+    host_check: bool = True,
 ) -> tuple[int, tuple[int, ...] | None]:
     """Check shapes of the gated-delta-rule arguments.
 
     Returns ``(n_seq, cu_host)``: the number of independent sequences (``B`` or ``len(cu) - 1``) and
-    the host copy of ``cu_seqlens`` (``None`` without documents). Raises ``TypeError`` /
-    ``ValueError`` naming the argument.
+    the host copy of ``cu_seqlens`` (``None`` without documents, and when ``host_check`` is false
+    or under ``torch.compile``: then the offsets' values are not read on the host, only the
+    shapes are checked). Raises ``TypeError`` / ``ValueError`` naming the argument.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -142,10 +149,15 @@ def validate_gdr_inputs(
                 "cu_seqlens must be an int32 or int64 tensor [n_seq + 1], got "
                 f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}"
             )
-        from ..masks import validate_cu_seqlens
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens must be 1-D [n_seq + 1] with n_seq >= 1, got shape {tuple(cu_seqlens.shape)}"
+            )
+        n_seq = cu_seqlens.numel() - 1
+        if host_check and not torch.compiler.is_compiling():
+            from ..masks import validate_cu_seqlens
 
-        cu_host = validate_cu_seqlens(cu_seqlens.to(torch.int32), "cu_seqlens", B * T)
-        n_seq = len(cu_host) - 1
+            cu_host = validate_cu_seqlens(cu_seqlens.to(torch.int32), "cu_seqlens", B * T)
     else:
         n_seq = B
     if initial_state is not None:
@@ -756,8 +768,9 @@ def chunk_gated_delta_rule(
     solve: str = "auto",
     scan: str = "auto",
     recompute: bool = False,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated delta rule, chunkwise (WY) form, pure PyTorch, CPU and CUDA, autograd.
+    """Gated delta rule, chunkwise (WY) form: the fused Triton kernels on CUDA, pure PyTorch elsewhere.
 
     Args:
         q, k: ``[B, T, H, Dk]``; ``v``: ``[B, T, HV, Dv]`` with ``HV % H == 0`` (value head ``j``
@@ -783,7 +796,16 @@ def chunk_gated_delta_rule(
             ``"auto"`` (``"transition"``). Same numbers up to rounding.
         recompute: keep only the laid-out inputs for the backward pass and recompute the chunk
             intermediates there (activation checkpointing of the kernel: about one extra forward,
-            a fraction of the memory).
+            a fraction of the memory). PyTorch kernel only.
+        kernel: ``"triton"`` (:mod:`.triton_chunk`: fused Triton kernels, chunk 64, CUDA, or CPU
+            under ``TRITON_INTERPRET=1``), ``"torch"`` (this module's PyTorch kernel; ``solve``,
+            ``scan``, ``recompute`` and ``chunk_size`` apply to it only) or ``"auto"`` (``"triton"``
+            on CUDA for float32/bf16/fp16 inputs with ``chunk_size=64`` and ``Dk <= 256`` where
+            Triton imports and has not failed to build here, else ``"torch"``).
+
+    Under ``torch.compile`` both kernels are opaque custom ops (``olmo_attn::gdn_chunk_*`` and
+    ``olmo_attn::gdn_torch_*``): one node, no graph break, no recompile when the document offsets
+    change; the offsets' values are then not checked on the host (their shape is).
 
     Autocast is disabled inside (the inputs are converted to float32 / float64 explicitly), so the
     results are the same with and without an enclosing ``torch.autocast``.
@@ -791,9 +813,43 @@ def chunk_gated_delta_rule(
     Returns:
         ``o [B, T, HV, Dv]`` in the dtype of ``v`` and the final state or ``None``.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
     n_seq, cu_host = validate_gdr_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    compiling = torch.compiler.is_compiling()
+    requested = kernel
+    if kernel == "auto":
+        kernel = "triton" if _triton_auto(q, v, g, beta, initial_state, chunk_size) else "torch"
+    if kernel == "triton":
+        from .triton_chunk import CHUNK, triton_chunk_gated_delta_rule, triton_chunk_usable
+
+        ok, why = triton_chunk_usable(q, v)
+        if ok and chunk_size != CHUNK:
+            ok, why = False, f"the Triton kernels use chunk_size={CHUNK}, got chunk_size={chunk_size}"
+        if not ok:
+            from ..exceptions import UnsupportedFeatureError
+
+            raise UnsupportedFeatureError(
+                f"kernel='triton' cannot run here: {why}; use kernel='torch' or 'auto'"
+            )
+        call = functools.partial(
+            triton_chunk_gated_delta_rule, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+        if compiling:
+            return call()
+        try:
+            return call()
+        except Exception as e:  # cannot build or launch here: remember, run the PyTorch kernel
+            if requested == "triton":
+                raise
+            TRITON_FAILURES["chunk"] = f"{type(e).__name__}: {e}"
+    if compiling:
+        return _compiled_torch_path(
+            q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens, chunk_size
+        )
     if solve not in SOLVES:
         raise ValueError(f"solve must be one of {', '.join(map(repr, SOLVES))}, got {solve!r}")
     if scan not in SCANS:
@@ -902,3 +958,148 @@ def _chunk_gdr(
     if not output_final_state:
         return o, None
     return o, final.reshape(n_seq, HV, Dk, Dv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch helpers; the PyTorch kernel as an opaque custom op under torch.compile
+# ---------------------------------------------------------------------------------------------------
+
+
+def _triton_auto(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> bool:
+    """Whether ``kernel="auto"`` picks the Triton kernels for these inputs."""
+    if q.device.type != "cuda" or chunk_size != 64 or "chunk" in TRITON_FAILURES:
+        return False
+    if compute_dtype_for(q, v, g, beta, initial_state) != torch.float32:
+        return False
+    from .triton_chunk import triton_chunk_usable
+
+    return triton_chunk_usable(q, v)[0]
+
+
+def _torch_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    h0: torch.Tensor | None,
+    cu: torch.Tensor | None,
+    scale: float,
+    use_l2: bool,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, fin = chunk_gated_delta_rule(
+        q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True, use_qk_l2norm=use_l2,
+        cu_seqlens=cu if cu is not None and cu.numel() else None, chunk_size=chunk, kernel="torch",
+    )  # fmt: skip
+    assert fin is not None
+    return o, fin
+
+
+@torch.library.custom_op("olmo_attn::gdn_torch_fwd", mutates_args=())
+def _torch_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    h0: torch.Tensor | None,
+    cu: torch.Tensor,
+    scale: float,
+    use_l2: bool,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch kernel, forward only (``cu`` empty: no documents): ``(o, final)``."""
+    with torch.no_grad():
+        return _torch_call(q, k, v, g, beta, h0, cu, scale, use_l2, chunk)
+
+
+@_torch_fwd_op.register_fake
+def _torch_fwd_fake(q, k, v, g, beta, h0, cu, scale, use_l2, chunk):  # type: ignore[no-untyped-def]
+    B, T, _, Dk = q.shape
+    HV, Dv = v.shape[2], v.shape[3]
+    n_seq = cu.shape[0] - 1 if cu.numel() else B
+    cdt = compute_dtype_for(q, k, v, g, beta, h0)
+    return v.new_empty(B, T, HV, Dv), v.new_empty(n_seq, HV, Dk, Dv, dtype=cdt)
+
+
+@torch.library.custom_op("olmo_attn::gdn_torch_bwd", mutates_args=())
+def _torch_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    h0: torch.Tensor | None,
+    cu: torch.Tensor,
+    do: torch.Tensor,
+    dfin: torch.Tensor,
+    scale: float,
+    use_l2: bool,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward by recomputation: ``(dq, dk, dv, dg, dbeta, d_initial_state)`` (the last empty
+    without an initial state)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
+    h0l = None if h0 is None else h0.detach().requires_grad_()
+    with torch.enable_grad():
+        o, fin = _torch_call(*leaves, h0l, cu, scale, use_l2, chunk)
+        wanted = leaves + ([h0l] if h0l is not None else [])
+        grads = torch.autograd.grad([o, fin], wanted, [do, dfin], allow_unused=True)
+    out = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(wanted, grads)]
+    if h0l is None:
+        out.append(q.new_empty(0))
+    return tuple(out)  # type: ignore[return-value]
+
+
+@_torch_bwd_op.register_fake
+def _torch_bwd_fake(q, k, v, g, beta, h0, cu, do, dfin, scale, use_l2, chunk):  # type: ignore[no-untyped-def]
+    dh0 = torch.empty_like(h0) if h0 is not None else q.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            torch.empty_like(beta), dh0)  # fmt: skip
+
+
+class _TorchOpFn(torch.autograd.Function):
+    """The PyTorch kernel through the two custom ops (what ``torch.compile`` sees)."""
+
+    @staticmethod
+    def forward(ctx: Any, q, k, v, g, beta, h0, cu, scale, use_l2, chunk):  # type: ignore[no-untyped-def, override]
+        o, fin = torch.ops.olmo_attn.gdn_torch_fwd(q, k, v, g, beta, h0, cu, scale, use_l2, chunk)
+        ctx.save_for_backward(q, k, v, g, beta, h0, cu)
+        ctx.args = (scale, use_l2, chunk)
+        return o, fin
+
+    @staticmethod
+    def backward(ctx: Any, do, dfin):  # type: ignore[no-untyped-def, override]
+        q, k, v, g, beta, h0, cu = ctx.saved_tensors
+        dq, dk, dv, dg, db, dh0 = torch.ops.olmo_attn.gdn_torch_bwd(
+            q, k, v, g, beta, h0, cu, do, dfin, *ctx.args
+        )
+        return dq, dk, dv, dg, db, (dh0 if h0 is not None else None), None, None, None, None
+
+
+def _compiled_torch_path(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    use_qk_l2norm: bool,
+    cu_seqlens: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PyTorch kernel as one opaque node under ``torch.compile`` (host planning stays inside)."""
+    cu = cu_seqlens if cu_seqlens is not None else q.new_empty(0, dtype=torch.int32)
+    s = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    o, fin = _TorchOpFn.apply(q, k, v, g, beta, initial_state, cu, s, bool(use_qk_l2norm), chunk_size)
+    return o, (fin if output_final_state else None)

@@ -31,11 +31,14 @@ __all__ = ["GDNBackendName", "GDNCache", "GatedDeltaNet", "GatedDeltaNetConfig",
 
 
 class GDNBackendName(StrEnum):
-    """Which Gated DeltaNet kernels run: ``auto`` (fla where it is installed and correct on the
-    device, ours elsewhere), ``torch`` (always ours), ``fla`` (fla or an error)."""
+    """Which Gated DeltaNet kernels run: ``auto`` (on CUDA our fused Triton kernels, falling back
+    to fla where ours cannot run and fla is correct, then to our PyTorch kernel; our PyTorch kernel
+    on CPU), ``triton`` (our Triton kernels or an error), ``torch`` (our PyTorch chunked kernel,
+    on any device), ``fla`` (flash-linear-attention or an error)."""
 
     auto = "auto"
     torch = "torch"
+    triton = "triton"
     fla = "fla"
 
 
@@ -374,8 +377,24 @@ class GatedDeltaNet(SequenceMixer):
         if not fla_available():
             return False, False
         base_ok, _ = fla_kernel_usable(x.device, x.dtype, backward=False)
+        if self.backend == GDNBackendName.triton or self._ours_on_gpu(x):
+            return False, base_ok
         kernel_ok, _ = fla_kernel_usable(x.device, x.dtype, backward=needs_grad)
         return kernel_ok, base_ok
+
+    def _ours_on_gpu(self, x: torch.Tensor) -> bool:
+        """Whether our Triton kernels take this call (``auto`` prefers them to fla on CUDA)."""
+        from .chunked import TRITON_FAILURES
+        from .triton_chunk import CHUNK, MAX_DK, triton_available
+
+        return (
+            x.device.type == "cuda"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and self.chunk_size == CHUNK
+            and self.head_k_dim <= MAX_DK
+            and "chunk" not in TRITON_FAILURES
+            and triton_available()
+        )
 
     def _log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """``g = -exp(A_log) * softplus(w_a(x) + dt_bias)`` ``[B, T, HV]`` in float32 (float64 if ``x`` is)."""
@@ -528,6 +547,7 @@ class GatedDeltaNet(SequenceMixer):
             cu_seqlens=cu,
             chunk_size=self.chunk_size,
             recompute=self.recompute,
+            kernel={GDNBackendName.torch: "torch", GDNBackendName.triton: "triton"}.get(self.backend, "auto"),
         )
 
     def _forward_cached(

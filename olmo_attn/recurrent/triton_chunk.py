@@ -55,7 +55,15 @@ import torch
 
 from ..hardware import package_status
 
-__all__ = ["CHUNK", "triton_chunk_gated_delta_rule", "triton_chunk_usable"]
+__all__ = [
+    "CHUNK",
+    "LAUNCH",
+    "TILES",
+    "chunk_plan",
+    "triton_available",
+    "triton_chunk_gated_delta_rule",
+    "triton_chunk_usable",
+]
 
 CHUNK = 64
 L2NORM_EPS = 1e-6
@@ -66,9 +74,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def triton_available() -> bool:
+    """Whether ``triton`` imports (cached)."""
+    return package_status("triton").available
+
+
 def triton_chunk_usable(q: torch.Tensor, v: torch.Tensor) -> tuple[bool, str | None]:
     """Whether :func:`triton_chunk_gated_delta_rule` takes inputs like these: ``(ok, reason)``."""
-    if not package_status("triton").available:
+    if not triton_available():
         return False, "triton is not importable"
     if q.device.type != "cuda" and not _interpreting():
         return False, f"the Triton chunk kernels need a CUDA device, inputs are on {q.device}"
@@ -676,6 +689,30 @@ def _kernels() -> SimpleNamespace:
 # ---------------------------------------------------------------------------------------------------
 
 
+# Launch settings per kernel (``num_warps``, ``num_stages``) and the value-tile widths; the
+# benchmark (``benchmarks/gdn_bench.py --tune``) times alternatives by editing these in place.
+LAUNCH: dict[str, dict[str, int]] = {
+    "kkt": {"num_warps": 4, "num_stages": 2},
+    "solve": {"num_warps": 4, "num_stages": 2},
+    "wu": {"num_warps": 4, "num_stages": 2},
+    "state": {"num_warps": 4, "num_stages": 2},
+    "out": {"num_warps": 4, "num_stages": 2},
+    "dv_local": {"num_warps": 4, "num_stages": 2},
+    "dstate": {"num_warps": 4, "num_stages": 2},
+    "dqkwg": {"num_warps": 8, "num_stages": 2},
+    "wy_bwd": {"num_warps": 8, "num_stages": 2},
+}
+TILES: dict[str, int] = {"state_values": 8192, "chunk_bv": 64}
+_STAGE_HOOK: list[Any] = []
+
+
+def _cfg(name: str) -> dict[str, int]:
+    """Launch options of kernel ``name``; tells a registered stage hook that it is about to run."""
+    for hook in _STAGE_HOOK:
+        hook(name)
+    return LAUNCH[name]
+
+
 def _prec(dtype: torch.dtype) -> str:
     """``input_precision`` of float32 products: exact for float32 inputs, TF32 for bf16/fp16 ones
     (whose operands carry fewer mantissa bits than TF32 anyway)."""
@@ -686,7 +723,7 @@ def _blocks(Dk: int, Dv: int) -> tuple[int, int, int]:
     """``(BK, BV of the recurrences, BV of the chunk-parallel kernels)``."""
     BK = max(16, _next_pow2(Dk))
     pv = max(16, _next_pow2(Dv))
-    return BK, max(16, min(pv, 8192 // BK)), max(16, min(pv, 64))
+    return BK, max(16, min(pv, TILES["state_values"] // BK)), max(16, min(pv, TILES["chunk_bv"]))
 
 
 def n_slots_for(n_tokens: int, n_seq: int, has_docs: bool, seq_len: int) -> int:
@@ -761,7 +798,7 @@ def _state_pass(
     u = torch.empty(NT, HV, Dv, dtype=dt, device=kn.device)
     kern.wu[(n_slots, HV)](
         kn, v, beta, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, num_warps=4,
+        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("wu"),
     )  # fmt: skip
     n_seq = so.shape[0] - 1
     h = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=kn.device)
@@ -769,7 +806,7 @@ def _state_pass(
     final = torch.empty(n_seq if store_final else 0, HV, Dk, Dv, dtype=torch.float32, device=kn.device)
     kern.state[(n_seq * HV, -(-Dv // BVs))](
         kn, w, u, gc, h, vn, h0 if h0 is not None else final, final, so, cs, cl, H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=h0 is not None, STORE_HT=store_final, PREC=prec, INTERP=_interpreting(), num_warps=4,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=h0 is not None, STORE_HT=store_final, PREC=prec, INTERP=_interpreting(), **_cfg("state"),
     )  # fmt: skip
     return w, h, vn, final
 
@@ -811,17 +848,17 @@ def _fwd_impl(
     gc = torch.empty(NT, HV, dtype=torch.float32, device=q.device)
     a = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
     kern.kkt[(n_slots, HV)](
-        kn, g2, b2, gc, a, cs, cl, H, HV, HV // H, Dk, BT=CHUNK, BK=BK, PREC=prec, num_warps=4
+        kn, g2, b2, gc, a, cs, cl, H, HV, HV // H, Dk, BT=CHUNK, BK=BK, PREC=prec, **_cfg("kkt")
     )
     tm = torch.empty_like(a)
-    kern.solve[(n_slots, HV)](a, tm, cs, cl, HV, BT=CHUNK, num_warps=4)
+    kern.solve[(n_slots, HV)](a, tm, cs, cl, HV, BT=CHUNK, **_cfg("solve"))
     del a
     h0c = None if h0 is None else h0.float().contiguous()
     _, h, vn, final = _state_pass(kn, v2, b2, gc, tm, h0c, plan, n_slots, H, True)
     o = torch.empty(NT, HV, Dv, dtype=v.dtype, device=q.device)
     kern.out[(n_slots, HV, -(-Dv // BVc))](
         qn, kn, gc, h, vn, o, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, PREC=prec, num_warps=4,
+        BT=CHUNK, BK=BK, BV=BVc, PREC=prec, **_cfg("out"),
     )  # fmt: skip
     if use_l2:
         return o.view(B, T, HV, Dv), final, qn, kn, rq, rk, tm, gc
@@ -870,7 +907,7 @@ def _bwd_impl(
     dvb = torch.empty(NT, HV, Dv, dtype=dt, device=q.device)
     kern.dv_local[(n_slots, HV)](
         qn, kn, gc, do2, dvb, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, num_warps=4,
+        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("dv_local"),
     )  # fmt: skip
     dh = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=q.device)
     dh0 = torch.empty(n_seq if need_dh0 else 0, HV, Dk, Dv, dtype=torch.float32, device=q.device)
@@ -878,7 +915,7 @@ def _bwd_impl(
     kern.dstate[(n_seq * HV, -(-Dv // BVs))](
         qn, kn, w, gc, do2, dvb, dh, dhtc if dhtc is not None else dh0, dh0, so, cs, cl,
         float(scale), H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dhtc is not None, STORE_DH0=need_dh0, PREC=prec, INTERP=_interpreting(), num_warps=4,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dhtc is not None, STORE_DH0=need_dh0, PREC=prec, INTERP=_interpreting(), **_cfg("dstate"),
     )  # fmt: skip
     del w
     dqh = torch.empty(NT, HV, Dk, dtype=torch.float32, device=q.device)
@@ -887,14 +924,14 @@ def _bwd_impl(
     dg = torch.empty(NT, HV, dtype=torch.float32, device=q.device)
     kern.dqkwg[(n_slots, HV)](
         qn, kn, gc, h, dh, vn, dvb, do2, dqh, dkh, dw, dg, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, num_warps=8,
+        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("dqkwg"),
     )  # fmt: skip
     del h, dh, vn
     dv = torch.empty(NT, HV, Dv, dtype=v.dtype, device=q.device)
     db = torch.empty(NT, HV, dtype=beta.dtype, device=q.device)
     kern.wy_bwd[(n_slots, HV)](
         kn, v2, b2, gc, tm, dw, dvb, dkh, dv, db, dg, cs, cl, H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, num_warps=8,
+        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("wy_bwd"),
     )  # fmt: skip
     rep = HV // H
     dq = dqh.view(NT, H, rep, Dk).sum(2) if rep > 1 else dqh.view(NT, H, Dk)
