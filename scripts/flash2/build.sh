@@ -4,7 +4,7 @@
 #   bash scripts/flash2/build.sh SDIST WORK
 #     SDIST  flash_attn-2.8.3.post2.tar.gz (scripts/seed/prepare.sh downloads it on a connected machine)
 #     WORK   scratch folder outside the repository (emptied first), e.g. ~/seed/fa2
-#   environment: FA2_HDIMS (default 64,128,256), FA2_JOBS (parallel nvcc jobs, default 5)
+#   environment: FA2_HDIMS (default 64,128,256), FA2_JOBS (parallel nvcc jobs, default 4)
 #
 # Runs in the foreground (scripts/seed/lease1_start.sh starts it detached with setsid). Progress:
 # WORK/progress.log (objects done / total every 10 s), the compiler's output: WORK/build.log,
@@ -17,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 sdist=${1:?usage: build.sh SDIST WORK}
 work=${2:?usage: build.sh SDIST WORK}
 hdims=${FA2_HDIMS:-64,128,256}
-jobs=${FA2_JOBS:-5}
+jobs=${FA2_JOBS:-4}
 rm -rf "$work"
 mkdir -p "$work"
 tar -xzf "$sdist" -C "$work" || { echo "failed untar 0" > "$work/status"; exit 1; }

@@ -5,7 +5,7 @@
 #   bash scripts/flash3/build.sh SRC_TAR WORK
 #     SRC_TAR  fa3_src.tar.xz (scripts/flash3/carry.sh: hopper/ + README.md + csrc/cutlass/include)
 #     WORK     scratch folder outside the repository (emptied first), e.g. ~/seed/fa3
-#   environment: FA3_HDIMS (default "64 128 256"), FA3_JOBS (parallel nvcc jobs, default 7),
+#   environment: FA3_HDIMS (default "64 128 256"), FA3_JOBS (parallel nvcc jobs, default 8),
 #                FA3_SPLIT=1 to keep the split-KV kernels (faster decoding, 7 more objects)
 #
 # Built: head dims 64 / 128 / 256 (hdim_v = hdim), bf16 and fp16, forward and backward, causal and
@@ -21,7 +21,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 tarball=${1:?usage: build.sh SRC_TAR WORK}
 work=${2:?usage: build.sh SRC_TAR WORK}
 hdims=${FA3_HDIMS:-64 128 256}
-jobs=${FA3_JOBS:-7}
+jobs=${FA3_JOBS:-8}
 rm -rf "$work"
 mkdir -p "$work"
 tar -xJf "$tarball" -C "$work" || { echo "failed untar 0" > "$work/status"; exit 1; }

@@ -8,14 +8,14 @@
 # scripts/flash2/build.sh and scripts/flash3/build.sh with setsid (they outlive this call, not the
 # machine), prints the machine's state and returns. The machine is given back ~30 s after a call
 # goes idle: keep issuing calls (other GPU work, then scripts/seed/lease1_collect.sh) back to back.
-# Cores: FA2_JOBS (5) + FA3_JOBS (7) nvcc jobs of 16 cores, ~4 left for the GPU work meanwhile.
+# Cores: FA2_JOBS (4) + FA3_JOBS (8) nvcc jobs (one core each: one arch) of 16, ~4 left for GPU work.
 set -uo pipefail
 root=${SEED_ROOT:-$HOME/seed}
 carry=${SEED_CARRY:-.carry/seed}
 mkdir -p "$root/scripts"
 cp -r scripts/seed scripts/flash2 scripts/flash3 "$root/scripts/"
 cp "$carry"/flash_attn-2.8.3.post2.tar.gz "$carry"/fa3_src.tar.xz "$root/"
-export FA2_JOBS=${FA2_JOBS:-5} FA3_JOBS=${FA3_JOBS:-7}
+export FA2_JOBS=${FA2_JOBS:-4} FA3_JOBS=${FA3_JOBS:-8}
 setsid nohup bash "$root/scripts/flash2/build.sh" "$root/flash_attn-2.8.3.post2.tar.gz" "$root/fa2" \
   > "$root/fa2.out" 2>&1 < /dev/null &
 setsid nohup bash "$root/scripts/flash3/build.sh" "$root/fa3_src.tar.xz" "$root/fa3" \
