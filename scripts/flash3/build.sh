@@ -2,9 +2,11 @@
 # On the GPU machine: build FlashAttention-3 (flash-attention's hopper/, module flash_attn_interface)
 # for sm_90a with the subset of kernels our conformance matrix covers.
 #
-#   bash scripts/flash3/build.sh SRC_TAR WORK
+#   bash scripts/flash3/build.sh SRC_TAR WORK [OBJDIR...]
 #     SRC_TAR  fa3_src.tar.xz (scripts/flash3/carry.sh: hopper/ + README.md + csrc/cutlass/include)
 #     WORK     scratch folder outside the repository (emptied first), e.g. ~/seed/fa3
+#     OBJDIR   folders with fa3.objs.tar.xz.partNN (objects of an unfinished earlier build; see
+#              scripts/flash2/build.sh)
 #   environment: FA3_HDIMS (default "64 128 256"), FA3_JOBS (parallel nvcc jobs, default 8),
 #                FA3_SPLIT=1 to keep the split-KV kernels (faster decoding, 7 more objects)
 #
@@ -18,8 +20,9 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/../seed/lib.sh"
-tarball=${1:?usage: build.sh SRC_TAR WORK}
-work=${2:?usage: build.sh SRC_TAR WORK}
+tarball=${1:?usage: build.sh SRC_TAR WORK [OBJDIR...]}
+work=${2:?usage: build.sh SRC_TAR WORK [OBJDIR...]}
+shift 2
 hdims=${FA3_HDIMS:-64 128 256}
 jobs=${FA3_JOBS:-8}
 rm -rf "$work"
@@ -37,6 +40,8 @@ if call in s:
     s = s.replace(call, "pass  # olmo-attn: CUTLASS is carried in csrc/cutlass")
     open(p, "w").write(s)
 PY
+touch -d 2000-01-01T00:00:00Z "$src/setup.py"
+seed_restore_objects fa3 "$src" "$@" >> "$work/progress.log"
 n=0
 for h in 64 96 128 192 256; do
   case " $hdims " in

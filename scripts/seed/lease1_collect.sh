@@ -8,6 +8,9 @@
 # every 30 s, then copies the wheel parts (fa2.tar.xz.partNN, fa3.tar.xz.partNN; at most 8 files
 # per call, skipping the first SKIP) to $OUT. Exit status 0 when both built and every part came
 # back in this call, 2 when parts are left for another call, 3 when a build is unfinished or failed.
+# A build still running at the end of the wait has its objects packed (fa2/fa3.objs.tar.xz.partNN,
+# returned the same way) so that a later machine resumes it instead of starting over (lease1_start.sh,
+# SEED_OBJS); SEED_PARTIAL=0 skips that. Call 2 (SKIP > 0) reuses the pieces call 1 packed.
 set -uo pipefail
 root=${SEED_ROOT:-$HOME/seed}
 wait_s=${1:-540}
@@ -28,7 +31,15 @@ for b in fa2 fa3; do
   fi
   [ -f "$root/$b/status" ] || rc=3
 done
-mapfile -t parts < <(ls "$root"/fa2/parts/* "$root"/fa3/parts/* 2>/dev/null | sort)
+. "$root/scripts/seed/lib.sh"
+for b in fa2 fa3; do
+  if [ ! -f "$root/$b/status" ] && [ "${SEED_PARTIAL:-1}" = 1 ] && [ "$skip" -eq 0 ]; then
+    src=$(dirname "$(ls -d "$root/$b"/flash_attn-*/setup.py "$root/$b"/flash-attention/hopper/setup.py 2>/dev/null | head -1)")
+    [ -d "$src/build" ] && seed_pack_objects "$b" "$root/$b" "$src" \
+      && echo "-- $b unfinished: packed its $(tar -tJf "$root/$b/$b.objs.tar.xz" | grep -c '\.o$') objects for resuming"
+  fi
+done
+mapfile -t parts < <(ls "$root"/fa2/parts/* "$root"/fa3/parts/* "$root"/fa2/objparts/* "$root"/fa3/objparts/* 2>/dev/null | sort)
 n=0
 for p in "${parts[@]:$skip:8}"; do cp "$p" "$OUT/"; n=$((n + 1)); done
 left=$(( ${#parts[@]} - skip - n ))

@@ -51,3 +51,27 @@ seed_pack() {
   split -b 15M -d -a 2 "$work/$name.tar.xz" "$work/parts/$name.tar.xz.part"
   rm -rf "$work/x"
 }
+
+# seed_pack_objects NAME WORK SRC: the compiled-so-far objects of an unfinished build (SRC/build/temp*:
+#   *.o, build.ninja, .ninja_log, .ninja_deps) -> WORK/objparts/NAME.objs.tar.xz.partNN. A later
+#   machine restores them at the same absolute path (seed_restore_objects) and ninja compiles only
+#   what is missing: the sources keep their archive times and the patched headers get a fixed old
+#   time (build.sh), so every restored object is newer than its inputs; an object that was being
+#   written when packed has no .ninja_log entry and is rebuilt.
+seed_pack_objects() {
+  local name=$1 work=$2 src=$3
+  rm -rf "$work/objparts"
+  mkdir -p "$work/objparts"
+  (cd "$src" && tar -cf - build/temp* 2>/dev/null) | xz -T8 -3 > "$work/$name.objs.tar.xz"
+  split -b 15M -d -a 2 "$work/$name.objs.tar.xz" "$work/objparts/$name.objs.tar.xz.part"
+}
+
+# seed_restore_objects NAME SRC DIR...: join NAME.objs.tar.xz.partNN found in DIRs and extract into SRC
+seed_restore_objects() {
+  local name=$1 src=$2
+  shift 2
+  local parts
+  mapfile -t parts < <(for d in "$@"; do ls "$d/$name".objs.tar.xz.part* 2>/dev/null; done | awk -F/ '{print $NF"\t"$0}' | sort -u -k1,1 | cut -f2)
+  [ "${#parts[@]}" -gt 0 ] || return 0
+  cat "${parts[@]}" | tar -xJf - -C "$src" && echo "$(seed_now) $name: restored $(find "$src/build" -name '*.o' | wc -l) objects from ${#parts[@]} part(s)"
+}
