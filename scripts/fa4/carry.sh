@@ -1,6 +1,6 @@
 #!/bin/bash
 # Prepare flash-attn-4 (CuTe DSL) and the OLMo-core peer for the lent GPU machine, in two carry
-# folders of < 64 MiB each (adapted from /work/shared/tools/fa4_carry.sh).
+# folders of < 64 MiB each.
 #
 # Usage (on the CPU machine, from the repo root):  bash scripts/fa4/carry.sh [PART1] [PART2]
 #   defaults: .carry/fa4_1 and .carry/fa4_2 (git-ignored). Then see scripts/fa4/README.md:
@@ -14,7 +14,7 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$1" "$2"; }
-# flash-attn-4 and its CuTe DSL stack (pins as verified on the lent H200, DEVICE.md)
+# flash-attn-4 and its CuTe DSL stack (pins as verified on the lent H200)
 for p in flash-attn-4==4.0.0b36 quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
          nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5; do
   dl "$a" "$p"

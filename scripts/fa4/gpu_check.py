@@ -2,7 +2,7 @@
 
 On a CUDA machine with flash-attn-4 importable (scripts/fa4/README.md), checks the
 ``flash_4`` backend and its LSE kernel, forward and backward, against the float64 reference
-(``reference.twins``, on the CPU) with the error budget of CONFORMANCE.md —
+(``reference.twins``, on the CPU) with the conformance error budget (docs/judging.md) —
 ``max|out - ref| <= 2 * max|low - ref| + atol``, ``low`` being the same math in the case's dtype,
 ``atol = 2 * max|(ref + 0.3 - 0.3) - ref|`` in that dtype — and reports the torch backend on the
 same inputs beside it (judged the same way) plus the pairwise flash_4 / torch difference.
@@ -63,7 +63,7 @@ def _atol(ref: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def budget(out: torch.Tensor, low: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
-    """CONFORMANCE.md: err <= 2 * low_err + atol; NaN/Inf anywhere fails."""
+    """The conformance budget (docs/judging.md): err <= 2 * low_err + atol; NaN/Inf anywhere fails."""
     err, low_err = _max_abs(out, ref), _max_abs(low, ref)
     thr = 2.0 * low_err + _atol(ref, dtype)
     finite = bool(torch.isfinite(out.detach()).all())
