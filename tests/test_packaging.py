@@ -211,3 +211,58 @@ def test_extras_are_installable_as_written():
                 "isolation; document the --no-build-isolation command in the README instead"
             )
     assert "matplotlib>=3.7" in extras["plot"]
+
+
+def _fake_checkout(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkout with scripts/env.sh and pyproject.toml, and a .venv whose python records pip calls."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "env.sh", tmp_path / "scripts" / "env.sh")
+    shutil.copy2(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = tmp_path / "pip_calls.log"
+    fake = bin_dir / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ "$1" = -m ] && [ "$2" = pip ]; then echo "$*" >> {calls}; exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    return tmp_path, calls
+
+
+def _source_env(checkout: Path, extras: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OLMO_ATTN_EXTRAS": extras, "PYTHON": sys.executable, "OLMO_ATTN_FORCE_VENV": "1"}
+    return subprocess.run(
+        ["bash", "-c", 'source scripts/env.sh && echo "VENV_PY=$VENV_PY"'],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
+def test_setup_installs_once_per_pyproject_and_extras(tmp_path: Path):
+    """scripts/env.sh: the first call installs, later calls with the same pyproject.toml and no new
+    extras install nothing and print nothing; a new extra or a changed pyproject.toml reinstalls."""
+    checkout, calls = _fake_checkout(tmp_path)
+
+    def pip_calls() -> list[str]:
+        return calls.read_text().splitlines() if calls.exists() else []
+
+    first = _source_env(checkout, "dev")
+    assert pip_calls() == ["-m pip install --disable-pip-version-check -e .[dev]"]
+    assert "setting up" in first.stderr and f"VENV_PY={checkout}/.venv/bin/python" in first.stdout
+    again = _source_env(checkout, "dev")
+    assert len(pip_calls()) == 1 and again.stderr == "", again.stderr  # quiet, nothing installed
+    _source_env(checkout, "peer")  # a new extra: installed together with the ones already there
+    assert pip_calls()[-1].endswith("-e .[dev,peer]")
+    for extras in ("", "dev", "peer,dev"):  # subsets of what is installed
+        assert _source_env(checkout, extras).stderr == ""
+    assert len(pip_calls()) == 2
+    with open(checkout / "pyproject.toml", "a") as f:
+        f.write("\n# changed\n")
+    _source_env(checkout, "")
+    assert len(pip_calls()) == 3, "a changed pyproject.toml must reinstall"
