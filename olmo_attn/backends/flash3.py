@@ -18,10 +18,19 @@ KV cache                               ``flash_attn_with_kvcache`` (in place, ``
 FA3 has no dropout: ``dropout_p > 0`` is refused at construction by the capability table. Window,
 scale, GQA and document conventions are those of :mod:`.flash2`. Depending on the build,
 ``flash_attn_func`` returns ``out`` or ``(out, lse)``; both are handled.
+
+Two generations of the private kernel functions exist, and both are handled: the ``hopper/`` of
+flash-attn 2.8.3 takes ``window_size=(left, right)`` (and names the output buffer ``out``); FA3
+3.0.0 (the ``torch.library`` custom ops, the first ``hopper/`` that builds with CUDA 13) takes
+``window_size_left`` / ``window_size_right`` (``out_``, and ``is_causal`` in the backward). The
+arguments are passed by position up to ``causal`` — the same order in both — and the window in
+whichever form the installed function declares.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -62,6 +71,25 @@ def fa3_interface() -> ModuleType:
     raise BackendUnavailableError("; ".join(errors))
 
 
+def parameter_names(fn: Callable[..., Any]) -> frozenset[str]:
+    """Parameter names of ``fn``: a plain function, or a ``torch.library.custom_op`` (its schema)."""
+    target = getattr(fn, "_init_fn", fn)  # CustomOpDef keeps the decorated Python function
+    try:
+        return frozenset(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        op = getattr(fn, "_opoverload", None)
+        schema = getattr(op, "_schema", None)
+        return frozenset(a.name for a in schema.arguments) if schema is not None else frozenset()
+
+
+def window_kwargs(fn: Callable[..., Any], window: tuple[int, int]) -> dict[str, Any]:
+    """The window as ``fn`` takes it: ``window_size_left/_right`` (FA3 3.0) or ``window_size`` (2.8.3)."""
+    left, right = (int(w) for w in window)
+    if "window_size_left" in parameter_names(fn):
+        return {"window_size_left": left, "window_size_right": right}
+    return {"window_size": (left, right)}
+
+
 def _no_dropout(call: KernelCall) -> None:
     if call.dropout_p > 0.0:
         caps.assert_feature("flash_3", "dropout", " (its kernels have no dropout; use flash_2 or torch)")
@@ -83,34 +111,36 @@ class Flash3Kernel:
         _no_dropout(call)
         fi = fa3_interface()
         max_q, max_k = max_seqlens(call) if call.varlen else (None, None)
+        fwd = fi._flash_attn_forward
         with torch.no_grad():
-            out, lse, *_ = fi._flash_attn_forward(
-                q=q,
-                k=k,
-                v=v,
-                k_new=None,
-                v_new=None,
-                qv=None,
-                out=None,
-                cu_seqlens_q=call.cu_seqlens_q,
-                cu_seqlens_k=call.cu_seqlens_k,
-                cu_seqlens_k_new=None,
-                seqused_q=None,
-                seqused_k=None,
-                max_seqlen_q=max_q,
-                max_seqlen_k=max_k,
-                page_table=None,
-                kv_batch_idx=None,
-                leftpad_k=None,
-                rotary_cos=None,
-                rotary_sin=None,
-                seqlens_rotary=None,
-                q_descale=None,
-                k_descale=None,
-                v_descale=None,
-                softmax_scale=call.scale,
-                causal=call.causal,
-                window_size=tuple(call.window),
+            # positional through ``causal``: 2.8.3 names the output buffer ``out``, FA3 3.0 ``out_``
+            out, lse, *_ = fwd(
+                q,
+                k,
+                v,
+                None,  # k_new
+                None,  # v_new
+                None,  # qv
+                None,  # out / out_
+                call.cu_seqlens_q,
+                call.cu_seqlens_k,
+                None,  # cu_seqlens_k_new
+                None,  # seqused_q
+                None,  # seqused_k
+                max_q,
+                max_k,
+                None,  # page_table
+                None,  # kv_batch_idx
+                None,  # leftpad_k
+                None,  # rotary_cos
+                None,  # rotary_sin
+                None,  # seqlens_rotary
+                None,  # q_descale
+                None,  # k_descale
+                None,  # v_descale
+                call.scale,
+                call.causal,
+                **window_kwargs(fwd, call.window),
             )
         return out, lse_to_ours(lse)
 
@@ -128,9 +158,11 @@ class Flash3Kernel:
         fi = fa3_interface()
         max_q, max_k = max_seqlens(call) if call.varlen else (None, None)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        bwd = fi._flash_attn_backward
         with torch.no_grad():
-            # positional through ``causal`` (FA3 spells two of these names "sequed_q/_k")
-            fi._flash_attn_backward(
+            # positional through ``causal`` (FA3 spells two of these names "sequed_q/_k", and FA3 3.0
+            # calls the causal flag "is_causal")
+            bwd(
                 dout.to(q.dtype),
                 q,
                 k,
@@ -148,7 +180,7 @@ class Flash3Kernel:
                 dv,
                 call.scale,
                 call.causal,
-                window_size=tuple(call.window),
+                **window_kwargs(bwd, call.window),
                 softcap=0.0,
                 deterministic=call.deterministic or deterministic_requested(),
             )

@@ -20,7 +20,7 @@ Per call:
   ``2W-1-r``, which is the zig-zag layout. No window and no documents on this path;
 * Ulysses CP: our all-to-all (:mod:`olmo_attn.cp.ulysses`) around a plain TE call. OLMo-core used
   TE's ``"a2a"`` mode, which assumes the zig-zag chunk layout while the Ulysses balancer shards
-  contiguously (spec context_parallel.md §9); ours never hands TE a layout it does not expect.
+  contiguously; ours never hands TE a layout it does not expect.
 
 No KV cache, no LSE kernel (TE returns no log-sum-exp), fp16/bf16.
 """

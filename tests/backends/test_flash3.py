@@ -1,5 +1,6 @@
 """flash_3 adapter: argument translation against recording doubles of FlashAttention-3's
-``flash_attn_interface`` (flash-attn 2.8.3 ``hopper/``), and the clear errors here."""
+``flash_attn_interface`` — both generations: flash-attn 2.8.3's ``hopper/`` and FA3 3.0.0 (the
+custom-op interface that builds with CUDA 13) — and the clear errors here."""
 
 from __future__ import annotations
 
@@ -27,13 +28,20 @@ from olmo_attn.ops.kernel import KernelCall
 from reference.kv_cache import kv_cache_attention
 
 
-@pytest.fixture
-def fa3(monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture(params=["2.8.3", "3.0.0"])
+def fa3(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     rec = Recorder()
     fake_cuda(monkeypatch, (9, 0))
-    install_flash3(monkeypatch, rec)
+    install_flash3(monkeypatch, rec, version=request.param)
     yield rec
     hardware.clear_caches()
+
+
+def _window(call) -> tuple[int, int]:
+    """The window a recorded private FA3 call received, in either generation's form."""
+    if "window_size_left" in call.kwargs:
+        return (call.kwargs["window_size_left"], call.kwargs["window_size_right"])
+    return tuple(call.kwargs["window_size"])
 
 
 def build(**kw) -> FlashAttention3Backend:
@@ -138,13 +146,13 @@ def test_kernel_forward_backward_keywords(fa3: Recorder) -> None:
     out, lse = kern.forward(q, k, v, call)
     fwd = fa3.only("_flash_attn_forward")
     assert fwd.kwargs["cu_seqlens_q"] is cu_q and fwd.kwargs["max_seqlen_k"] == 10
-    assert fwd.kwargs["window_size"] == (2, 0) and fwd.kwargs["softmax_scale"] == 0.25
+    assert _window(fwd) == (2, 0) and fwd.kwargs["softmax_scale"] == 0.25
     assert fwd.kwargs["leftpad_k"] is None and fwd.kwargs["k_new"] is None
     assert lse.shape == (4, 16) and torch.isfinite(lse).all()
     dout = torch.randn_like(q)
     dq, dk, dv = kern.backward(dout, q, k, v, out, lse, call)
     bwd = fa3.only("_flash_attn_backward")
-    assert bwd.kwargs["deterministic"] is True and bwd.kwargs["window_size"] == (2, 0)
+    assert bwd.kwargs["deterministic"] is True and _window(bwd) == (2, 0)
     assert bwd.kwargs["sequed_q"] is None and bwd.kwargs["cu_seqlens_k"] is cu_q
     expected = library_backward(
         dout, q, k, v, out, lse, scale=0.25, causal=True, window=(2, 0), cu_seqlens_q=cu_q, cu_seqlens_k=cu_q
@@ -159,3 +167,58 @@ def test_kernel_empty_rows_and_no_dropout(fa3: Recorder) -> None:
     assert torch.isneginf(lse[..., :2]).all() and torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))
     with pytest.raises(UnsupportedFeatureError, match="does not support dropout"):
         Flash3Kernel().forward(q, k, v, KernelCall(scale=0.25, dropout_p=0.1, dropout_seed=1))
+
+
+def test_kernel_speaks_fa3_v3_private_signatures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: FA3 3.0.0 renamed ``window_size`` -> ``window_size_left/_right``, ``out`` -> ``out_``
+    and (backward) ``causal`` -> ``is_causal``; the kernel passed 2.8.3's keywords and raised TypeError."""
+    rec = Recorder()
+    fake_cuda(monkeypatch, (9, 0))
+    install_flash3(monkeypatch, rec, version="3.0.0")
+    q, k, v = qkv(B=2, T=12)
+    call = KernelCall(scale=0.3, causal=True, window=(3, 0))
+    out, lse = Flash3Kernel().forward(q, k, v, call)
+    fwd = rec.only("_flash_attn_forward")
+    assert (fwd.kwargs["window_size_left"], fwd.kwargs["window_size_right"]) == (3, 0)
+    assert fwd.kwargs["out_"] is None and fwd.kwargs["causal"] is True and lse.shape == (2, 4, 12)
+    dout = torch.randn_like(q)
+    dq, dk, dv = Flash3Kernel().backward(dout, q, k, v, out, lse, call)
+    bwd = rec.only("_flash_attn_backward")
+    assert bwd.kwargs["is_causal"] is True and bwd.kwargs["window_size_left"] == 3
+    expected = library_backward(dout, q, k, v, out, lse, scale=0.3, causal=True, window=(3, 0))
+    for mine, ref in zip((dq, dk, dv), expected):
+        torch.testing.assert_close(mine, ref)
+
+
+def test_parameter_names_reads_custom_ops() -> None:
+    """``torch.library.custom_op`` objects: the decorated function's signature, else the op schema."""
+    from olmo_attn.backends.flash3 import parameter_names, window_kwargs
+
+    def fn(q, window_size_left=-1, window_size_right=-1):
+        return q
+
+    class CustomOpDef:  # what torch.library.custom_op returns: keeps the function as _init_fn
+        _init_fn = staticmethod(fn)
+
+        def __call__(self, *a, **kw):
+            return fn(*a, **kw)
+
+    assert window_kwargs(CustomOpDef(), (5, 0)) == {"window_size_left": 5, "window_size_right": 0}
+
+    class Arg:
+        def __init__(self, name: str):
+            self.name = name
+
+    class Schema:
+        arguments = [Arg("q"), Arg("window_size")]
+
+    class Opaque:  # no Python signature, only a schema
+        __signature__ = None
+        _opoverload = type("Op", (), {"_schema": Schema()})()
+
+        def __call__(self, *a, **kw):
+            return None
+
+    Opaque.__call__.__signature__ = "not a signature"  # inspect.signature raises TypeError
+    assert parameter_names(Opaque()) == frozenset({"q", "window_size"})
+    assert window_kwargs(Opaque(), (1, 2)) == {"window_size": (1, 2)}

@@ -373,9 +373,19 @@ def install_flash2(monkeypatch: pytest.MonkeyPatch, rec: Recorder, version: str 
 
 
 def install_flash3(
-    monkeypatch: pytest.MonkeyPatch, rec: Recorder, module: str = "flash_attn_interface"
+    monkeypatch: pytest.MonkeyPatch,
+    rec: Recorder,
+    module: str = "flash_attn_interface",
+    version: str = "2.8.3",
 ) -> None:
-    """Fake FA3 ``flash_attn_interface`` (flash-attn 2.8.3 ``hopper/`` signatures)."""
+    """Fake FA3 ``flash_attn_interface``: ``version="2.8.3"`` has flash-attn 2.8.3's ``hopper/``
+    signatures; ``"3.0.0"`` those of FA3 3.0.0 (the ``hopper/`` that builds with CUDA 13): the
+    private ``_flash_attn_forward`` / ``_backward`` take ``window_size_left`` / ``window_size_right``,
+    the forward's output buffer is ``out_``, the backward's causal flag ``is_causal`` and it returns
+    ``softmax_d`` only; the public functions gain ``return_attn_probs`` (``(out, lse)`` when true).
+    """
+    if version not in ("2.8.3", "3.0.0"):
+        raise ValueError(f"install_flash3: version {version!r}; the doubles know '2.8.3' and '3.0.0'")
 
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
                         v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
@@ -460,10 +470,91 @@ def install_flash3(
         "_flash_attn_forward": _flash_attn_forward,
         "_flash_attn_backward": _flash_attn_backward,
     }
+    if version == "3.0.0":
+        funcs.update(_flash3_v3_funcs(rec))
     mods = {module: _module(module, **funcs)}
     if "." in module:
         mods = {module.split(".")[0]: _module(module.split(".")[0], __path__=[]), **mods}
     _install(monkeypatch, mods)
+
+
+def _flash3_v3_funcs(rec: Recorder) -> dict[str, Any]:
+    """FA3 3.0.0's functions (``hopper/flash_attn_interface.py`` after the move to custom ops)."""
+
+    def _out(result: tuple[torch.Tensor, torch.Tensor], return_attn_probs: bool):
+        return result if return_attn_probs else result[0]
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
+                        v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
+                        pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):  # fmt: skip
+        rec.add("flash_attn_func", (q, k, v), locals())
+        c, w = _fa2_mask(causal, window_size)
+        return _out(library_attention(q, k, v, scale=softmax_scale, causal=c, window=w), return_attn_probs)
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
+                               seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None,
+                               k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0,
+                               softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0,
+                               return_attn_probs=False):  # fmt: skip
+        rec.add("flash_attn_varlen_func", (q, k, v), locals())
+        c, w = _fa2_mask(causal, window_size)
+        res = library_attention(
+            q, k, v, scale=softmax_scale, causal=c, window=w, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+        )  # fmt: skip
+        return _out(res, return_attn_probs)
+
+    def flash_attn_qkvpacked_func(qkv, softmax_scale=None, causal=False, q_descale=None, k_descale=None,
+                                  v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0,
+                                  deterministic=False, num_heads_q=None, sm_margin=0,
+                                  return_attn_probs=False):  # fmt: skip
+        rec.add("flash_attn_qkvpacked_func", (qkv,), locals())
+        q, k, v = qkv.unbind(-3)
+        c, w = _fa2_mask(causal, window_size)
+        return _out(library_attention(q, k, v, scale=softmax_scale, causal=c, window=w), return_attn_probs)
+
+    def _flash_attn_forward(q, k, v, k_new=None, v_new=None, qv=None, out_=None, cu_seqlens_q=None,
+                            cu_seqlens_k=None, cu_seqlens_k_new=None, seqused_q=None, seqused_k=None,
+                            max_seqlen_q=None, max_seqlen_k=None, page_table=None, kv_batch_idx=None,
+                            leftpad_k=None, rotary_cos=None, rotary_sin=None, seqlens_rotary=None, q_descale=None,
+                            k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size_left=-1,
+                            window_size_right=-1, attention_chunk=0, softcap=0.0, rotary_interleaved=True,
+                            scheduler_metadata=None, num_splits=1, pack_gqa=None, sm_margin=0):  # fmt: skip
+        rec.add("_flash_attn_forward", (q, k, v), locals())
+        c, w = _fa2_mask(causal, (window_size_left, window_size_right))
+        o, lse = library_attention(
+            q,
+            k,
+            v,
+            scale=softmax_scale,
+            causal=c,
+            window=w,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+        )
+        return o, lse, torch.tensor([]), torch.tensor([])
+
+    def _flash_attn_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q=None, cu_seqlens_k=None, sequed_q=None,
+                             sequed_k=None, max_seqlen_q=None, max_seqlen_k=None, dq=None, dk=None, dv=None,
+                             softmax_scale=None, is_causal=False, window_size_left=-1, window_size_right=-1,
+                             softcap=0.0, deterministic=False, sm_margin=0):  # fmt: skip
+        rec.add("_flash_attn_backward", (dout, q, k, v, out, softmax_lse), locals())
+        c, w = _fa2_mask(is_causal, (window_size_left, window_size_right))
+        g = library_backward(
+            dout, q, k, v, out, softmax_lse, scale=softmax_scale, causal=c, window=w,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        )  # fmt: skip
+        for dst, src in zip((dq, dk, dv), g):
+            dst.copy_(src)
+        return torch.zeros(softmax_lse.shape)
+
+    return {
+        "flash_attn_func": flash_attn_func,
+        "flash_attn_varlen_func": flash_attn_varlen_func,
+        "flash_attn_qkvpacked_func": flash_attn_qkvpacked_func,
+        "_flash_attn_forward": _flash_attn_forward,
+        "_flash_attn_backward": _flash_attn_backward,
+    }
 
 
 def fa4_resolve(causal: bool, left: int | None, right: int | None) -> tuple[bool, tuple[int, int]]:

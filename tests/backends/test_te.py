@@ -35,7 +35,7 @@ def test_unavailable_here() -> None:
     hardware.clear_caches()
     with pytest.raises(
         BackendUnavailableError,
-        match=r"transformer_engine.pytorch not installed.*transformer-engine\[pytorch\]",
+        match=r"transformer_engine.pytorch not installed.*transformer[-_]engine\[pytorch\]",
     ):
         build()
 
