@@ -594,6 +594,463 @@ def decode(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[d
     return rows
 
 
+# ----------------------------------------------------------------------------- our Triton kernels
+
+TRITON = functools.partial(chunk_gated_delta_rule, kernel="triton")
+TORCH_C64 = functools.partial(chunk_gated_delta_rule, kernel="torch")
+FP32_BUDGET = 1e-4  # float32 inputs: exact float32 products, far below the bf16 budgets
+
+
+def _deadline_left(deadline: float | None) -> float:
+    return float("inf") if deadline is None else deadline - time.monotonic()
+
+
+def _f64_reference(inp: dict, cu, do, dfin) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Float64 outputs and gradients from our PyTorch chunked kernel on the same device (itself
+    checked against the token-by-token float64 twin in the CPU tests); for benchmark-sized shapes,
+    where the token-by-token reference would take minutes."""
+    names = ("q", "k", "v", "g", "beta", "h0")
+    lv = {n: inp[n].detach().double().requires_grad_() for n in names}
+    o, fin = chunk_gated_delta_rule(
+        *[lv[n] for n in names[:5]], initial_state=lv["h0"], output_final_state=True, use_qk_l2norm=True,
+        cu_seqlens=cu, kernel="torch",
+    )  # fmt: skip
+    ((o * do.double()).sum() + (fin * dfin.double()).sum()).backward()
+    return o.detach(), fin.detach(), {n: lv[n].grad for n in names}
+
+
+def _judge(res: dict, ro, rfin, rgrads, dtype: torch.dtype) -> dict[str, Any]:
+    errs = {"o": rel_rms(res["o"], ro), "final": rel_rms(res["final"], rfin)}
+    errs.update({n: rel_rms(res[n], rgrads[n]) for n in ("q", "k", "v", "g", "beta", "h0") if n in res})
+    budget = (lambda k: FP32_BUDGET) if dtype == torch.float32 else (lambda k: BUDGETS[k])
+    finite = all(bool(torch.isfinite(t).all()) for t in res.values() if isinstance(t, torch.Tensor))
+    return {"rel_rms": errs, "finite": finite, "pass": finite and all(errs[k] < budget(k) for k in errs)}
+
+
+def triton_correctness(device: torch.device, smoke: bool, deadline: float | None) -> list[dict[str, Any]]:
+    """Ours (Triton) against float64 at small shapes (token-by-token twin) and at benchmark-sized
+    shapes (our float64 PyTorch kernel), outputs and every gradient, chunk 64; fla's forward where
+    it runs; document isolation (NaN planted in one document)."""
+    out: list[dict[str, Any]] = []
+    small = (1, 1, 2, 16, 32) if smoke else (2, 2, 4, 128, 256)
+    B, H, HV, Dk, Dv = small
+    cases: list[dict[str, Any]] = [
+        {"name": "gva-negeig-h0", "B": B, "T": 100 if smoke else 300, "H": H, "HV": HV, "docs": None, "ref": "twin"},
+        {"name": "docs-negeig-h0", "B": 1, "T": 0, "H": H, "HV": HV, "ref": "twin",
+         "docs": [37, 0, 70, 23] if smoke else [100, 1, 0, 150, 79, 64, 65]},
+    ]  # fmt: skip
+    if not smoke:
+        lens = _doc_lengths(16384, 8, seed=7)
+        cases += [
+            {"name": "bench-8k", "B": 2, "T": 8192, "H": 16, "HV": 16, "docs": None, "ref": "f64"},
+            {"name": "bench-gva-docs", "B": 1, "T": 0, "H": 16, "HV": 32, "docs": lens, "ref": "f64"},
+        ]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if smoke else [torch.bfloat16, torch.float32]
+    fla_fwd, fla_why = fla_mod.fla_kernel_usable(device, torch.bfloat16, backward=False)
+    fla_bwd, fla_bwhy = fla_mod.fla_kernel_usable(device, torch.bfloat16, backward=True)
+    for case in cases:
+        if _deadline_left(deadline) < 30:
+            out.append({"case": case["name"], "skipped": "time budget"})
+            continue
+        bb, T = case["B"], case["T"]
+        if case["docs"]:
+            T = sum(case["docs"])
+        cu = _cu(case["docs"], device) if case["docs"] else None
+        n_seq = len(case["docs"]) if case["docs"] else bb
+        Dk_, Dv_ = (Dk, Dv) if case["ref"] == "twin" else (128, 256)
+        for dt in dtypes if case["ref"] == "twin" else [torch.bfloat16]:
+            row: dict[str, Any] = {
+                "case": case["name"],
+                "kernel": "ours:triton",
+                "T": T,
+                "dtype": str(dt)[6:],
+            }
+            try:
+                inp = _gdr_inputs(
+                    bb, T, case["H"], case["HV"], Dk_, Dv_, device=device, dtype=dt, n_seq=n_seq, seed=1
+                )
+                gen = torch.Generator().manual_seed(2)
+                do = torch.randn(bb, T, case["HV"], Dv_, generator=gen).to(device)
+                dfin = torch.randn(n_seq, case["HV"], Dk_, Dv_, generator=gen).to(device)
+                if case["ref"] == "twin":
+                    ro, rfin, rg = _reference(inp, cu, bb, T, do, dfin)
+                else:
+                    ro, rfin, rg = _f64_reference(inp, cu, do, dfin)
+                res = _check(TRITON, inp, cu, do, dfin, True)
+                row.update(_judge(res, ro, rfin, rg, dt))
+                if dt == torch.bfloat16 and fla_fwd:
+                    fr = _check(fla_mod.fla_chunk_gated_delta_rule, inp, cu, do, dfin, fla_bwd)
+                    out.append({"case": case["name"], "kernel": "fla", "T": T, "dtype": "bfloat16",
+                                **_judge(fr, ro, rfin, rg, dt),
+                                **({} if fla_bwd else {"backward": f"not run: {fla_bwhy}"})})  # fmt: skip
+                    print(json.dumps(out[-1]))
+                del res, rg
+            except Exception as e:
+                row.update({"pass": False, "error": f"{type(e).__name__}: {e}"})
+                traceback.print_exc()
+            out.append(row)
+            print(json.dumps(row))
+    if not fla_fwd:
+        out.append({"kernel": "fla", "skipped": fla_why})
+    # NaN planted in one document's v: other documents' outputs and gradients must be bit-identical
+    row = {"case": "nan-isolation", "kernel": "ours:triton"}
+    try:
+        lens = [70, 129, 64, 33]
+        cu = _cu(lens, device)
+        inp = _gdr_inputs(1, sum(lens), 2, 4, 64, 64, device=device, dtype=torch.bfloat16, n_seq=4, seed=3)
+        gen = torch.Generator().manual_seed(4)
+        do = torch.randn(1, sum(lens), 4, 64, generator=gen).to(device)
+        dfin = torch.randn(4, 4, 64, 64, generator=gen).to(device)
+        clean = _check(TRITON, inp, cu, do, dfin, True)
+        bad = {n: t.clone() for n, t in inp.items()}
+        bad["v"][0, 70 + 5, 1, 3] = float("nan")  # document 1
+        pois = _check(TRITON, bad, cu, do, dfin, True)
+        keep = torch.ones(sum(lens), dtype=torch.bool, device=device)
+        keep[70 : 70 + 129] = False
+        same = {}
+        for n in ("o", "q", "k", "v", "g", "beta"):
+            same[n] = bool(torch.equal(clean[n][0, keep], pois[n][0, keep]))
+        same["final"] = bool(torch.equal(clean["final"][[0, 2, 3]], pois["final"][[0, 2, 3]]))
+        row.update({"identical_outside": same, "pass": all(same.values())})
+    except Exception as e:
+        row.update({"pass": False, "error": f"{type(e).__name__}: {e}"})
+        traceback.print_exc()
+    out.append(row)
+    print(json.dumps(row))
+    return out
+
+
+def _first_call_s(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _shapes(smoke: bool) -> list[dict[str, Any]]:
+    """Benchmark shapes: (label, B, T, H, HV, Dk, Dv, documents)."""
+    if smoke:
+        return [{"label": "smoke", "B": 1, "T": 256, "H": 2, "HV": 2, "Dk": 32, "Dv": 64, "docs": None}]
+    return [
+        {"label": "bench B2 T8k H16 Dv256", "B": 2, "T": 8192, "H": 16, "HV": 16, "Dk": 128, "Dv": 256, "docs": None},
+        {"label": "B1 T32k H16 Dv256", "B": 1, "T": 32768, "H": 16, "HV": 16, "Dk": 128, "Dv": 256, "docs": None},
+        {"label": "docs~2k T16k H16 Dv256", "B": 1, "T": 16384, "H": 16, "HV": 16, "Dk": 128, "Dv": 256, "docs": "lognormal2k"},
+        {"label": "FlashQLA 8k H16/32 d128", "B": 1, "T": 8192, "H": 16, "HV": 32, "Dk": 128, "Dv": 128, "docs": None},
+        {"label": "FlashQLA 32k H16/32 d128", "B": 1, "T": 32768, "H": 16, "HV": 32, "Dk": 128, "Dv": 128, "docs": None},
+    ]  # fmt: skip
+
+
+def _lognormal_docs(total: int, mean: int, seed: int) -> list[int]:
+    """Log-normal document lengths (median ~``mean``), cut to sum to ``total``."""
+    gen = torch.Generator().manual_seed(seed)
+    lens: list[int] = []
+    while sum(lens) < total:
+        lens.append(max(1, int(math.exp(math.log(mean) + 0.8 * float(torch.randn(1, generator=gen))))))
+    lens[-1] -= sum(lens) - total
+    return [n for n in lens if n > 0]
+
+
+def _speed_shape(
+    rows: list[dict[str, Any]],
+    shp: dict[str, Any],
+    with_torch: bool,
+    device: torch.device,
+    dt: torch.dtype,
+    iters: int,
+    warmup: int,
+) -> None:
+    """One shape of :func:`triton_speed` (rows appended to ``rows``)."""
+    B, T, H, HV, Dk, Dv = (shp[k] for k in ("B", "T", "H", "HV", "Dk", "Dv"))
+    lens = _lognormal_docs(B * T, 2048, seed=11) if shp["docs"] else None
+    cu = _cu(lens, device) if lens else None
+    inp = _gdr_inputs(B, T, H, HV, Dk, Dv, device=device, dtype=dt, requires_grad=True)
+    leaves = [inp[n] for n in ("q", "k", "v", "g", "beta")]
+    do = torch.randn(B, T, HV, Dv, device=device, dtype=dt)
+    base = {"shape": shp["label"], "B": B, "T": T, "H": H, "HV": HV, "Dk": Dk, "Dv": Dv}
+    if lens:
+        base.update({"n_docs": len(lens), "longest_doc": max(lens)})
+
+    def record(name: str, kind: str, fn: Callable, **extra: Any) -> None:
+        row: dict[str, Any] = {"subject": name, "pass": kind, **base, **extra}
+        try:
+            row.update(_time_ms(fn, iters=iters, warmup=warmup, device=device))
+            row["peak_mb"] = _peak_mb(fn, device)
+            row["tokens_per_s"] = B * T / (row["median_ms"] / 1e3)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        rows.append(row)
+        print(json.dumps(row))
+
+    def ours(fn=TRITON) -> torch.Tensor:
+        return fn(*leaves, use_qk_l2norm=True, cu_seqlens=cu)[0]
+
+    if not rows or all(r.get("subject") != "ours:triton" for r in rows):
+        try:
+            first_f = _first_call_s(lambda: ours(), device)
+            first_b = _first_call_s(_fwd_bwd(ours, leaves, do), device)
+            rows.append({"subject": "ours:triton", "pass": "first call", **base,
+                         "first_fwd_s": first_f, "first_fwd_bwd_s": first_b})  # fmt: skip
+            print(json.dumps(rows[-1]))
+        except Exception as e:
+            rows.append(
+                {
+                    "subject": "ours:triton",
+                    "pass": "first call",
+                    **base,
+                    "error": f"{type(e).__name__}: {e}",
+                }
+            )
+            traceback.print_exc()
+    with torch.no_grad():
+        record("ours:triton", "fwd", ours)
+    record("ours:triton", "fwd+bwd", _fwd_bwd(ours, leaves, do))
+    ok_f, why_f = fla_mod.fla_kernel_usable(device, dt, backward=False)
+    ok_b, why_b = fla_mod.fla_kernel_usable(device, dt, backward=True)
+    if ok_f:
+
+        def fla_fwd() -> torch.Tensor:
+            return fla_mod.fla_chunk_gated_delta_rule(*leaves, use_qk_l2norm=True, cu_seqlens=cu)[0]
+
+        with torch.no_grad():
+            record("fla", "fwd", fla_fwd)
+        if ok_b:
+            record("fla", "fwd+bwd", _fwd_bwd(fla_fwd, leaves, do))
+        else:
+            rows.append({"subject": "fla", "pass": "fwd+bwd", **base, "skipped": why_b})
+    else:
+        rows.append({"subject": "fla", "pass": "fwd", **base, "skipped": why_f})
+    if with_torch:
+        with torch.no_grad():
+            record("ours:torch[C=64]", "fwd", lambda: ours(TORCH_C64))
+        record("ours:torch[C=64]", "fwd+bwd", _fwd_bwd(lambda: ours(TORCH_C64), leaves, do))
+    # causal softmax attention, same width: Hq = Hkv = HV heads of Dk
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        qa, ka, va = (
+            torch.randn(B, HV, T, Dk, device=device, dtype=dt, requires_grad=True) for _ in range(3)
+        )
+        dso = torch.randn(B, HV, T, Dk, device=device, dtype=dt)
+
+        def attn() -> torch.Tensor:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+
+        with torch.no_grad():
+            record("sdpa[cudnn]", "fwd", attn)
+        record("sdpa[cudnn]", "fwd+bwd", _fwd_bwd(attn, [qa, ka, va], dso))
+        del qa, ka, va
+
+
+def triton_speed(
+    device: torch.device,
+    smoke: bool,
+    iters: int,
+    warmup: int,
+    deadline: float | None,
+    shapes: list[str] | None,
+) -> list[dict[str, Any]]:
+    """Ours (Triton) forward and forward+backward, fla's forward, cuDNN causal attention of the
+    same width, our PyTorch kernel (headline shape only), at each shape; peak memory; first-call
+    (compile) time of ours."""
+    rows: list[dict[str, Any]] = []
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for shp in _shapes(smoke):
+        if shapes and not any(key in shp["label"] for key in shapes):
+            continue
+        if _deadline_left(deadline) < 20:
+            rows.append({"shape": shp["label"], "skipped": "time budget"})
+            continue
+        _speed_shape(rows, shp, shp is _shapes(smoke)[0] or smoke, device, dt, iters, warmup)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _stage_times(fn: Callable[[], Any], device: torch.device, reps: int = 5) -> dict[str, float]:
+    """Milliseconds per Triton stage of ``fn`` (median over ``reps``): CUDA events at each launch."""
+    from olmo_attn.recurrent import triton_chunk as tc
+
+    per: dict[str, list[float]] = {}
+    for _ in range(reps):
+        marks: list[tuple[str, Any]] = []
+
+        def hook(name: str, marks=marks) -> None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append((name, ev))
+
+        tc._STAGE_HOOK.append(hook)
+        try:
+            fn()
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        finally:
+            tc._STAGE_HOOK.remove(hook)
+        end.synchronize()
+        seen: dict[str, float] = {}
+        for (name, ev), nxt in zip(marks, [m[1] for m in marks[1:]] + [end]):
+            key = name
+            i = 2
+            while key in seen:
+                key, i = f"{name}#{i}", i + 1
+            seen[key] = ev.elapsed_time(nxt)
+        for key, val in seen.items():
+            per.setdefault(key, []).append(val)
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def _bench_leaves(device: torch.device, smoke: bool):
+    B, T, H, Dk, Dv = (1, 256, 2, 32, 64) if smoke else (2, 8192, 16, 128, 256)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    inp = _gdr_inputs(B, T, H, H, Dk, Dv, device=device, dtype=dt, requires_grad=True)
+    leaves = [inp[n] for n in ("q", "k", "v", "g", "beta")]
+    do = torch.randn(B, T, H, Dv, device=device, dtype=dt)
+
+    def fwd() -> torch.Tensor:
+        return TRITON(*leaves, use_qk_l2norm=True)[0]
+
+    return fwd, _fwd_bwd(fwd, leaves, do), leaves
+
+
+def triton_stages(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
+    """Per-kernel time of ours at the benchmark shape (forward+backward, stage = launch to launch)."""
+    if device.type != "cuda":
+        return []
+    _fwd, fb, _ = _bench_leaves(device, smoke)
+    fb()
+    row = {"subject": "ours:triton stages fwd+bwd", "stages_ms": _stage_times(fb, device)}
+    print(json.dumps(row))
+    return [row]
+
+
+TUNE_CANDIDATES = {
+    "state": [(4, 1), (4, 2), (8, 2), (4, 3)],
+    "dstate": [(4, 1), (4, 2), (8, 2), (4, 3)],
+    "dqkwg": [(8, 2), (4, 2), (8, 1), (8, 3)],
+    "wy_bwd": [(8, 2), (4, 2), (8, 1)],
+    "out": [(4, 2), (8, 2), (4, 3)],
+    "wu": [(4, 2), (8, 2), (4, 3)],
+    "dv_local": [(4, 2), (8, 2), (4, 3)],
+    "kkt": [(4, 2), (8, 2)],
+    "solve": [(4, 2), (2, 2), (8, 2)],
+}
+TILE_CANDIDATES = {"state_values": [8192, 4096, 16384], "chunk_bv": [64, 128, 32]}
+
+
+def triton_tune(device: torch.device, smoke: bool, deadline: float | None) -> list[dict[str, Any]]:
+    """For each kernel, each (num_warps, num_stages) candidate: its stage time at the benchmark
+    shape (forward+backward); tile widths likewise. Each candidate is checked against the default
+    settings' results (bitwise equality is not expected; rel-RMS of o and grads). Stops at the
+    time budget; leaves the defaults in place."""
+    if device.type != "cuda":
+        return []
+    from olmo_attn.recurrent import triton_chunk as tc
+
+    rows: list[dict[str, Any]] = []
+    _fwd, fb, leaves = _bench_leaves(device, smoke)
+    fb()
+    ref = [t.grad.clone() for t in leaves]
+    for name, cands in TUNE_CANDIDATES.items():
+        default = dict(tc.LAUNCH[name])
+        for nw, ns in cands:
+            if _deadline_left(deadline) < 15:
+                rows.append({"kernel": name, "skipped": "time budget"})
+                break
+            tc.LAUNCH[name] = {"num_warps": nw, "num_stages": ns}
+            row: dict[str, Any] = {"kernel": name, "num_warps": nw, "num_stages": ns}
+            try:
+                fb()
+                row["max_grad_rel_rms_vs_default"] = max(rel_rms(t.grad, r) for t, r in zip(leaves, ref))
+                st = _stage_times(fb, device, reps=3)
+                row["stage_ms"] = sum(v for k, v in st.items() if k.split("#")[0] == name)
+                row["total_ms"] = sum(st.values())
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            print(json.dumps(row))
+        tc.LAUNCH[name] = default
+    for name, cands in TILE_CANDIDATES.items():
+        default_t = tc.TILES[name]
+        for val in cands:
+            if _deadline_left(deadline) < 15:
+                break
+            tc.TILES[name] = val
+            row = {"tile": name, "value": val}
+            try:
+                fb()
+                row["max_grad_rel_rms_vs_default"] = max(rel_rms(t.grad, r) for t, r in zip(leaves, ref))
+                st = _stage_times(fb, device, reps=3)
+                row["stages_ms"] = st
+                row["total_ms"] = sum(st.values())
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            print(json.dumps(row))
+        tc.TILES[name] = default_t
+    return rows
+
+
+def _triton_table(result: dict[str, Any]) -> str:
+    lines = ["", "== Gated DeltaNet: our Triton kernels ==", f"device: {result['env'].get('gpu', 'cpu')}", ""]
+    lines.append(
+        "correctness vs float64 (rel-RMS; bf16/fp16 budgets o/state 5e-3, dqkv 8e-3, dgate 2e-2; fp32 1e-4)"
+    )
+    for r in result.get("triton_correctness", []):
+        if "skipped" in r:
+            lines.append(f"  {r.get('kernel', r.get('case', '')):12s} skipped: {r['skipped'][:90]}")
+            continue
+        errs = r.get("rel_rms", {})
+        worst = max(errs.items(), key=lambda kv: kv[1] / BUDGETS[kv[0]]) if errs else ("-", float("nan"))
+        extra = f"  identical outside: {r['identical_outside']}" if "identical_outside" in r else ""
+        lines.append(
+            f"  {r.get('kernel', ''):12s} {r.get('case', ''):16s} {r.get('dtype', ''):9s} {'PASS' if r.get('pass') else 'FAIL'}"
+            f"  o={errs.get('o', float('nan')):.1e} final={errs.get('final', float('nan')):.1e} worst {worst[0]}={worst[1]:.1e}"
+            + extra
+            + (f"  error: {r['error'][:120]}" if "error" in r else "")
+        )
+    lines.append("")
+    lines.append(f"{'shape':26s} {'subject':18s} {'pass':10s} {'median ms':>10s} {'peak MB':>9s}")
+    for r in result.get("triton_speed", []):
+        if "first_fwd_s" in r:
+            lines.append(
+                f"{r['shape']:26s} {r['subject']:18s} first call: fwd {r['first_fwd_s']:.1f} s, fwd+bwd {r['first_fwd_bwd_s']:.1f} s"
+            )
+        elif "skipped" in r:
+            lines.append(
+                f"{r.get('shape', ''):26s} {r.get('subject', ''):18s} {r.get('pass', ''):10s} skipped: {r['skipped'][:70]}"
+            )
+        elif "error" in r:
+            lines.append(
+                f"{r.get('shape', ''):26s} {r.get('subject', ''):18s} {r.get('pass', ''):10s} error: {r['error'][:70]}"
+            )
+        elif "median_ms" in r:
+            pk = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-"
+            lines.append(
+                f"{r['shape']:26s} {r['subject']:18s} {r['pass']:10s} {r['median_ms']:10.3f} {pk:>9s}"
+            )
+    for r in result.get("triton_stages", []):
+        lines.append("")
+        lines.append("stages (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items()))
+    best: dict[str, tuple[float, str]] = {}
+    for r in result.get("triton_tune", []):
+        if "stage_ms" in r:
+            cur = best.get(r["kernel"])
+            if cur is None or r["stage_ms"] < cur[0]:
+                best[r["kernel"]] = (r["stage_ms"], f"w{r['num_warps']}s{r['num_stages']}")
+        if "tile" in r and "total_ms" in r:
+            lines.append(f"tile {r['tile']}={r['value']}: total {r['total_ms']:.3f} ms")
+    if best:
+        lines.append(
+            "best launch per kernel: " + ", ".join(f"{k} {v[1]} {v[0]:.3f}" for k, v in best.items())
+        )
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -694,39 +1151,86 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = (
+    "triton_correctness",
+    "triton_speed",
+    "triton_stages",
+    "triton_tune",
+    "correctness",
+    "speed",
+    "scan",
+    "decode",
+)
+DEFAULT_SECTIONS = ("triton_correctness", "triton_speed", "triton_stages", "correctness", "decode")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="JSON output path")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few iterations")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "scan", "decode"])
+    ap.add_argument("--sections", nargs="*", default=list(DEFAULT_SECTIONS), choices=SECTIONS)
+    ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
+    ap.add_argument(
+        "--shapes", nargs="*", default=None, help="substrings of the shape labels to run (triton_speed)"
+    )
+    ap.add_argument("--budget", type=float, default=None, help="seconds; later sections stop early past it")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    iters = 3 if args.smoke else max(20, args.iters)
+    iters = 3 if args.smoke else max(10, args.iters)
     warmup = 1 if args.smoke else args.warmup
+    deadline = None if args.budget is None else time.monotonic() + args.budget
     torch.manual_seed(0)
     result: dict[str, Any] = {"env": fingerprint(device), "smoke": args.smoke}
     print(json.dumps(result["env"]))
     failed = False
-    for section, fn in (
-        ("correctness", lambda: correctness(device, args.smoke)),
-        ("speed", lambda: speed(device, args.smoke, iters, warmup)),
-        ("scan", lambda: scan(device, args.smoke, iters, warmup)),
-        ("decode", lambda: decode(device, args.smoke, iters, warmup)),
-    ):
-        if section in args.skip:
-            result[section] = []
+    runners = {
+        "triton_correctness": lambda: triton_correctness(device, args.smoke, deadline),
+        "triton_speed": lambda: triton_speed(device, args.smoke, iters, warmup, deadline, args.shapes),
+        "triton_stages": lambda: triton_stages(device, args.smoke),
+        "triton_tune": lambda: triton_tune(device, args.smoke, deadline),
+        "correctness": lambda: correctness(device, args.smoke),
+        "speed": lambda: speed(device, args.smoke, iters, warmup),
+        "scan": lambda: scan(device, args.smoke, iters, warmup),
+        "decode": lambda: decode(device, args.smoke, iters, warmup),
+    }
+    for section in SECTIONS:
+        result.setdefault(section, [])
+        if section not in args.sections or section in args.skip:
             continue
+        if _deadline_left(deadline) < 10:
+            result[section] = [{"skipped": "time budget"}]
+            continue
+        t0 = time.monotonic()
         try:
-            result[section] = fn()
+            result[section] = runners[section]()
         except Exception as e:
             traceback.print_exc()
             result[section] = [{"error": f"{type(e).__name__}: {e}"}]
             failed = True
-    table = _table(result)
-    failed |= any(not r.get("pass", True) for r in result["correctness"] if "skipped" not in r)
-    out = args.out
+        print(f"== section {section}: {time.monotonic() - t0:.1f} s", flush=True)
+        out = _write(result, args.out)
+    table = ""
+    for make in (_table, _triton_table):
+        try:
+            table += make(result) + "\n"
+        except Exception as e:  # a malformed row must not hide the rest
+            table += f"({make.__name__} failed: {type(e).__name__}: {e})\n"
+    failed |= any(
+        not r.get("pass", True)
+        for sec in ("correctness", "triton_correctness")
+        for r in result[sec]
+        if "skipped" not in r
+    )
+    out = _write(result, args.out)
+    print(table)
+    print(f"\nJSON: {out}")
+    return 1 if failed else 0
+
+
+def _write(result: dict[str, Any], out: Path | None) -> Path:
+    """Write the results so far (after every section: a run cut short keeps what it measured)."""
     if out is None:
         gpu = result["env"].get("gpu", "cpu").replace(" ", "_")
         out = ROOT / "benchmarks" / "results" / f"{gpu}-{_dt.date.today().isoformat()}-gdn.json"
@@ -736,9 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
             result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)
         )
     )
-    print(table)
-    print(f"\nJSON: {out}")
-    return 1 if failed else 0
+    return out
 
 
 if __name__ == "__main__":

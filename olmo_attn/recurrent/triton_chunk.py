@@ -692,6 +692,8 @@ def _kernels() -> SimpleNamespace:
 # Launch settings per kernel (``num_warps``, ``num_stages``) and the value-tile widths; the
 # benchmark (``benchmarks/gdn_bench.py --tune``) times alternatives by editing these in place.
 LAUNCH: dict[str, dict[str, int]] = {
+    "l2norm": {"num_warps": 1, "num_stages": 1},
+    "l2norm_bwd": {"num_warps": 1, "num_stages": 1},
     "kkt": {"num_warps": 4, "num_stages": 2},
     "solve": {"num_warps": 4, "num_stages": 2},
     "wu": {"num_warps": 4, "num_stages": 2},
@@ -762,7 +764,7 @@ def _l2_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty_like(x)
     r = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
-        _kernels().l2norm_fwd[(rows,)](x, y, r, D, L2NORM_EPS, BD=max(16, _next_pow2(D)))
+        _kernels().l2norm_fwd[(rows,)](x, y, r, D, L2NORM_EPS, BD=max(16, _next_pow2(D)), **_cfg("l2norm"))
     return y, r
 
 
@@ -770,7 +772,7 @@ def _l2_bwd(x: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, dtype: torch.dty
     rows, D = x.shape
     dx = torch.empty(rows, D, dtype=dtype, device=x.device)
     if rows:
-        _kernels().l2norm_bwd[(rows,)](x, r, dy, dx, D, BD=max(16, _next_pow2(D)))
+        _kernels().l2norm_bwd[(rows,)](x, r, dy, dx, D, BD=max(16, _next_pow2(D)), **_cfg("l2norm_bwd"))
     return dx
 
 
