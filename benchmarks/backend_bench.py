@@ -1,12 +1,19 @@
 """Per-backend attention speed, and the measured order that ``backend=None`` picks from.
 
-Every available backend (``olmo_attn`` backend modules, as users call them) on the workloads of
-``/work/shared/BENCHMARKS.md``: causal, sliding window 4096, and packed documents with long-tailed
-lengths; Hq 32, Hkv 8, D 128, T in {2k, 8k, 16k, 32k} with B = 32k / T rows; bf16; forward and
-forward+backward. CUDA events, warm-up, median of >= 20 timed runs, inputs rotated between sets,
-random data. FLOPs count only the (query, key) pairs the mask allows: forward 4·Hq·D·pairs,
-backward 2.5x forward. Each backend's output is first compared with the torch backend's on the
-same inputs (``max_abs_diff_vs_torch``) so a wrong kernel cannot win.
+Every available backend (``olmo_attn`` backend modules, as users call them) on three workloads:
+causal, sliding window 4096, and packed documents with long-tailed lengths; Hq 32, Hkv 8, D 128,
+T in {2k, 8k, 16k, 32k} with B = 32k / T rows; bf16; forward and forward+backward. CUDA events,
+warm-up, median of >= 20 timed runs, inputs rotated between sets, random data. FLOPs count only the
+(query, key) pairs the mask allows: forward 4·Hq·D·pairs, backward 2.5x forward. Each backend's
+output is first compared with the torch backend's on the same inputs (``max_abs_diff_vs_torch``) so
+a wrong kernel cannot win.
+
+Beside each adapter, the library's own call on the same inputs is timed the same way (``raw_*``
+fields; ``--no-raw`` skips it): ``flash_attn_func`` / ``flash_attn_varlen_func`` of flash-attn 2,
+FA3 and flash-attn-4, Transformer Engine's ``DotProductAttention`` called directly, and for torch
+``F.scaled_dot_product_attention`` (causal only: its windows and documents are our own
+FlexAttention / blockwise code, there is no library call to compare with). ``adapter_overhead_*`` =
+adapter time / raw time - 1; the target is <= 5 %.
 
     python benchmarks/backend_bench.py                              # GPU, writes benchmarks/results/
     python benchmarks/backend_bench.py --write-preference           # ... and olmo_attn/backends/preference.json
@@ -69,6 +76,7 @@ class BenchConfig:
     mean_doc_len: int = 512  # documents: log-normal lengths around this, a long tail
     seed: int = 0
     smoke: bool = False
+    raw: bool = True  # also time the library's own call on the same inputs
 
 
 @dataclass
@@ -90,6 +98,13 @@ class CaseResult:
     fwd_times_ms: list[float] = field(default_factory=list)
     fwd_bwd_times_ms: list[float] = field(default_factory=list)
     error: str | None = None
+    # the library's own call on the same inputs (None: not measured, see raw_note)
+    raw_fwd_ms: float | None = None
+    raw_fwd_bwd_ms: float | None = None
+    raw_max_abs_diff: float | None = None  # |adapter out - raw out|: the same computation
+    adapter_overhead_fwd: float | None = None  # adapter / raw - 1
+    adapter_overhead_fwd_bwd: float | None = None
+    raw_note: str | None = None
 
 
 # ----- workloads ----------------------------------------------------------------------------------------
@@ -182,6 +197,144 @@ def fingerprint(device: str) -> dict[str, Any]:
     return env
 
 
+# ----- the libraries' own calls -------------------------------------------------------------------------
+RawFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def raw_call(name: str, cfg: BenchConfig, mask: str, kwargs: dict[str, Any]) -> tuple[RawFn | None, str]:
+    """The library's own call for backend ``name`` on one workload, and what it is.
+
+    ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` -> ``[B, T, Hq, D]``, the mask and scale the adapter
+    is built with (causal; window ``(window - 1, 0)``; documents as ``cu_seqlens`` over the
+    flattened batch). ``None`` when there is no library call to compare with.
+    """
+    scale = cfg.head_dim**-0.5
+    window = (cfg.window - 1, 0) if mask == "sliding_window" else (-1, -1)
+    docs = mask == "documents"
+    cu, mx = kwargs.get("cu_doc_lens"), int(kwargs.get("max_doc_len") or 0)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, *x.shape[2:])
+
+    def first(r: Any) -> torch.Tensor:
+        return r[0] if isinstance(r, (tuple, list)) else r
+
+    if name == "torch":
+        if mask != "causal":
+            return None, "no library call: windows and documents run our FlexAttention / blockwise code"
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        order.append(SDPBackend.MATH)
+
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel(order, set_priority=True) if q.is_cuda else _nullcontext():
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+                    enable_gqa=q.shape[2] != k.shape[2],
+                )  # fmt: skip
+            return o.transpose(1, 2)
+
+        return sdpa, "F.scaled_dot_product_attention(enable_gqa, cuDNN first)"
+    if name in ("flash_2", "flash_3", "flash_4"):
+        import importlib
+
+        mod_name = {"flash_2": "flash_attn", "flash_4": "flash_attn.cute"}.get(name)
+        if name == "flash_3":
+            from olmo_attn.backends.flash3 import fa3_interface
+
+            lib = fa3_interface()
+        else:
+            lib = importlib.import_module(str(mod_name))
+        win: Any = window
+        if name == "flash_4":
+            win = (None, None) if window[0] < 0 else (window[0], 0)
+        if not docs:
+            return (
+                lambda q, k, v: first(
+                    lib.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=win)
+                ),
+                f"{lib.__name__}.flash_attn_func",
+            )
+        if name == "flash_4":
+            return (
+                lambda q, k, v: first(
+                    lib.flash_attn_varlen_func(
+                        flat(q), flat(k), flat(v), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx,
+                        max_seqlen_k=mx, softmax_scale=scale, causal=True, window_size=win,
+                    )
+                ).view(q.shape),
+                f"{lib.__name__}.flash_attn_varlen_func",
+            )  # fmt: skip
+        return (
+            lambda q, k, v: first(
+                lib.flash_attn_varlen_func(
+                    flat(q),
+                    flat(k),
+                    flat(v),
+                    cu,
+                    cu,
+                    mx,
+                    mx,
+                    softmax_scale=scale,
+                    causal=True,
+                    window_size=win,
+                )
+            ).view(q.shape),
+            f"{lib.__name__}.flash_attn_varlen_func",
+        )
+    if name == "te":
+        import transformer_engine.pytorch as te
+
+        attn = te.DotProductAttention(
+            cfg.n_heads, cfg.head_dim, num_gqa_groups=cfg.n_kv_heads, attention_dropout=0.0,
+            attn_mask_type="causal", window_size=(window[0], 0), qkv_format="bshd", softmax_scale=scale,
+        )  # fmt: skip
+        if not docs:
+            return lambda q, k, v: attn(q, k, v).view(q.shape), "DotProductAttention bshd"
+        return (
+            lambda q, k, v: attn(
+                flat(q), flat(k), flat(v), qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=mx,
+                max_seqlen_kv=mx, attn_mask_type="padding_causal", window_size=(window[0], 0),
+            ).view(q.shape),
+            "DotProductAttention thd",
+        )  # fmt: skip
+    return None, f"no raw call known for backend {name!r}"
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def time_pair(
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    sets: list[tuple[torch.Tensor, ...]],
+    cfg: BenchConfig,
+    cuda: bool,
+) -> tuple[list[float], list[float]]:
+    """Forward-only and forward+backward times (ms) of ``fn`` on the rotated input sets (leaves)."""
+
+    def fwd(i: int) -> None:
+        q, k, v, _ = sets[i % len(sets)]
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fwd_bwd(i: int) -> None:
+        q, k, v, dout = sets[i % len(sets)]
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(dout)
+
+    return (
+        time_runs(fwd, iters=cfg.iters, warmup=cfg.warmup, cuda=cuda),
+        time_runs(fwd_bwd, iters=cfg.iters, warmup=cfg.warmup, cuda=cuda),
+    )
+
+
 # ----- one case -----------------------------------------------------------------------------------------
 def _inputs(cfg: BenchConfig, B: int, T: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     g = torch.Generator(device=cfg.device).manual_seed(seed)
@@ -228,23 +381,15 @@ def run_case(
             res.max_abs_diff_vs_torch = float((out0.float() - reference_out[key].float()).abs().max())
         del out0
 
-        def fwd(i: int) -> None:
-            q, k, v, _ = sets[i % len(sets)]
-            with torch.no_grad():
-                backend((q, k, v), **kwargs)
-
-        for q, k, v, _ in sets:  # leaves; the forward-only runs above use no_grad
+        for q, k, v, _ in sets:  # leaves; the forward-only runs use no_grad
             q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
 
-        def fwd_bwd(i: int) -> None:
-            q, k, v, dout = sets[i % len(sets)]
-            q.grad = k.grad = v.grad = None
-            backend((q, k, v), **kwargs).backward(dout)
+        def adapter(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return backend((q, k, v), **kwargs)
 
-        res.fwd_times_ms = time_runs(fwd, iters=cfg.iters, warmup=cfg.warmup, cuda=cuda)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        res.fwd_bwd_times_ms = time_runs(fwd_bwd, iters=cfg.iters, warmup=cfg.warmup, cuda=cuda)
+        res.fwd_times_ms, res.fwd_bwd_times_ms = time_pair(adapter, sets, cfg, cuda)
         if cuda:
             res.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
         res.fwd_ms = statistics.median(res.fwd_times_ms)
@@ -253,10 +398,39 @@ def run_case(
         res.fwd_bwd_tflops = 3.5 * fwd_flops / (res.fwd_bwd_ms * 1e-3) / 1e12
     except Exception as e:  # a backend that cannot run a case is a result, not a crash
         res.error = f"{type(e).__name__}: {e}"[:500]
-    finally:
-        if cuda:
-            torch.cuda.empty_cache()
+    if res.error is None and cfg.raw:
+        _measure_raw(cfg, name, mask, kwargs, sets, adapter, res, cuda)
+    if cuda:
+        torch.cuda.empty_cache()
     return res
+
+
+def _measure_raw(
+    cfg: BenchConfig,
+    name: str,
+    mask: str,
+    kwargs: dict[str, Any],
+    sets: list[tuple[torch.Tensor, ...]],
+    adapter: RawFn,
+    res: CaseResult,
+    cuda: bool,
+) -> None:
+    """Time the library's own call beside the adapter (into ``res.raw_*``); never raises."""
+    try:
+        fn, note = raw_call(name, cfg, mask, kwargs)
+        res.raw_note = note
+        if fn is None:
+            return
+        q, k, v, _ = sets[0]
+        with torch.no_grad():
+            res.raw_max_abs_diff = float((fn(q, k, v).float() - adapter(q, k, v).float()).abs().max())
+        fwd_t, fwd_bwd_t = time_pair(fn, sets, cfg, cuda)
+        res.raw_fwd_ms, res.raw_fwd_bwd_ms = statistics.median(fwd_t), statistics.median(fwd_bwd_t)
+        assert res.fwd_ms is not None and res.fwd_bwd_ms is not None
+        res.adapter_overhead_fwd = res.fwd_ms / res.raw_fwd_ms - 1.0
+        res.adapter_overhead_fwd_bwd = res.fwd_bwd_ms / res.raw_fwd_bwd_ms - 1.0
+    except Exception as e:  # the raw call is informational: record why it did not run
+        res.raw_note = f"raw call failed: {type(e).__name__}: {e}"[:500]
 
 
 # ----- the run ------------------------------------------------------------------------------------------
@@ -281,6 +455,11 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                     f"fwd {r.fwd_ms:.3f} ms ({r.fwd_tflops:.3g} TFLOP/s), fwd+bwd {r.fwd_bwd_ms:.3f} ms "
                     f"({r.fwd_bwd_tflops:.3g} TFLOP/s), max|diff vs torch| {r.max_abs_diff_vs_torch}"
                 )
+                if r.raw_fwd_bwd_ms is not None:
+                    status += (
+                        f"; raw {r.raw_fwd_ms:.3f} / {r.raw_fwd_bwd_ms:.3f} ms, adapter overhead "
+                        f"{100 * (r.adapter_overhead_fwd or 0):+.1f}% / {100 * (r.adapter_overhead_fwd_bwd or 0):+.1f}%"
+                    )
                 print(f"[{name:>8}] {mask:<15} T={T:<6} B={r.batch:<3} {status}", flush=True)
     arch = info_for(cfg.device).arch
     records = [asdict(r) for r in results]
@@ -320,6 +499,27 @@ def markdown_table(report: dict[str, Any]) -> str:
                     f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ({r['fwd_tflops']:.3g} / {r['fwd_bwd_tflops']:.3g})"
                 )
         lines.append(f"| {mask} | {T} | {batch} | " + " | ".join(cells) + " |")
+    raw_rows = [r for r in rows if r.get("raw_fwd_bwd_ms") is not None]
+    if raw_rows:
+        lines += [
+            "",
+            "Adapter vs the library's own call on the same inputs: forward / forward+backward ms, "
+            "adapter overhead (target <= 5 %)",
+            "",
+            "| backend | mask | T | adapter | raw | overhead | raw call |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in raw_rows:
+            lines.append(
+                f"| {r['backend']} | {r['mask']} | {r['seq_len']} | {r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} | "
+                f"{r['raw_fwd_ms']:.2f} / {r['raw_fwd_bwd_ms']:.2f} | {100 * r['adapter_overhead_fwd']:+.1f}% / "
+                f"{100 * r['adapter_overhead_fwd_bwd']:+.1f}% | {r['raw_note']} |"
+            )
+    notes = sorted(
+        {(r["backend"], r["raw_note"]) for r in rows if r.get("raw_note") and r.get("raw_fwd_ms") is None}
+    )
+    for b, note in notes:
+        lines.append(f"- {b}: raw call not timed ({note})")
     lines.append("")
     for arch, prefs in report["preference"].items():
         for kind, order in prefs.items():
@@ -354,6 +554,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--smoke", action="store_true", help="CPU, tiny shapes, float32, 3 runs: checks the script"
     )
+    p.add_argument(
+        "--no-raw",
+        dest="raw",
+        action="store_false",
+        help="do not time the libraries' own calls beside the adapters",
+    )
     return p.parse_args(argv)
 
 
@@ -375,6 +581,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             warmup=1,
             mean_doc_len=24,
             smoke=True,
+            raw=args.raw,
         )
     if not torch.cuda.is_available():
         raise SystemExit("backend_bench: no CUDA device here; run with --smoke for the CPU check")
@@ -387,6 +594,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         backends=split(args.backends),
         iters=max(20, args.iters),
         warmup=args.warmup,
+        raw=args.raw,
     )
 
 

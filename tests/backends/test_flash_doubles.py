@@ -661,12 +661,13 @@ def install_flash4(monkeypatch: pytest.MonkeyPatch, rec: Recorder) -> None:
 
 
 def install_te(monkeypatch: pytest.MonkeyPatch, rec: Recorder) -> None:
-    """Fake ``transformer_engine.pytorch.DotProductAttention`` (bshd / thd, causal masks, GQA, window)."""
+    """Fake ``transformer_engine.pytorch.DotProductAttention`` (TE 2.20 signatures; bshd / thd, causal
+    masks, GQA, window)."""
 
     class DotProductAttention(torch.nn.Module):
         def __init__(self, num_attention_heads, kv_channels, num_gqa_groups=None, attention_dropout=0.0,
                      qkv_format="sbhd", attn_mask_type="causal", window_size=None, bottom_right_diagonal=None,
-                     sequence_parallel=False, tp_size=1, get_rng_state_tracker=None, tp_group=None,
+                     softcap=0.0, sequence_parallel=False, tp_size=1, get_rng_state_tracker=None, tp_group=None,
                      layer_number=None, attention_type="self", cp_group=None, cp_global_ranks=None,
                      cp_stream=None, cp_comm_type="p2p", softmax_scale=None, softmax_type="vanilla",
                      return_max_logit=False, name=None):  # fmt: skip
@@ -687,9 +688,13 @@ def install_te(monkeypatch: pytest.MonkeyPatch, rec: Recorder) -> None:
         def forward(self, query_layer=None, key_layer=None, value_layer=None, attention_mask=None, qkv_format=None,
                     cu_seqlens_q=None, cu_seqlens_kv=None, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None,
                     max_seqlen_q=None, max_seqlen_kv=None, attn_mask_type=None, window_size=None,
-                    bottom_right_diagonal=None, checkpoint_core_attention=False, core_attention_bias_type="no_bias",
-                    core_attention_bias=None, alibi_slopes=None, fast_zero_fill=True, inference_params=None,
-                    pad_between_seqs=None, fp8_output=False, bf16_backward=False, num_splits=1):  # fmt: skip
+                    bottom_right_diagonal=None, softcap=None, checkpoint_core_attention=False,
+                    core_attention_bias_type="no_bias", core_attention_bias=None, alibi_slopes=None,
+                    fast_zero_fill=True, inference_params=None, pad_between_seqs=None, fp8_output=False,
+                    bf16_backward=False, num_splits=1, score_mod=None, score_mod_bprop=None,
+                    score_mod_tensors=None, score_mod_bprop_tensors=None, qkv_layer=None, kv_layer=None,
+                    qkv_interleave_dim=-3, thd_attention_policies=None,
+                    thd_attention_policy_dispatch="auto"):  # fmt: skip
             rec.add("DotProductAttention.forward", (query_layer, key_layer, value_layer), locals())
             fmt = qkv_format or self.qkv_format
             mask = attn_mask_type or self.attn_mask_type
@@ -826,3 +831,61 @@ def test_flash_attn_4_alone_does_not_make_flash_2_available(monkeypatch):
 
     reason = caps.unavailable_reason("flash_2")
     assert reason is not None and "flash_attn.flash_attn_interface" in reason
+
+
+def _bench():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        import backend_bench
+    finally:
+        sys.path.remove(str(root))
+    return backend_bench
+
+
+@pytest.mark.parametrize("name", ["flash_2", "flash_3", "flash_3_v3", "flash_4", "te"])
+@pytest.mark.parametrize("mask", ["causal", "sliding_window", "documents"])
+def test_backend_bench_raw_call_is_the_adapters_computation(
+    monkeypatch: pytest.MonkeyPatch, name, mask
+) -> None:
+    """benchmarks/backend_bench.py times each library's own call beside the adapter: through the
+    doubles, that call must compute what the adapter computes (same mask, window, scale, documents)."""
+    bench = _bench()
+    rec = Recorder()
+    fake_cuda(monkeypatch, (9, 0))
+    backend = name.removesuffix("_v3")
+    {
+        "flash_2": lambda: install_flash2(monkeypatch, rec),
+        "flash_3": lambda: install_flash3(monkeypatch, rec),
+        "flash_3_v3": lambda: install_flash3(monkeypatch, rec, version="3.0.0"),
+        "flash_4": lambda: install_flash4(monkeypatch, rec),
+        "te": lambda: install_te(monkeypatch, rec),
+    }[name]()
+    cfg = bench.BenchConfig(device="cpu", n_heads=4, n_kv_heads=2, head_dim=16, window=5)
+    q, k, v = qkv(B=2, T=24)
+    kwargs: dict[str, Any] = {}
+    if mask == "documents":
+        kwargs = {"cu_doc_lens": torch.tensor([0, 7, 24, 30, 48], dtype=torch.int32), "max_doc_len": 18}
+    fn, note = bench.raw_call(backend, cfg, mask, kwargs)
+    assert fn is not None, note
+    from olmo_attn.backends.base import AttentionBackendName
+
+    adapter = AttentionBackendName(backend).build(
+        head_dim=16, n_heads=4, n_kv_heads=2, window_size=(4, 0) if mask == "sliding_window" else (-1, -1)
+    )
+    torch.testing.assert_close(fn(q, k, v), adapter((q, k, v), **kwargs))
+    window = (4, 0) if mask == "sliding_window" else (-1, -1)
+    cu = kwargs.get("cu_doc_lens")
+    assert_close_bf16(fn(q, k, v), reference_out(q, k, v, window=window, cu=cu))
+
+
+def test_backend_bench_torch_raw_call_is_sdpa_causal_only() -> None:
+    bench = _bench()
+    cfg = bench.BenchConfig(device="cpu", n_heads=4, n_kv_heads=2, head_dim=16)
+    fn, note = bench.raw_call("torch", cfg, "causal", {})
+    q, k, v = (x.float() for x in qkv(B=1, T=10))
+    assert fn is not None and "scaled_dot_product_attention" in note
+    assert_close_bf16(fn(q, k, v).bfloat16(), reference_out(q, k, v))
+    assert bench.raw_call("torch", cfg, "documents", {})[0] is None
