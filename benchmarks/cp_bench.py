@@ -5,8 +5,9 @@ documents, on the torch backend (or ``--backend``):
 
 1. **Correctness** (``--check-tokens`` per GPU): the gathered CP output and dq/dk/dv against a float64
    reference computed on the GPU (explicit mask, chunked over kv heads) and against one GPU running the
-   same backend without CP. Verdict per tensor by CONFORMANCE.md's budget
-   ``max|cp − ref| ≤ 2·max|low − ref| + atol`` (``low``: plain PyTorch math in bf16).
+   same backend without CP. Verdict per tensor by the project's error budget
+   ``max|cp − ref| ≤ 2·max|low − ref| + atol`` (``low``: plain PyTorch math in bf16;
+   see ``docs/judging.md``).
 2. **Throughput** at ``--tokens`` per GPU (8k/16k/32k), Hq 32, Hkv 8, D 128, bf16, forward and
    forward+backward: CUDA events, warm-up, median of ``--iters`` runs, the slowest rank counts.
    **% of ideal** = ``t_one / (W · t_cp)``: one GPU running the whole ``W·T`` problem (same backend,

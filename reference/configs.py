@@ -12,12 +12,13 @@ class ConfigurationError(Exception):
 def window_for_layer(
     pattern: list[int], layer_idx: int, n_layers: int, force_first: bool = True, force_last: bool = True
 ) -> int:
-    """Window size of layer ``layer_idx`` (``-1`` = full attention), exactly as §1.1:
+    """Window size of layer ``layer_idx`` (``-1`` = full attention), exactly as OLMo-core's
+    ``SlidingWindowAttentionConfig`` maps it:
 
     forced first/last layers are full; otherwise ``pattern[eff % len(pattern)]`` with
     ``eff = layer_idx - 1`` when the first layer is forced (else ``layer_idx``). A pattern entry
     ``<= 0`` other than ``-1`` raises :class:`ConfigurationError` when queried; an empty pattern
-    raises ``ZeroDivisionError`` for any non-forced layer (as the reference does).
+    raises ``ZeroDivisionError`` for any non-forced layer (as OLMo-core does).
     """
     if force_first and layer_idx == 0:
         return -1
@@ -47,7 +48,7 @@ def attention_layer_options(
     no_global_rope: bool = False,
     sliding_window: dict | None = None,
 ) -> dict:
-    """What ``AttentionConfig.build`` gives layer ``layer_idx`` (§6.2 step 2).
+    """What ``AttentionConfig.build`` gives layer ``layer_idx`` (its per-layer window and RoPE choice).
 
     ``sliding_window``: ``{"pattern": [...], "force_full_attention_on_first_layer": bool,
     "force_full_attention_on_last_layer": bool}`` or ``None``. Returns

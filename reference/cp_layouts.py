@@ -1,5 +1,6 @@
-"""Context-parallel load balancers and layout transforms (spec context_parallel.md §4–§8, §11) as
-pure NumPy functions of one array, with their exact inverses.
+"""Context-parallel load balancers and layout transforms (OLMo-core's zig-zag, llama3 and Ulysses
+balancers, their document metadata, and the all-to-all transforms) as pure NumPy functions of one
+array, with their exact inverses.
 
 Notation: ``W`` ranks, rank ``r``; ``seq_dim`` is the sequence axis of ``x`` (negative allowed).
 Padding always appends ``pad_value`` at the end of the sequence axis.
@@ -7,12 +8,12 @@ Padding always appends ``pad_value`` at the end of the sequence axis.
 * zig-zag: split into ``2W`` equal chunks ``c_0 … c_{2W−1}``; rank ``r`` keeps ``cat(c_r, c_{2W−1−r})``
   (by document: every document is split that way on its own, padded to a multiple of ``2W``).
 * llama3: contiguous ``[r·L, (r+1)·L)`` slices of the total padded to a multiple of
-  ``length_multiple·W`` (the intended behaviour; the reference's padding has a sign bug), plus the
-  per-rank query/key segment metadata of §5.1.
+  ``length_multiple·W`` (the intended behaviour; OLMo-core's padding has a sign bug), plus the
+  per-rank query/key segment metadata (:func:`llama3_metadata`).
 * Ulysses: contiguous ``[r·L, (r+1)·L)`` slices; document metadata stays global.
-* cp2hp / hp2cp: the all-to-all transforms of §8 between sequence- and head-sharded layouts.
+* cp2hp / hp2cp: the all-to-all transforms between sequence- and head-sharded layouts.
 
-Bad inputs raise ``ValueError`` (the reference uses ``RuntimeError``/``AssertionError`` in places).
+Bad inputs raise ``ValueError`` (OLMo-core uses ``RuntimeError``/``AssertionError`` in places).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def zigzag_unshard_by_document(locals_: list, seq_dim: int, cu_doc_lens) -> np.n
 
 
 def llama3_metadata(cu_doc_lens, rank: int, world: int) -> dict:
-    """Per-rank metadata of §5.1 (ring-flash-attn's llama3 preparation, causal) for a total
+    """Per-rank metadata of ring-flash-attn's llama3 preparation (causal) for a total
     ``N = cu[-1]`` divisible by ``W``; ``L = N / W``, ``a = r·L``, ``e = (r + 1)·L``::
 
         left  = largest index with cu[left] <= a,   right = smallest index with cu[right] >= e
@@ -197,7 +198,8 @@ def llama3_metadata(cu_doc_lens, rank: int, world: int) -> dict:
 def llama3_shard_by_document(
     x, seq_dim: int, cu_doc_lens, rank: int, world: int, pad_value=None, length_multiple: int | None = None
 ) -> tuple[np.ndarray, dict]:
-    """Llama3 ``batch_shard_by_document`` with the intended padding (§5 step 3, §5.1).
+    """Llama3 ``batch_shard_by_document`` with the intended padding and the
+    :func:`llama3_metadata` of each rank.
 
     ``x`` must hold exactly ``N = cu[-1]`` tokens. The total is padded to a multiple of
     ``m = length_multiple · W`` (``W`` without ``length_multiple``); the padding forms one synthetic

@@ -1,4 +1,5 @@
-"""Gated DeltaNet (spec gated_deltanet.md §3–§6) in NumPy float64, token by token.
+"""Gated DeltaNet (OLMo-core's ``GatedDeltaNet`` forward and its gated delta rule) in NumPy float64,
+token by token.
 
 Gated delta rule per value head, state ``S ∈ R^{Dk × Dv}`` (fla's ``[K, V]`` layout)::
 

@@ -19,7 +19,7 @@ present); ``rope`` a dict of ``RoPEConfig`` fields (``{"name": "default", "theta
 "scaling": {...}, "partial_rotary_factor": 0.5}``); ``gate`` a granularity string or
 ``{"granularity": ...}``; ``window_size`` the user window ``w`` (→ ``(w − 1, 0)``).
 
-Deliberate fixes over the reference (spec notes): the headwise gate sees ``att`` as
+Deliberate fixes over OLMo-core (bugs there): the headwise gate sees ``att`` as
 ``[B, T, H, D]`` also with documents and ``B > 1``; dropout is applied only when a ``keep_mask`` is
 given (deterministic); ``max_doc_len*`` arguments are accepted and ignored (derived from
 ``cu_doc_lens``).
@@ -103,7 +103,10 @@ def _rope(q, k, rope, *, start_pos=None, cu_doc_lens=None, pos_sin=None, pos_cos
 
 
 def _project(weights, x, *, n_heads, n_kv_heads, head_dim, clip_qkv, qk_norm, use_head_qk_norm):
-    """§7.3 steps 2–6: projections, clip, QK-norm, head views → q ``[B,T,H,D]``, k, v ``[B,T,Hkv,D]``."""
+    """``Attention.forward`` before attention: projections, clip, QK-norm, head views.
+
+    Returns q ``[B,T,H,D]``, k, v ``[B,T,Hkv,D]``.
+    """
     B, T, d_model = x.shape
     D = head_dim or d_model // n_heads
     q, k, v = linear(weights, "w_q", x), linear(weights, "w_k", x), linear(weights, "w_v", x)
@@ -123,7 +126,7 @@ def _project(weights, x, *, n_heads, n_kv_heads, head_dim, clip_qkv, qk_norm, us
 
 
 def _gate_and_out(weights, x, att, gate) -> np.ndarray:
-    """§7.3 steps 9–10 on ``att [B, T, H, D]``."""
+    """``Attention.forward`` after attention: output gate, then ``w_out``, on ``att [B, T, H, D]``."""
     B, T = x.shape[:2]
     if gate is not None:
         cfg = {"granularity": gate} if isinstance(gate, str) else dict(gate)
@@ -301,7 +304,7 @@ def normalized_attention_forward(
     freqs_cis=None,
     cache_leftpad=None,
 ) -> np.ndarray:
-    """``NormalizedAttention.forward`` (nGPT, §10), ``D = d_model // H``::
+    """``NormalizedAttention.forward`` (nGPT), ``D = d_model // H``::
 
         q, k, v = w_q(x), w_k(x), w_v(x)           (no biases in OLMo-core; used if present)
         q, k = q_norm(q), k_norm(k)                over all heads jointly (nGPT uses l2_norm)

@@ -48,7 +48,7 @@ def qwen_rms_norm(x, weight=None, bias=None, eps: float = 1e-5) -> np.ndarray:
 
 
 def l2_norm(x) -> np.ndarray:
-    """``x / ‖x‖₂`` over the last dim of ``x [..., N]``; no eps (zero rows give NaN, as specified)."""
+    """``x / ‖x‖₂`` over the last dim of ``x [..., N]``; no eps (zero rows give NaN, as in OLMo-core)."""
     x = np.asarray(x, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return x / np.sqrt((x * x).sum(-1, keepdims=True))

@@ -14,7 +14,7 @@ channels (the rest passes through unchanged):
 
 with ``c_i = rescale · cos(ang[p, i])`` and ``s_i = rescale · sin(ang[p, i])``.
 
-Positions (§4.2–§4.3): without ``start_pos`` queries are aligned to the end of the keys
+Positions: without ``start_pos`` queries are aligned to the end of the keys
 (``q: (Tk − Tq) + [0, Tq)``, ``k: [0, Tk)``); with ``start_pos`` both are ``start_pos + [0, T)``;
 with ``cu_doc_lens`` every document restarts at 0 (:func:`document_positions`).
 
@@ -232,7 +232,7 @@ def document_positions(cu_doc_lens, total: int) -> np.ndarray:
 def rope_positions(
     Tq: int, Tk: int, *, batch: int = 1, start_pos=None, cu_doc_lens=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ``(q_pos, k_pos)``, each ``[T]``, or ``[batch, T]`` with ``cu_doc_lens`` (spec §4.2–§4.3)."""
+    """Positions ``(q_pos, k_pos)``, each ``[T]``, or ``[batch, T]`` with ``cu_doc_lens``."""
     if cu_doc_lens is not None:
         if start_pos is not None:
             raise ValueError("cu_doc_lens and start_pos are mutually exclusive")

@@ -214,7 +214,7 @@ def test_windows_match_torch_sdpa_with_explicit_mask(Tq, Tk, causal, window):
 
 
 def test_documents_match_torch_sdpa_block_diagonal():
-    """Spec test 1.3: doc lengths [[0,4,16,12],[8,8,8,8]] over B=2, T=32, with and without a window."""
+    """Doc lengths [[0,4,16,12],[8,8,8,8]] over B=2, T=32, with and without a window."""
     rng = np.random.default_rng(3)
     B, T, H, D = 2, 32, 8, 16
     cu = np.cumsum([0, 0, 4, 16, 12, 8, 8, 8, 8])
@@ -232,7 +232,7 @@ def test_documents_match_torch_sdpa_block_diagonal():
 
 
 def test_one_document_per_row_equals_no_documents():
-    """Spec test 1.6: cu_doc_lens = [0, T, 2T] is the same as plain causal attention."""
+    """cu_doc_lens = [0, T, 2T] is the same as plain causal attention."""
     rng = np.random.default_rng(4)
     q, k, v = rand(rng, 2, 16, 4, 8), rand(rng, 2, 16, 2, 8), rand(rng, 2, 16, 2, 8)
     out_docs, lse_docs = sdpa(q, k, v, cu_doc_lens=[0, 16, 32])
@@ -324,7 +324,7 @@ def test_empty_rows_are_zero_and_minus_inf_never_nan():
 
 
 def test_llama3_layout_reproduces_global_attention():
-    """sdpa with the llama3 metadata of spec §5.1 on each rank equals the global rows [a, e)."""
+    """sdpa with the llama3 per-rank metadata (ring-flash-attn's preparation) equals the global rows [a, e)."""
     rng = np.random.default_rng(8)
     cu = [0, 3, 10, 16]
     q, k, v = rand(rng, 1, 16, 4, 4), rand(rng, 1, 16, 2, 4), rand(rng, 1, 16, 2, 4)

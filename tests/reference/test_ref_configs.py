@@ -1,4 +1,4 @@
-"""reference.configs: the spec's window table, errors, parameter counts, no_global_rope."""
+"""reference.configs: the sliding-window table, errors, parameter counts, no_global_rope."""
 
 import pytest
 
@@ -57,7 +57,7 @@ def test_layernorm_num_params():
 
 
 def test_no_global_rope_layers():
-    """Spec tests 1.13 / 1.14."""
+    """no_global_rope: RoPE only on sliding-window layers; without a sliding-window config, on none."""
     assert attention_layer_options(0, 12, rope=True, no_global_rope=True) == {
         "window_size": None,
         "rope": False,

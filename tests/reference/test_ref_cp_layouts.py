@@ -1,4 +1,4 @@
-"""reference.cp_layouts: every spec example, inverses, coverage, balance, attention equivalence."""
+"""reference.cp_layouts: every worked balancer example, inverses, coverage, balance, attention equivalence."""
 
 import numpy as np
 import pytest
@@ -11,10 +11,10 @@ from reference.attention import attention, sdpa
 
 
 def row(x):
-    return np.array([x])  # [1, T] with seq_dim 1, like the spec's [[0..7]]
+    return np.array([x])  # [1, T] with seq_dim 1, like [[0..7]]
 
 
-# ---------------------------------------------------------------------------------------------- spec examples
+# ---------------------------------------------------------------------------------------------- worked examples
 
 
 def test_zigzag_examples():

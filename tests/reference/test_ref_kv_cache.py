@@ -41,7 +41,7 @@ def test_inputs_are_not_modified_and_overflow_raises():
 @pytest.mark.parametrize("decode_step", [1, 3])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
 def test_generation_equals_cache_free_forward_on_unpadded_content(window, decode_step, heads):
-    """Spec §8.3: valid positions of a left-padded prefill + decode equal a forward per row."""
+    """Valid positions of a left-padded prefill + decode equal a forward per row."""
     rng = np.random.default_rng(1)
     Hq, Hkv = heads
     B, T, D = 3, 12, 4
@@ -65,7 +65,7 @@ def test_generation_equals_cache_free_forward_on_unpadded_content(window, decode
 
 
 def test_decode_writes_exactly_one_slot_per_step():
-    """Spec test 1.8 in miniature: each step changes only index cache_seqlens, in every row."""
+    """Each decode step changes only index cache_seqlens, in every row."""
     rng = np.random.default_rng(2)
     cache = KVCache.empty(2, 10, 1, 2)
     x = rng.standard_normal((2, 4, 1, 2))

@@ -1,4 +1,4 @@
-"""reference.modules: whole-module forwards against torch.nn.MultiheadAttention and the spec's
+"""reference.modules: whole-module forwards against torch.nn.MultiheadAttention and
 module-level invariances (batch invariance, documents, fused == unfused, nGPT, KV cache)."""
 
 import itertools
@@ -100,7 +100,7 @@ def test_plain_attention_matches_torch_multihead_attention():
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_batch_invariance(name):
-    """Spec test 1.2: attention(cat(x1, x2))[i] == attention(x_i)."""
+    """Batch invariance: attention(cat(x1, x2))[i] == attention(x_i)."""
     rng = np.random.default_rng(1)
     w, opts = build(rng, name)
     x = rng.standard_normal((2, 9, 16))
@@ -130,7 +130,7 @@ def test_documents_equal_separate_forwards(name):
 
 
 def test_fused_equals_unfused_with_rope():
-    """Spec test 1.4 with RoPE: w_qkv = cat(w_q, w_k, w_v); fused RoPE == default RoPE."""
+    """Fused == unfused with RoPE: w_qkv = cat(w_q, w_k, w_v); fused RoPE == default RoPE."""
     rng = np.random.default_rng(3)
     w = attn_weights(rng)
     x = rng.standard_normal((2, 6, 16))
@@ -194,7 +194,7 @@ def test_normalized_attention_matches_formula():
 
 @pytest.mark.parametrize("name", ["gqa_rope", "complex_rope", "gate_headwise", "gate_elementwise"])
 def test_kv_cache_forward_equals_cache_free_forward(name):
-    """Spec §8.3 / test 1.11: left-padded prefill + decode, RoPE positions start_pos + t for every row."""
+    """Left-padded prefill + decode, RoPE positions start_pos + t for every row."""
     rng = np.random.default_rng(7)
     w, opts = build(rng, name)
     leftpad = np.array([0, 3])
