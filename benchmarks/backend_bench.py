@@ -434,7 +434,9 @@ def _measure_raw(
 
 
 # ----- the run ------------------------------------------------------------------------------------------
-def run(cfg: BenchConfig) -> dict[str, Any]:
+def run(cfg: BenchConfig, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Every (mask, T, backend) case; ``checkpoint``: rewrite this JSON after each case (a run cut
+    short by a time limit still leaves its measurements, ``"partial": true``)."""
     torch.manual_seed(cfg.seed)
     names = list(cfg.backends) or [n for n in caps.TABLE if caps.unavailable_reason(n, cfg.device) is None]
     names = ["torch", *[n for n in names if n != "torch"]]  # torch first: the agreement baseline
@@ -461,6 +463,13 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                         f"{100 * (r.adapter_overhead_fwd or 0):+.1f}% / {100 * (r.adapter_overhead_fwd_bwd or 0):+.1f}%"
                     )
                 print(f"[{name:>8}] {mask:<15} T={T:<6} B={r.batch:<3} {status}", flush=True)
+                if checkpoint is not None:
+                    part = _report(cfg, results, skipped)
+                    checkpoint.write_text(json.dumps({**part, "partial": True}, indent=1) + "\n")
+    return _report(cfg, results, skipped)
+
+
+def _report(cfg: BenchConfig, results: list[CaseResult], skipped: dict[str, str | None]) -> dict[str, Any]:
     arch = info_for(cfg.device).arch
     records = [asdict(r) for r in results]
     return {
@@ -604,15 +613,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [m for m in cfg.masks if m not in MASKS]
     if unknown:
         raise SystemExit(f"--masks: unknown {unknown}; choose from {list(MASKS)}")
-    report = run(cfg)
+    env0 = fingerprint(cfg.device)
+    out = (
+        args.out
+        or ROOT / "benchmarks" / "results" / f"{_slug(env0['device'])}-{env0['date'][:10]}-backends.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = run(cfg, checkpoint=out)
     table = markdown_table(report)
     print(table)
     env = report["env"]
-    out = (
-        args.out
-        or ROOT / "benchmarks" / "results" / f"{_slug(env['device'])}-{env['date'][:10]}-backends.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"results: {out}")
     if args.markdown is not None:
