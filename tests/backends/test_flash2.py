@@ -337,3 +337,78 @@ def test_ring_zigzag_with_window_falls_back_to_our_ring(ring_fa: Recorder) -> No
     )  # fmt: skip
     assert none is None  # ring-flash-attn's zig-zag has no correct window (its issue 35)
     assert ring_fa.calls == []
+
+
+# ----- scripts/flash2/subset.py: the cut-down source tree for offline builds ------------------------------
+def _subset_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "flash2" / "subset.py"
+    spec = importlib.util.spec_from_file_location("fa2_subset", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_sdist(root, hdims=(32, 64, 96, 128, 192, 256)):
+    """The parts of flash-attn 2.8.3's tree the patcher reads: setup.py's lists and static_switch.h."""
+    src = root / "csrc/flash_attn/src"
+    src.mkdir(parents=True)
+    names = [
+        f"flash_{kind}_hdim{h}_{dt}{c}_sm80.cu"
+        for kind in ("fwd", "bwd", "fwd_split")
+        for h in hdims
+        for dt in ("fp16", "bf16")
+        for c in ("", "_causal")
+    ]
+    for n in names:
+        (src / n).write_text("// kernel\n")
+    listing = "".join(f'                "csrc/flash_attn/src/{n}",\n' for n in names)
+    (root / "setup.py").write_text(
+        '    nvcc_flags = [\n    "-O3",\n    "--use_fast_math",\n'
+        '    # "-DFLASHATTENTION_DISABLE_ALIBI",\n    ]\n'
+        '    compiler_c17_flag=["-O3", "-std=c++17"]\n'
+        '            sources=[\n                "csrc/flash_attn/flash_api.cpp",\n'
+        + listing
+        + "            ],\n"
+    )
+    switch = "#define HEADDIM_SWITCH(HEADDIM, ...)   \\\n  [&] {  \\\n"
+    switch += "".join(
+        f"    {'if' if i == 0 else '} else if'} (HEADDIM <= {h}) {{ \\\n"
+        f"      constexpr static int kHeadDim = {h}; \\\n      return __VA_ARGS__(); \\\n"
+        for i, h in enumerate(hdims)
+    )
+    (src / "static_switch.h").write_text("#pragma once\n" + switch + "    } \\\n  }()\n\n#define OTHER 1\n")
+    return root
+
+
+def test_flash2_subset_keeps_the_tested_head_dims_only(tmp_path) -> None:
+    import re
+
+    sub = _subset_module()
+    root = _fake_sdist(tmp_path)
+    assert sub.main(["--src", str(root), "--hdims", "64,128,256"]) == 0
+    assert sub.main(["--src", str(root), "--hdims", "64,128,256"]) == 0  # idempotent
+    setup = (root / "setup.py").read_text()
+    kept = sub.kept_sources(setup)
+    assert len(kept) == 36 and not any(f"_hdim{h}_" in s for s in kept for h in (32, 96, 192))
+    code = [ln for ln in setup.splitlines() if not ln.lstrip().startswith("#")]
+    for flag in sub.DISABLE_FLAGS:  # once in the nvcc flags, once in the C++ flags
+        assert sum(f'"-D{flag}"' in ln for ln in code) == 2
+    switch = (root / "csrc/flash_attn/src/static_switch.h").read_text()
+    assert sorted(int(x) for x in re.findall(r"kHeadDim = (\d+);", switch)) == [64, 128, 256]
+    assert switch.count("TORCH_CHECK(false") == 3 and "#define OTHER 1" in switch
+    assert sub.check(root, setup, switch, (64, 128, 256)) == []
+    assert sub.main(["--src", str(root), "--hdims", "64,128,256", "--count"]) == 0
+
+
+def test_flash2_subset_reports_inconsistent_trees(tmp_path, capsys) -> None:
+    sub = _subset_module()
+    root = _fake_sdist(tmp_path)
+    (root / "csrc/flash_attn/src/flash_bwd_hdim128_bf16_sm80.cu").unlink()
+    assert sub.main(["--src", str(root), "--hdims", "128", "--dry-run"]) == 1
+    assert "listed source missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sub.main(["--src", str(root), "--hdims", "80"])
