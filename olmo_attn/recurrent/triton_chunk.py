@@ -835,8 +835,7 @@ def _fwd_impl(
     v2 = v.reshape(NT, HV, Dv).contiguous()
     g2 = g.reshape(NT, HV).contiguous()
     b2 = beta.reshape(NT, HV).contiguous()
-    empty = q2.new_empty(0)
-    rq = rk = empty.float()
+    rq, rk = (q2.new_empty(0, dtype=torch.float32) for _ in range(2))  # outputs must not alias
     if use_l2:
         qn, rq = _l2_fwd(q2.view(NT * H, Dk))
         kn, rk = _l2_fwd(k2.view(NT * H, Dk))
@@ -864,7 +863,7 @@ def _fwd_impl(
     )  # fmt: skip
     if use_l2:
         return o.view(B, T, HV, Dv), final, qn, kn, rq, rk, tm, gc
-    return o.view(B, T, HV, Dv), final, empty, empty, rq, rk, tm, gc
+    return o.view(B, T, HV, Dv), final, q2.new_empty(0), q2.new_empty(0), rq, rk, tm, gc
 
 
 def _bwd_impl(
