@@ -1003,6 +1003,20 @@ def _torch_call(
     return o, fin
 
 
+@contextlib.contextmanager
+def _autograd_on() -> Any:
+    """Record autograd inside a custom op's implementation (which may run with the autograd
+    dispatch keys excluded, as in a compiled backward): the PyTorch kernel's backward recomputes
+    its forward and differentiates it."""
+    ex = torch._C._dispatch_tls_local_exclude_set()
+    for name in ("ADInplaceOrView", "AutogradFunctionality", "AutogradOther", "AutogradCPU", "AutogradCUDA"):
+        key = getattr(torch._C.DispatchKey, name, None)
+        if key is not None:
+            ex = ex.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), ex), torch.enable_grad():
+        yield
+
+
 @torch.library.custom_op("olmo_attn::gdn_torch_fwd", mutates_args=())
 def _torch_fwd_op(
     q: torch.Tensor,
@@ -1049,7 +1063,7 @@ def _torch_bwd_op(
     without an initial state)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
     h0l = None if h0 is None else h0.detach().requires_grad_()
-    with torch.enable_grad():
+    with _autograd_on():
         o, fin = _torch_call(*leaves, h0l, cu, scale, use_l2, chunk)
         wanted = leaves + ([h0l] if h0l is not None else [])
         grads = torch.autograd.grad([o, fin], wanted, [do, dfin], allow_unused=True)

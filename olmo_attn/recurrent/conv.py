@@ -19,12 +19,18 @@ from .chunked import compute_dtype_for
 __all__ = ["CausalConv1d", "causal_conv1d", "causal_conv1d_step", "doc_positions"]
 
 
-def doc_positions(cu_seqlens: torch.Tensor, cu_host: tuple[int, ...], total: int) -> torch.Tensor:
-    """Position of every flattened token inside its document, ``[total]`` int64."""
+def doc_positions(cu_seqlens: torch.Tensor, cu_host: tuple[int, ...] | None, total: int) -> torch.Tensor:
+    """Position of every flattened token inside its document, ``[total]`` int64.
+
+    Computed on the device from ``cu_seqlens`` alone (``searchsorted``: static shapes, no host
+    values, so ``torch.compile`` neither breaks the graph nor recompiles per document layout);
+    ``cu_host`` is accepted for callers that have it and not needed.
+    """
+    del cu_host
     cu = cu_seqlens.to(torch.int64)
-    lens = cu[1:] - cu[:-1]
-    starts = torch.repeat_interleave(cu[:-1], lens, output_size=total)
-    return torch.arange(total, device=cu.device) - starts
+    tok = torch.arange(total, device=cu.device)
+    doc = torch.searchsorted(cu[1:].contiguous(), tok, right=True).clamp(max=cu.shape[0] - 2)
+    return tok - cu[doc]
 
 
 def causal_conv1d(
@@ -85,7 +91,7 @@ def causal_conv1d(
         xp = F.pad(xf, (0, 0, Kc - 1, 0))  # [B, T + Kc - 1, C]
     pos = None
     if cu_seqlens is not None:
-        if cu_host is None:
+        if cu_host is None and not torch.compiler.is_compiling():
             from ..masks import validate_cu_seqlens
 
             cu_host = validate_cu_seqlens(cu_seqlens.to(torch.int32), "cu_seqlens", B * T)

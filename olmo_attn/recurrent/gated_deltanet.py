@@ -89,7 +89,11 @@ class GDNCache:
         state: ``[B, HV, Dk, Dv]`` float32 recurrent state.
         conv_q, conv_k: ``[B, K, Kc - 1]`` the last ``Kc - 1`` pre-convolution q/k inputs.
         conv_v: ``[B, V, Kc - 1]``.
-        seqlen: tokens consumed so far.
+        seqlen: tokens consumed so far (a host int, updated by eager calls; a
+            ``torch.compile``-d forward leaves it alone, so that decoding does not recompile per
+            token, and counts in ``n_tokens`` instead).
+        n_tokens: ``[]`` int64 tensor on the state's device, tokens consumed so far, updated in
+            place by every call (eager and compiled).
     """
 
     state: torch.Tensor
@@ -97,6 +101,11 @@ class GDNCache:
     conv_k: torch.Tensor
     conv_v: torch.Tensor
     seqlen: int = 0
+    n_tokens: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_tokens is None:
+            self.n_tokens = torch.full((), self.seqlen, dtype=torch.int64, device=self.state.device)
 
     @property
     def batch_size(self) -> int:
@@ -107,6 +116,8 @@ class GDNCache:
         for t in (self.state, self.conv_q, self.conv_k, self.conv_v):
             t.zero_()
         self.seqlen = 0
+        assert self.n_tokens is not None
+        self.n_tokens.zero_()
 
 
 class GatedRMSNorm(nn.Module):
@@ -431,6 +442,14 @@ class GatedDeltaNet(SequenceMixer):
                 "cu_doc_lens must be an int32 (or int64) tensor [n_docs + 1], got "
                 f"{cu_doc_lens.dtype if isinstance(cu_doc_lens, torch.Tensor) else type(cu_doc_lens).__name__}"
             )
+        if torch.compiler.is_compiling():
+            # under torch.compile the offsets' values stay on the device (no graph break, no
+            # recompile per document layout); only their shape is checked
+            if cu_doc_lens.dim() != 1 or cu_doc_lens.numel() < 2:
+                raise ValueError(
+                    f"cu_doc_lens must be 1-D [n_docs + 1], got shape {tuple(cu_doc_lens.shape)}"
+                )
+            return None
         from ..masks import validate_cu_seqlens
 
         return validate_cu_seqlens(cu_doc_lens.to(torch.int32), "cu_doc_lens", total)
@@ -617,7 +636,10 @@ class GatedDeltaNet(SequenceMixer):
             )
             assert final is not None
             cache.state = final.to(cache.state.dtype)
-        cache.seqlen += T
+        assert cache.n_tokens is not None
+        cache.n_tokens.add_(T)
+        if not torch.compiler.is_compiling():
+            cache.seqlen += T
         z = self.w_g(x).reshape(B, T, self.n_v_heads, Dv)
         y = self.o_norm(o, z)
         out = self.w_out(y.reshape(B, T, self.value_dim))
