@@ -68,6 +68,7 @@ __all__ = [
 CHUNK = 64
 L2NORM_EPS = 1e-6
 MAX_DK = 256
+L2_ROWS = 16  # rows per program of the L2-norm kernels
 
 
 def _next_pow2(n: int) -> int:
@@ -109,28 +110,30 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def _l2norm_fwd(x_ptr, y_ptr, r_ptr, D, eps, BD: tl.constexpr):
-        """Row ``i`` of ``x [rows, D]``: ``y = x * r``, ``r = 1 / sqrt(|x|^2 + eps)`` (float32)."""
-        i = tl.program_id(0).to(tl.int64)
+    def _l2norm_fwd(x_ptr, y_ptr, r_ptr, ROWS, D, eps, BR: tl.constexpr, BD: tl.constexpr):
+        """Rows ``[i * BR, (i + 1) * BR)`` of ``x [rows, D]``: ``y = x * r``, ``r = 1 / sqrt(|x|^2 + eps)``."""
+        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         o = tl.arange(0, BD)
-        m = o < D
-        x = tl.load(x_ptr + i * D + o, mask=m, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, axis=0) + eps)
-        tl.store(y_ptr + i * D + o, (x * r).to(y_ptr.dtype.element_ty), mask=m)
-        tl.store(r_ptr + i, r)
+        m = (rows < ROWS)[:, None] & (o < D)[None, :]
+        off = rows[:, None] * D + o[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=1) + eps)
+        tl.store(y_ptr + off, (x * r[:, None]).to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(r_ptr + rows, r, mask=rows < ROWS)
 
     @triton.jit
-    def _l2norm_bwd(x_ptr, r_ptr, dy_ptr, dx_ptr, D, BD: tl.constexpr):
+    def _l2norm_bwd(x_ptr, r_ptr, dy_ptr, dx_ptr, ROWS, D, BR: tl.constexpr, BD: tl.constexpr):
         """``dx = r (dy - y (y . dy))`` with ``y = x r`` (``dy`` float32)."""
-        i = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         o = tl.arange(0, BD)
-        m = o < D
-        x = tl.load(x_ptr + i * D + o, mask=m, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + i)
-        dy = tl.load(dy_ptr + i * D + o, mask=m, other=0.0).to(tl.float32)
-        y = x * r
-        dx = r * (dy - y * tl.sum(y * dy, axis=0))
-        tl.store(dx_ptr + i * D + o, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        m = (rows < ROWS)[:, None] & (o < D)[None, :]
+        off = rows[:, None] * D + o[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows, mask=rows < ROWS, other=0.0)
+        dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        y = x * r[:, None]
+        dx = r[:, None] * (dy - y * tl.sum(y * dy, axis=1)[:, None])
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _kkt(
@@ -692,8 +695,8 @@ def _kernels() -> SimpleNamespace:
 # Launch settings per kernel (``num_warps``, ``num_stages``) and the value-tile widths; the
 # benchmark (``benchmarks/gdn_bench.py --tune``) times alternatives by editing these in place.
 LAUNCH: dict[str, dict[str, int]] = {
-    "l2norm": {"num_warps": 1, "num_stages": 1},
-    "l2norm_bwd": {"num_warps": 1, "num_stages": 1},
+    "l2norm": {"num_warps": 4, "num_stages": 1},
+    "l2norm_bwd": {"num_warps": 4, "num_stages": 1},
     "kkt": {"num_warps": 4, "num_stages": 2},
     "solve": {"num_warps": 4, "num_stages": 2},
     "wu": {"num_warps": 4, "num_stages": 2},
@@ -764,7 +767,9 @@ def _l2_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty_like(x)
     r = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
-        _kernels().l2norm_fwd[(rows,)](x, y, r, D, L2NORM_EPS, BD=max(16, _next_pow2(D)), **_cfg("l2norm"))
+        _kernels().l2norm_fwd[(-(-rows // L2_ROWS),)](
+            x, y, r, rows, D, L2NORM_EPS, BR=L2_ROWS, BD=max(16, _next_pow2(D)), **_cfg("l2norm")
+        )
     return y, r
 
 
@@ -772,7 +777,9 @@ def _l2_bwd(x: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, dtype: torch.dty
     rows, D = x.shape
     dx = torch.empty(rows, D, dtype=dtype, device=x.device)
     if rows:
-        _kernels().l2norm_bwd[(rows,)](x, r, dy, dx, D, BD=max(16, _next_pow2(D)), **_cfg("l2norm_bwd"))
+        _kernels().l2norm_bwd[(-(-rows // L2_ROWS),)](
+            x, r, dy, dx, rows, D, BR=L2_ROWS, BD=max(16, _next_pow2(D)), **_cfg("l2norm_bwd")
+        )
     return dx
 
 
