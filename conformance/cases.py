@@ -295,7 +295,7 @@ def _gdn_points(device: str) -> list[_Point]:
     return [_Point("gdn", variant, dtype, {}, cols) for variant, cols in GDN_VARIANTS for dtype in dtypes]
 
 
-GDN_IMPLS = ("torch", "fla")  # Gated DeltaNet implementations (matrix rows "torch" and "fla")
+GDN_IMPLS = ("torch", "triton", "fla")  # Gated DeltaNet implementations (matrix rows)
 
 
 def _gdn_cases(tier: str, rows: Sequence[str], quick: bool, size: str, seed: int) -> list[Case]:

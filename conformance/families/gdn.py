@@ -5,7 +5,8 @@ Variants: ``rule`` (the chunked gated delta rule: output, final state, ``dq, dk,
 ``rule_varlen`` (documents via ``cu_seqlens``, with document isolation), ``layer`` and
 ``layer_varlen`` (the ``GatedDeltaNet`` module: output, ``dx`` and every parameter gradient) and
 ``decode`` (prefill, then one-token steps through a ``GDNCache``, against the full-sequence
-reference). Implementations: ``torch`` (our chunked kernel, CPU and CUDA) and ``fla``
+reference). Implementations: ``torch`` (our PyTorch chunked kernel, CPU and CUDA), ``triton``
+(our fused Triton kernels, CUDA) and ``fla``
 (flash-linear-attention, CUDA, where :func:`olmo_attn.recurrent.fla.fla_kernel_usable` says so).
 The low-precision baseline (reported with every verdict) is the token-by-token recurrence in the
 case dtype.
@@ -13,6 +14,7 @@ case dtype.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any
@@ -41,6 +43,12 @@ def unavailable_reason(impl: str, device: str) -> str | None:
         return "no CUDA device on this machine (torch.cuda.is_available() is False)"
     if impl == "torch":
         return None
+    if impl == "triton":
+        from olmo_attn.recurrent.triton_chunk import triton_available
+
+        if device != "cuda":
+            return "our Triton kernels run on CUDA here (on CPU only under TRITON_INTERPRET=1, in the tests)"
+        return None if triton_available() else "triton is not importable"
     from olmo_attn.recurrent.fla import fla_kernel_usable
 
     ok_, reason = fla_kernel_usable(torch.device(device), torch.bfloat16, backward=True)
@@ -54,7 +62,8 @@ def _rule_fn(impl: str) -> Any:
         return fla_chunk_gated_delta_rule
     from olmo_attn.recurrent import chunk_gated_delta_rule
 
-    return chunk_gated_delta_rule
+    # "torch": our PyTorch kernel on every device; "triton": our fused Triton kernels (chunk 64)
+    return functools.partial(chunk_gated_delta_rule, kernel=impl)
 
 
 def _draw_rule(case: Case, gen: torch.Generator, rng: np.random.Generator) -> tuple[Tensors, dict[str, Any]]:
@@ -110,6 +119,8 @@ def _run_rule_impl(
         kw["initial_state"] = leaves["h0"]
     if impl == "torch":
         kw["chunk_size"] = info["chunk_size"]
+    elif impl == "triton":
+        info["chunk_size"] = 64  # the Triton kernels' chunk (where fla's Hopper miscompiles were seen)
     o, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"], **kw)
     outs_for_grad = [o]
     grads_in = [inputs["do"].to(device=device, dtype=o.dtype)]
