@@ -995,6 +995,66 @@ def triton_tune(device: torch.device, smoke: bool, deadline: float | None) -> li
     return rows
 
 
+def layer_speed(device: torch.device, smoke: bool, iters: int, warmup: int) -> list[dict[str, Any]]:
+    """The whole ``GatedDeltaNet`` layer (projections, short convolutions, gates, kernel, norm)
+    forward and forward+backward in tokens/s, next to our causal ``Attention`` layer of the same
+    width (d_model 2048, 16 heads of 128, no RoPE) and default backend. bf16 parameters and inputs."""
+    from olmo_attn import Attention
+
+    d_model, H, Dk = (128, 2, 32) if smoke else (2048, 16, 128)
+    B, T = (1, 256) if smoke else (2, 8192)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dev = str(device)
+    rows: list[dict[str, Any]] = []
+    subjects: list[tuple[str, Callable[[], torch.nn.Module]]] = [
+        (f"GatedDeltaNet[{b}]", functools.partial(
+            GatedDeltaNet, d_model=d_model, n_heads=H, head_dim=Dk, dtype=dt, init_device=dev, backend=b))
+        for b in (("triton", "torch") if device.type == "cuda" else ("torch",))
+    ]  # fmt: skip
+    subjects.append(
+        ("Attention[causal]", functools.partial(
+            Attention, d_model=d_model, n_heads=H, head_dim=Dk, bias=False, dtype=dt, init_device=dev))
+    )  # fmt: skip
+    x = torch.randn(B, T, d_model, device=device, dtype=dt, requires_grad=True)
+    dy = torch.randn(B, T, d_model, device=device, dtype=dt)
+    for name, make in subjects:
+        base = {"subject": name, "B": B, "T": T, "d_model": d_model, "n_heads": H, "head_dim": Dk}
+        try:
+            m = make()
+            if hasattr(m, "init_weights"):
+                m.init_weights(init_method="normal", d_model=d_model, block_idx=0, num_blocks=1)
+            params = [p for p in m.parameters() if p.requires_grad]
+        except Exception as e:
+            rows.append({**base, "error": f"{type(e).__name__}: {e}"})
+            continue
+        for kind in ("fwd", "fwd+bwd"):
+            row = {**base, "pass": kind}
+            try:
+                if kind == "fwd":
+
+                    def fn(m=m) -> Any:
+                        with torch.no_grad():
+                            return m(x)
+                else:
+
+                    def fn(m=m, params=params) -> None:
+                        x.grad = None
+                        for p in params:
+                            p.grad = None
+                        m(x).backward(dy)
+
+                row.update(_time_ms(fn, iters=max(5, iters // 2), warmup=warmup, device=device))
+                row["tokens_per_s"] = B * T / (row["median_ms"] / 1e3)
+                row["peak_mb"] = _peak_mb(fn, device)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            rows.append(row)
+            print(json.dumps(row))
+        del m, params
+    return rows
+
+
 def _triton_table(result: dict[str, Any]) -> str:
     lines = ["", "== Gated DeltaNet: our Triton kernels ==", f"device: {result['env'].get('gpu', 'cpu')}", ""]
     lines.append(
@@ -1033,6 +1093,15 @@ def _triton_table(result: dict[str, Any]) -> str:
             lines.append(
                 f"{r['shape']:26s} {r['subject']:18s} {r['pass']:10s} {r['median_ms']:10.3f} {pk:>9s}"
             )
+    if result.get("layer"):
+        lines.append("")
+        for r in result["layer"]:
+            if "median_ms" in r:
+                lines.append(
+                    f"layer {r['subject']:26s} {r['pass']:8s} {r['median_ms']:9.3f} ms  {r['tokens_per_s']:12.0f} tokens/s"
+                )
+            elif "error" in r:
+                lines.append(f"layer {r['subject']:26s} {r.get('pass', ''):8s} error: {r['error'][:80]}")
     for r in result.get("triton_stages", []):
         lines.append("")
         lines.append("stages (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items()))
@@ -1155,6 +1224,7 @@ SECTIONS = (
     "triton_correctness",
     "triton_speed",
     "triton_stages",
+    "layer",
     "triton_tune",
     "correctness",
     "speed",
@@ -1190,6 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_speed": lambda: triton_speed(device, args.smoke, iters, warmup, deadline, args.shapes),
         "triton_stages": lambda: triton_stages(device, args.smoke),
         "triton_tune": lambda: triton_tune(device, args.smoke, deadline),
+        "layer": lambda: layer_speed(device, args.smoke, iters, warmup),
         "correctness": lambda: correctness(device, args.smoke),
         "speed": lambda: speed(device, args.smoke, iters, warmup),
         "scan": lambda: scan(device, args.smoke, iters, warmup),
