@@ -90,7 +90,10 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = argparse.ArgumentParser(prog="olmo-attn", description="OLMo-core-compatible attention: tools")
+    parser.add_argument("--version", action="version", version=f"olmo-attn {__version__}")
     sub = parser.add_subparsers(dest="command")
     conf = sub.add_parser("conformance", help="run the conformance harness")
     _add_conformance_args(conf)

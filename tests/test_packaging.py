@@ -175,6 +175,10 @@ def test_installed_wheel_chooses_like_the_source_tree(built_wheel, tmp_path: Pat
     assert installed["dist_version"] == installed["version"]
     assert installed["py_typed"] is True
     assert (venv / "bin" / "olmo-attn").is_file(), "the wheel installs no olmo-attn command"
+    version = subprocess.run(
+        [str(venv / "bin" / "olmo-attn"), "--version"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert version.returncode == 0 and version.stdout.strip() == f"olmo-attn {source['version']}", version
 
 
 def test_one_version_and_valid_metadata():
