@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, ConfigValueError, InvalidEnumValueError
 
 C = TypeVar("C", bound="Config")
 
@@ -30,6 +30,15 @@ class StrEnum(str, enum.Enum):
     def __repr__(self) -> str:
         return f"'{self.value}'"
 
+    @classmethod
+    def _missing_(cls, value: object) -> StrEnum:
+        # Enum.__call__ re-raises what _missing_ raises: a typed error listing the valid values
+        raise InvalidEnumValueError(
+            f"{value!r} is not a valid {cls.__name__}; valid values are {[m.value for m in cls]}",
+            enum_cls=cls,
+            value=value,
+        )
+
 
 class DType(StrEnum):
     float32 = "float32"
@@ -42,7 +51,7 @@ class DType(StrEnum):
         for member in cls:
             if member.as_pt() == dtype:
                 return member
-        raise ValueError(f"dtype={dtype} has no DType member; use one of {[m.value for m in cls]}")
+        raise ConfigValueError(f"dtype={dtype} has no DType member; use one of {[m.value for m in cls]}")
 
     def as_pt(self) -> torch.dtype:
         return getattr(torch, self.value)
@@ -129,11 +138,130 @@ def _to_plain(
     return value
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, cached per class (``{}`` when a hint cannot be resolved)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # unresolvable forward reference: skip the generic checks
+            hints = {}
+        _HINTS[cls] = hints
+    return hints
+
+
+def _hint_members(tp: Any) -> list[Any]:
+    """The alternatives of a ``Union`` / ``Optional`` hint (``[tp]`` otherwise)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if a is not type(None)]
+    return [tp]
+
+
+def _enum_of(tp: Any) -> type[enum.Enum] | None:
+    for arg in _hint_members(tp):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return arg
+    return None
+
+
+def _config_of(tp: Any) -> type | None:
+    for arg in _hint_members(tp):
+        if _is_config_type(arg):
+            return arg
+    return None
+
+
+def _name_enum_error(self: Any, err: InvalidEnumValueError) -> InvalidEnumValueError:
+    """Re-raise ``err`` naming the field of ``self`` that holds the rejected value."""
+    if err.field is not None:
+        return err
+    cls = type(self)
+    for f in dataclasses.fields(self):
+        tp = _field_hints(cls).get(f.name)
+        value = getattr(self, f.name, None)
+        if tp is not None and _enum_of(tp) is err.enum_cls and value == err.value:
+            return InvalidEnumValueError(
+                f"{cls.__name__}.{f.name}={err.value!r} is not a valid {err.enum_cls.__name__}; valid "
+                f"values are {[m.value for m in err.enum_cls]}",
+                enum_cls=err.enum_cls,
+                value=err.value,
+                field=f"{cls.__name__}.{f.name}",
+            )
+    return err
+
+
+def _build_nested(self: Any) -> None:
+    """Turn dict values of config-typed fields into configs (so nested values are checked now)."""
+    cls = type(self)
+    for f in dataclasses.fields(self):
+        value = getattr(self, f.name, None)
+        if not isinstance(value, dict):
+            continue
+        sub = _config_of(_field_hints(cls).get(f.name, Any))
+        if sub is None:
+            continue
+        try:
+            built = sub.from_dict(value) if hasattr(sub, "from_dict") else sub(**value)
+        except InvalidEnumValueError as e:
+            raise InvalidEnumValueError(
+                f"{cls.__name__}.{f.name}: {e}", enum_cls=e.enum_cls, value=e.value, field=e.field
+            ) from None
+        object.__setattr__(self, f.name, built)
+
+
+def _check_enum_fields(self: Any) -> None:
+    """Convert string values of enum-typed fields to members; a typo names the field."""
+    cls = type(self)
+    for f in dataclasses.fields(self):
+        value = getattr(self, f.name, None)
+        if not isinstance(value, str):
+            continue
+        enum_cls = _enum_of(_field_hints(cls).get(f.name, Any))
+        if enum_cls is None or isinstance(value, enum_cls):
+            continue
+        if str in _hint_members(_field_hints(cls)[f.name]):
+            continue  # the field also accepts plain strings
+        try:
+            object.__setattr__(self, f.name, enum_cls(value))
+        except InvalidEnumValueError as e:
+            raise _name_enum_error(self, e) from None
+
+
+def _wrap_post_init(fn: Any) -> Any:
+    def __post_init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        _build_nested(self)
+        try:
+            fn(self, *args, **kwargs)
+        except InvalidEnumValueError as e:
+            raise _name_enum_error(self, e) from None
+        _check_enum_fields(self)
+
+    __post_init__.__wrapped__ = fn  # type: ignore[attr-defined]
+    __post_init__.__doc__ = fn.__doc__
+    __post_init__.__qualname__ = getattr(fn, "__qualname__", "__post_init__")
+    return __post_init__
+
+
 @dataclasses.dataclass
 class Config:
     """Base class of every config: a dataclass with dict / JSON / YAML round trips."""
 
     CLASS_NAME_FIELD: ClassVar[str] = "_CLASS_"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every config's __post_init__ first builds nested dicts into configs, and afterwards
+        # converts enum-typed string fields: a typo is an InvalidEnumValueError naming the field
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not hasattr(own, "__wrapped__"):
+            cls.__post_init__ = _wrap_post_init(own)  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        _build_nested(self)
+        _check_enum_fields(self)
 
     def as_dict(
         self,
@@ -178,7 +306,20 @@ class Config:
             raise ConfigurationError(
                 f"{cls.__name__}.from_dict: unknown field(s) {unknown}; valid fields are {sorted(names)}"
             )
-        kwargs = {k: _coerce(hints.get(k, Any), v) for k, v in data.items()}
+        kwargs: dict[str, Any] = {}
+        for k, v in data.items():
+            try:
+                kwargs[k] = _coerce(hints.get(k, Any), v)
+            except InvalidEnumValueError as e:
+                if e.field is not None:
+                    raise
+                raise InvalidEnumValueError(
+                    f"{cls.__name__}.{k}={v!r} is not a valid {e.enum_cls.__name__}; valid values are "
+                    f"{[m.value for m in e.enum_cls]}",
+                    enum_cls=e.enum_cls,
+                    value=v,
+                    field=f"{cls.__name__}.{k}",
+                ) from None
         return cls(**kwargs)
 
     def to_json(self, **kwargs: Any) -> str:

@@ -14,6 +14,28 @@ class ConfigurationError(OLMoAttnError):
 OLMoConfigurationError = ConfigurationError
 
 
+class ConfigValueError(ConfigurationError, ValueError):
+    """A config field (or argument) holds a value outside its valid set or range."""
+
+
+class InvalidEnumValueError(ConfigValueError):
+    """A string that is not a value of the enum it must convert to; the message lists the valid values.
+
+    Attributes:
+        enum_cls: the enum class; ``value``: the rejected value; ``field``: the config field, once known.
+    """
+
+    def __init__(self, message: str, *, enum_cls: type, value: object, field: str | None = None) -> None:
+        super().__init__(message)
+        self.enum_cls = enum_cls
+        self.value = value
+        self.field = field
+
+
+class InvalidInputError(OLMoAttnError, ValueError):
+    """A forward argument with the wrong shape, dtype, device or value; names the argument."""
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend cannot run here: its package is missing or the device is unsupported."""
 
