@@ -44,9 +44,22 @@ def report_dict(report: RunReport) -> dict[str, Any]:
         "started": _iso(report.started),
         "duration_s": round(report.duration_s, 3),
         "options": report.options,
+        "provenance": report.provenance,
         "fingerprint": report.fingerprint.as_dict(),
         "counts": report.counts(),
         "exit_code": report.exit_code,
+        "verdict": report.verdict()[1],
+        "per_backend": [
+            {
+                "backend": v.backend,
+                "verified": v.verified,
+                "ran": v.ran,
+                "failed": v.failed,
+                "skipped": v.skipped,
+                "skip_reasons": dict(v.skip_reasons),
+            }
+            for v in report.backend_summary()
+        ],
         "matrix": {
             "rows": rows,
             "row_labels": {r: row_label(r, report.results, report.fingerprint.arch) for r in rows},
@@ -130,6 +143,7 @@ def junit_tree(report: RunReport) -> ET.ElementTree:
             ("cuda", fp.cuda or "n/a"),
             ("torch", fp.torch),
             ("python", fp.python),
+            *((f"provenance.{k}", "" if v is None else v) for k, v in report.provenance.items()),
             *((f"backend.{b.name}", b.version or f"unavailable: {b.reason}") for b in fp.backends),
         ):
             ET.SubElement(props, "property", name=k, value=str(v))
@@ -175,17 +189,72 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(report: RunReport) -> str:
+def margin_points(report: RunReport) -> dict[str, list[float]]:
+    """``"backend / family" -> [error / budget of each case that ran]`` (the strip plot's data)."""
+    out: dict[str, list[float]] = {}
+    for r in report.results:
+        ratio = r.worst_budget_ratio
+        if r.status == SKIPPED or ratio is None or not math.isfinite(ratio):
+            continue
+        out.setdefault(f"{r.case.backend} / {r.case.family}", []).append(float(ratio))
+    return dict(sorted(out.items()))
+
+
+def write_margin_plot(report: RunReport, path: str | os.PathLike) -> Path | None:
+    """A strip plot of every case's error / budget, one row per backend / family, as a PNG at ``path``.
+
+    Returns ``None`` (and writes nothing) when matplotlib is not installed (``pip install
+    olmo-attn[plot]``) or no case has a budget check.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = margin_points(report)
+    if not points:
+        return None
+    labels = list(points)
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1.2))
+    for i, lb in enumerate(labels):
+        xs = points[lb]
+        jitter = [((k * 0.618) % 1.0 - 0.5) * 0.5 for k in range(len(xs))]  # deterministic spread
+        ax.scatter(xs, [i + j for j in jitter], s=8, alpha=0.6)
+    ax.axvline(1.0, color="red", linewidth=1)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("error / budget per case (log scale; > 1 fails)")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def markdown(report: RunReport, plot: str | None = None) -> str:
+    """The Markdown report; ``plot``: the file name of the margin plot next to it (None: a note)."""
     fp = report.fingerprint
     counts = report.counts()
     rows, cols, cells = build_matrix(report.results)
+    prov = report.provenance
+    code, reasons = report.verdict()
     lines = [
         "# olmo-attn conformance report",
         "",
         f"- started: {_iso(report.started)}, duration {report.duration_s:.1f} s",
+        f"- olmo-attn {prov.get('olmo_attn_version', 'unknown')}, commit "
+        f"`{prov.get('git_commit') or 'not a git checkout'}`, seed {prov.get('seed')}",
+        f"- command: `{prov.get('command', '')}`",
         f"- options: `{json.dumps(report.options)}`",
         f"- **{counts['total']} cases: {counts[PASSED]} passed, {counts[FAILED]} failed, {counts[SKIPPED]} skipped** "
-        f"(exit code {report.exit_code})",
+        f"(exit code {code}{': ' + _md_escape('; '.join(reasons)) if reasons else ''})",
+        "",
+        "## Per backend",
+        "",
+        *[f"- {v.backend}: {_md_escape(v.text())}" for v in report.backend_summary()],
         "",
         "## Environment",
         "",
@@ -238,11 +307,22 @@ def markdown(report: RunReport) -> str:
     for r in ran[:15]:
         worst = max((c for c in r.checks if c.budget_ratio is not None), key=lambda c: c.budget_ratio or 0.0)
         lines.append(f"| `{r.case.id}` | {r.worst_budget_ratio:.3f} | {worst.name} |")
+    lines += ["", "## Margins (error / budget per case)", ""]
+    if plot:
+        lines.append(f"![error / budget per case, by backend and family]({plot})")
+    else:
+        lines.append(
+            "No plot: install matplotlib (`pip install olmo-attn[plot]`) to get a strip plot of every "
+            "case's error / budget per backend and family here."
+        )
     return "\n".join(lines) + "\n"
 
 
 def write_markdown(report: RunReport, path: str | os.PathLike) -> Path:
-    return _write(path, markdown(report))
+    """The Markdown report at ``path`` and, with matplotlib, ``<stem>-margins.png`` next to it."""
+    p = Path(path)
+    png = write_margin_plot(report, p.with_name(p.stem + "-margins.png"))
+    return _write(path, markdown(report, png.name if png is not None else None))
 
 
 # ------------------------------------------------------------------------------------------ reading back
@@ -299,6 +379,7 @@ def load_json(path: str | os.PathLike) -> RunReport:
         doc.get("options", {}),
         started,
         float(doc["duration_s"]),
+        doc.get("provenance", {}),
     )
 
 
@@ -332,4 +413,5 @@ def merge(reports: list[RunReport]) -> RunReport:
         {"merged": [r.options for r in reports], "busy_s": sum(r.duration_s for r in reports)},
         min(r.started for r in reports),
         wall,
+        dict(reports[0].provenance, merged_commands=[r.provenance.get("command") for r in reports]),
     )

@@ -25,6 +25,7 @@ class CaseResult:
     message: str = ""
     duration_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    compile: dict[str, Any] | None = None  # CompileDelta.as_dict(): torch.compile work in this case
 
     @property
     def failed_checks(self) -> list[CheckResult]:
@@ -55,6 +56,7 @@ class CaseResult:
             "duration_s": round(self.duration_s, 4),
             "worst_budget_ratio": worst if worst is None or math.isfinite(worst) else str(worst),
             "info": self.info,
+            "compile": self.compile,
             "checks": [c.as_dict() for c in self.checks],
         }
 

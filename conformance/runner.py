@@ -3,8 +3,13 @@
 Tiers run cheapest first (``config``, ``cpu``, ``multiproc``, ``gpu``, ``multigpu``). The terminal
 shows a live progress bar (``rich`` when installed and the output is a terminal, plain lines
 otherwise) and, at the end, the matrix: one row per backend, one column per feature, each cell
-``pass``/``FAIL`` with the worst error-to-budget ratio of its cases, or ``skip: <reason>``. The run
-fails (exit code 1) iff a non-skipped case failed.
+``pass``/``FAIL`` with the worst error-to-budget ratio of its cases, or ``skip: <reason>``; then a
+per-backend verdict (verified / not verified, skip reasons grouped) and the five thinnest margins.
+
+Exit codes (:attr:`RunReport.exit_code`): ``0`` cases ran, none failed, and everything named on the
+command line (tiers, backends, ``-k``, ``--require``) was exercised; ``1`` a case failed; ``2`` a
+usage error; ``3`` nothing, or not everything requested, was verified (also: any skip under
+``--strict``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .cases import LIBRARY_ROW, TIERS, Case, build_cases
 from .families import run_case, run_cp_cases
 from .families.pairwise import pairwise_results
 from .hardware import NOT_VERIFIED, Fingerprint, fingerprint
+from .provenance import provenance as _provenance
 from .results import FAILED, PASSED, SKIPPED, CaseResult, RunContext
 from .subjects import all_subjects
 
@@ -55,6 +61,8 @@ FEATURE_ORDER = (
 )
 
 
+MAX_WIDTH = 120  # columns of the plain-text matrix
+
 CP_BATCH = 8  # context-parallel cases per launch of worker processes
 
 
@@ -66,11 +74,15 @@ def _batch_key(case: Case) -> tuple:
     return (case.tier, case.param.get("world"))
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_VERIFIED = 0, 1, 2, 3
+
+
 def default_tiers() -> list[str]:
-    """``config`` and ``cpu`` everywhere; plus ``gpu`` where CUDA is available."""
-    tiers = ["config", "cpu"]
+    """``config``, ``cpu`` and ``multiproc`` everywhere; plus ``gpu`` and ``multigpu`` where CUDA is
+    available."""
+    tiers = ["config", "cpu", "multiproc"]
     if torch.cuda.is_available():
-        tiers.append("gpu")
+        tiers += ["gpu", "multigpu"]
     return tiers
 
 
@@ -190,17 +202,119 @@ class RunReport:
     options: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0
     duration_s: float = 0.0
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         c = Counter(r.status for r in self.results)
         return {"total": len(self.results), PASSED: c[PASSED], FAILED: c[FAILED], SKIPPED: c[SKIPPED]}
 
+    def verdict(self) -> tuple[int, list[str]]:
+        """``(exit code, reasons)``: why the run is not a clean pass (empty when it is)."""
+        return verdict(self.results, self.options)
+
     @property
     def exit_code(self) -> int:
-        return 1 if any(r.status == FAILED for r in self.results) else 0
+        return self.verdict()[0]
+
+    def backend_summary(self) -> list[BackendVerdict]:
+        return backend_summary(self.results)
 
     def matrix(self) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
         return build_matrix(self.results)
+
+
+@dataclass
+class BackendVerdict:
+    """One backend's outcome: cases that ran (outside the config tier), failed, and skip reasons."""
+
+    backend: str
+    ran: int = 0
+    failed: int = 0
+    skipped: int = 0
+    config_only: int = 0  # config-tier cases that ran (they verify no numerics)
+    skip_reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def verified(self) -> bool:
+        return self.ran > 0 and self.failed == 0
+
+    def text(self) -> str:
+        if self.failed:
+            head = f"FAILED ({self.failed} of {self.ran} cases that ran failed)"
+        elif self.ran:
+            head = f"verified ({self.ran} cases passed)"
+        else:
+            head = "NOT verified (no numerical case ran)"
+        if self.skipped:
+            reasons = "; ".join(f"{n} x {r}" for r, n in self.skip_reasons.most_common(3))
+            more = len(self.skip_reasons) - 3
+            head += f"; {self.skipped} skipped: {reasons}" + (f"; +{more} other reasons" if more > 0 else "")
+        return head
+
+
+def backend_summary(results: Sequence[CaseResult]) -> list[BackendVerdict]:
+    """Per backend (matrix row): what was verified and what was not, and why."""
+    out: dict[str, BackendVerdict] = {}
+    for r in results:
+        for name in _row_names(r.case.backend):
+            v = out.setdefault(name, BackendVerdict(name))
+            if r.status == SKIPPED:
+                v.skipped += 1
+                v.skip_reasons[r.message] += 1
+            elif r.case.family == "config":
+                v.config_only += 1
+                v.failed += r.status == FAILED
+            else:
+                v.ran += 1
+                v.failed += r.status == FAILED
+    order = {n: i for i, n in enumerate([s.name for s in all_subjects()] + [LIBRARY_ROW])}
+    return sorted(out.values(), key=lambda v: order.get(v.backend, len(order)))
+
+
+def verdict(results: Sequence[CaseResult], options: dict[str, Any]) -> tuple[int, list[str]]:
+    """The exit code of a run and its reasons.
+
+    ``options`` keys read: ``explicit_tiers`` / ``explicit_backends`` (what the user named, or None),
+    ``pattern``, ``require`` (backends that must run and pass), ``strict`` (any skip fails).
+    """
+    reasons: list[str] = []
+    failed = [r for r in results if r.status == FAILED]
+    if failed:
+        return EXIT_FAILED, [f"{len(failed)} case(s) failed"]
+    ran = [r for r in results if r.status != SKIPPED]
+    if not results:
+        pat = options.get("pattern")
+        reasons.append("no case was selected" + (f" (-k {pat!r} matched nothing)" if pat else ""))
+    elif not ran:
+        reasons.append(f"all {len(results)} selected cases were skipped")
+    for tier in options.get("explicit_tiers") or []:
+        if not any(r.case.tier == tier for r in ran):
+            why = Counter(r.message for r in results if r.case.tier == tier).most_common(1)
+            reasons.append(
+                f"tier {tier!r} was requested but no case of it ran" + (f" ({why[0][0]})" if why else "")
+            )
+    by_backend = {v.backend: v for v in backend_summary(results)}
+    named = list(
+        dict.fromkeys(list(options.get("explicit_backends") or []) + list(options.get("require") or []))
+    )
+    for b in named:
+        v = by_backend.get(b)
+        config_only = set(options.get("tiers") or []) == {"config"}
+        if v is None or not (v.ran or (config_only and v.config_only)):
+            why = f" ({v.skip_reasons.most_common(1)[0][0]})" if v is not None and v.skip_reasons else ""
+            reasons.append(f"backend {b!r} was requested but ran no case{why}")
+    if options.get("strict"):
+        skipped = [r for r in results if r.status == SKIPPED]
+        if skipped:
+            reasons.append(f"--strict: {len(skipped)} case(s) skipped")
+    return (EXIT_NOT_VERIFIED if reasons else EXIT_OK), reasons
+
+
+def thinnest(results: Sequence[CaseResult], n: int = 5) -> list[CaseResult]:
+    """The ``n`` passing cases with the largest error / budget ratio (the thinnest margins)."""
+    ranked = [r for r in results if r.status == PASSED and r.worst_budget_ratio is not None]
+    ranked.sort(key=lambda r: -float(r.worst_budget_ratio or 0.0))
+    return ranked[:n]
 
 
 @dataclass
@@ -310,6 +424,7 @@ def print_summary(report: RunReport, stream: TextIO, use_rich: bool | None = Non
             console.print(table)
             console.print(("[red]" if counts[FAILED] else "[green]") + title)
             _print_failures(report, stream)
+            _print_verdict(report, stream)
             return
         except ImportError:
             pass
@@ -317,6 +432,29 @@ def print_summary(report: RunReport, stream: TextIO, use_rich: bool | None = Non
         print(line, file=stream)
     print(title, file=stream)
     _print_failures(report, stream)
+    _print_verdict(report, stream)
+
+
+def _print_verdict(report: RunReport, stream: TextIO) -> None:
+    """Per-backend verified / not verified (skip reasons grouped), thinnest margins, the exit code."""
+    print("per backend:", file=stream)
+    for v in report.backend_summary():
+        print(f"  {v.backend}: {v.text()}", file=stream)
+    thin = thinnest(report.results)
+    if thin:
+        print("thinnest margins (error / budget):", file=stream)
+        for r in thin:
+            print(f"  {float(r.worst_budget_ratio or 0.0):.3f}  {r.case.id}", file=stream)
+    prov = report.provenance
+    if prov:
+        print(
+            f"olmo-attn {prov.get('olmo_attn_version')} ({prov.get('git_commit') or 'not a git checkout'}), "
+            f"seed {prov.get('seed')}: {prov.get('command')}",
+            file=stream,
+        )
+    code, reasons = report.verdict()
+    word = {EXIT_OK: "verified", EXIT_FAILED: "FAILED"}.get(code, "NOT VERIFIED")
+    print(f"verdict: {word} (exit code {code})" + (": " + "; ".join(reasons) if reasons else ""), file=stream)
 
 
 def _print_failures(report: RunReport, stream: TextIO) -> None:
@@ -334,18 +472,32 @@ def matrix_lines(
     results: Sequence[CaseResult],
     arch: str | None = None,
 ) -> list[str]:
-    """The matrix as aligned plain-text lines (skip reasons shortened; full ones are in the reports)."""
+    """The matrix as aligned plain-text lines, at most ``MAX_WIDTH`` columns wide: the feature
+    columns are wrapped into several blocks (skip reasons shortened; full ones are in the reports)."""
     labels = [row_label(r, results, arch) for r in rows]
-    w0 = max([len("backend")] + [len(lb) for lb in labels])
+    w0 = min(max([len("backend")] + [len(lb) for lb in labels]), 40)
     widths = [max(len(c), 10) for c in cols]
-    head = "backend".ljust(w0) + " | " + " | ".join(c.ljust(w) for c, w in zip(cols, widths))
-    lines = [head, "-" * len(head)]
-    for r, lb in zip(rows, labels):
-        parts = []
-        for c, w in zip(cols, widths):
-            cell = cells.get((r, c))
-            parts.append((cell.text(w) if cell else "").ljust(w))
-        lines.append(lb.ljust(w0) + " | " + " | ".join(parts))
+    blocks: list[list[int]] = [[]]
+    used = w0
+    for i, w in enumerate(widths):
+        if blocks[-1] and used + 3 + w > MAX_WIDTH:
+            blocks.append([])
+            used = w0
+        blocks[-1].append(i)
+        used += 3 + w
+    lines: list[str] = []
+    for block in blocks:
+        if lines:
+            lines.append("")
+        head = "backend".ljust(w0) + " | " + " | ".join(cols[i].ljust(widths[i]) for i in block)
+        lines += [head, "-" * len(head)]
+        for r, lb in zip(rows, labels):
+            parts = []
+            for i in block:
+                cell = cells.get((r, cols[i]))
+                parts.append((cell.text(widths[i]) if cell else "").ljust(widths[i]))
+            label = lb if len(lb) <= w0 else lb[: w0 - 1] + "…"
+            lines.append((label.ljust(w0) + " | " + " | ".join(parts)).rstrip())
     return lines
 
 
@@ -372,6 +524,9 @@ def run_cases(
     so a run killed from outside leaves its finished cases behind.
     """
     stream = stream or sys.stdout
+    prov = _provenance(seed=(options or {}).get("seed"))
+    if (options or {}).get("command"):
+        prov["command"] = options["command"]  # type: ignore[index]
     started = time.time()
     t0 = time.perf_counter()
     fp = fingerprint()
@@ -419,12 +574,14 @@ def run_cases(
                     on_result(res)
             i = j
             if checkpoint is not None and time.perf_counter() - last_checkpoint > checkpoint_every_s:
-                checkpoint(RunReport(list(results), fp, options or {}, started, time.perf_counter() - t0))
+                checkpoint(
+                    RunReport(list(results), fp, options or {}, started, time.perf_counter() - t0, prov)
+                )
                 last_checkpoint = time.perf_counter()
     finally:
         bar.close()
     results += pairwise_results(ctx, by_key)
-    return RunReport(results, fp, options or {}, started, time.perf_counter() - t0)
+    return RunReport(results, fp, options or {}, started, time.perf_counter() - t0, prov)
 
 
 def run(
@@ -452,12 +609,20 @@ def run(
 
 
 __all__ = [
+    "EXIT_FAILED",
+    "EXIT_NOT_VERIFIED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "BackendVerdict",
     "Cell",
     "RunReport",
+    "backend_summary",
     "build_matrix",
     "default_tiers",
     "parse_tiers",
     "print_summary",
     "run",
     "run_cases",
+    "thinnest",
+    "verdict",
 ]

@@ -1,10 +1,13 @@
 """``olmo-attn``: the command-line entry point.
 
 * ``olmo-attn conformance [--tier T] [--quick|--full] [--backends B ...] [-k PATTERN] [--seed N]
-  [--json F] [--junit F] [--markdown F]`` — run the conformance harness (``conformance/``); the exit
-  code is 0 iff no case that ran failed. With no arguments: the configuration and CPU tiers (plus
-  the GPU tier where CUDA is available), quick mode.
-* ``olmo-attn info [--json]`` — the environment fingerprint and the capability table.
+  [--require B ...] [--strict] [--compile-cache DIR] [--json F] [--junit F] [--markdown F]`` — run the
+  conformance harness (``conformance/``, imported only when this command runs). Exit codes: 0 cases
+  ran, none failed and everything named (tiers, backends, ``-k``, ``--require``) was exercised; 1 a
+  case failed; 2 a usage error; 3 nothing, or not everything requested, was verified (or, with
+  ``--strict``, a case was skipped). With no arguments: the configuration, CPU and multi-process
+  tiers (plus gpu / multigpu where CUDA is available), quick mode.
+* ``olmo-attn info [--json]`` — provenance, the environment fingerprint and the capability table.
 
 ``python -m conformance`` is ``olmo-attn conformance``.
 """
@@ -12,12 +15,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from typing import Any
 
 TIER_CHOICES = "config | cpu | multiproc | gpu | multigpu | all (comma-separated for several)"
+EXIT_USAGE = 2
 
 
 def _split(values: Sequence[str] | None) -> list[str] | None:
@@ -33,7 +40,8 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tier",
         action="append",
-        help=f"tiers to run, cheapest first: {TIER_CHOICES}; default: config,cpu (+gpu with CUDA)",
+        help=f"tiers to run, cheapest first: {TIER_CHOICES}; default: config,cpu,multiproc "
+        "(+gpu,multigpu with CUDA)",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
@@ -60,6 +68,19 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
         dest="pattern",
         metavar="PATTERN",
         help="pytest-style filter on case ids: substrings with and/or/not, e.g. 'cpu and window'",
+    )
+    p.add_argument(
+        "--require",
+        nargs="+",
+        metavar="B",
+        help="exit 3 unless each of these backends ran cases (outside the config tier) and none failed",
+    )
+    p.add_argument("--strict", action="store_true", help="any skipped case makes the run exit 3")
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="keep torch.compile's Inductor and Triton caches in DIR (TORCHINDUCTOR_CACHE_DIR, "
+        "TRITON_CACHE_DIR), so a second run reuses the first run's kernels",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every case's shapes and inputs (default 0)")
     p.add_argument("--json", metavar="FILE", help="write the JSON report")
@@ -102,9 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_conformance(args: argparse.Namespace) -> int:
+def run_conformance(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    if args.compile_cache:  # before the harness imports torch or compiles anything
+        from conformance.compile_stats import use_compile_cache
+
+        try:
+            use_compile_cache(args.compile_cache)
+        except (OSError, RuntimeError) as e:
+            print(f"olmo-attn conformance --compile-cache {args.compile_cache}: {e}", file=sys.stderr)
+            return EXIT_USAGE
     from conformance import report as rep
     from conformance.cases import build_cases, parse_shard
+    from conformance.provenance import command_line
     from conformance.runner import parse_tiers, run_cases
 
     if args.merge:
@@ -112,7 +142,7 @@ def run_conformance(args: argparse.Namespace) -> int:
             report = rep.merge([rep.load_json(p) for p in args.merge])
         except (OSError, ValueError, KeyError) as e:
             print(f"olmo-attn conformance --merge: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         return _finish(report, args)
     try:
         tiers = parse_tiers(_split(args.tier))
@@ -128,7 +158,21 @@ def run_conformance(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         print(f"olmo-attn conformance: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    require = _split(args.require)
+    if require:
+        from conformance.cases import GDN_IMPLS
+        from conformance.subjects import all_subjects
+
+        known = {s.name for s in all_subjects()} | set(GDN_IMPLS)
+        unknown = [b for b in require if b not in known]
+        if unknown:
+            print(
+                f"olmo-attn conformance: --require: unknown backend(s) {unknown}; choose among "
+                f"{sorted(known)}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     if args.list:
         for c in cases:
             print(c.id + (f"  [skipped: {c.skip_reason}]" if c.skip_reason else ""))
@@ -140,6 +184,11 @@ def run_conformance(args: argparse.Namespace) -> int:
         "pattern": args.pattern,
         "seed": args.seed,
         "shard": args.shard,
+        "explicit_tiers": tiers if args.tier else None,
+        "explicit_backends": backends,
+        "require": require,
+        "strict": args.strict,
+        "command": command_line(["olmo-attn", "conformance", *(sys.argv[1:] if argv is None else argv)]),
     }
     checkpoint = None
     if args.json:
@@ -177,11 +226,14 @@ def _finish(report: Any, args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from conformance.hardware import capability_rows, fingerprint, format_fingerprint
+    from conformance.provenance import git_commit, olmo_attn_version
 
     fp = fingerprint()
+    prov = {"olmo_attn_version": olmo_attn_version(), "git_commit": git_commit()}
     if args.json:
-        print(json.dumps(fp.as_dict(), indent=1))
+        print(json.dumps({"provenance": prov, **fp.as_dict()}, indent=1))
         return 0
+    print(f"olmo-attn {prov['olmo_attn_version']}   commit: {prov['git_commit'] or 'not a git checkout'}")
     for line in format_fingerprint(fp):
         print(line)
     rows = capability_rows(fp)
@@ -201,12 +253,26 @@ def run_info(args: argparse.Namespace) -> int:
             pass
     keys = list(rows[0])
     print()
-    for r in rows:
+    for r in rows:  # transposed: one block per backend, wrapped under 100 columns
         print(f"{r['backend']} ({r['version']}): {r['status']}")
         for k in keys[3:]:
             if r[k]:
-                print(f"    {k}: {r[k]}")
+                for i, line in enumerate(textwrap.wrap(str(r[k]), 96 - len(k)) or [""]):
+                    print(f"    {k + ':' if i == 0 else ' ' * (len(k) + 1)} {line}")
     return 0
+
+
+def _pipe_safe(fn: Callable[[], int]) -> int:
+    """Run ``fn``; a reader that closed the pipe early (``| head``) ends the command quietly."""
+    try:
+        code = fn()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # stdout's buffer cannot be flushed any more: point it at devnull so exit does not complain
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,18 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "conformance":
-        return run_conformance(args)
+        rest = list(sys.argv[2:] if argv is None else list(argv)[1:])
+        return _pipe_safe(lambda: run_conformance(args, rest))
     if args.command == "info":
-        return run_info(args)
+        return _pipe_safe(lambda: run_info(args))
     parser.print_help()
-    return 2
+    return EXIT_USAGE
 
 
 def conformance_main(argv: Sequence[str] | None = None) -> int:
     """``python -m conformance [args]`` = ``olmo-attn conformance [args]``."""
     parser = argparse.ArgumentParser(prog="python -m conformance", description="run the conformance harness")
     _add_conformance_args(parser)
-    return run_conformance(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return _pipe_safe(lambda: run_conformance(args, list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import compile_stats
 from ..cases import Case
 from ..checks import CheckResult, fail
 from ..results import FAILED, SKIPPED, CaseResult, RunContext, summarize_checks
@@ -75,6 +76,7 @@ def run_case(case: Case, ctx: RunContext | None = None, subject: Subject | None 
     t0 = time.perf_counter()
     if case.skip_reason is not None:
         return CaseResult(case, SKIPPED, [], case.skip_reason, 0.0)
+    before = compile_stats.snapshot()
     try:
         if subject is None and case.family not in ("config", "pairwise", "gdn"):
             subject = get_subject(case.backend)
@@ -83,7 +85,11 @@ def run_case(case: Case, ctx: RunContext | None = None, subject: Subject | None 
             outcome: Any = fn(case, subject, ctx)  # type: ignore[arg-type]
     except Exception as e:
         outcome = e
-    return result_from(case, outcome, time.perf_counter() - t0)
+    result = result_from(case, outcome, time.perf_counter() - t0)
+    compiled = compile_stats.since(before)
+    if compiled.frames or compiled.backwards:
+        result.compile = compiled.as_dict()
+    return result
 
 
 def result_from(case: Case, outcome: Any, duration_s: float) -> CaseResult:
