@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .buffer_cache import BufferCache
 from .config import Config, StrEnum
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, ConfigValueError
 from .masks import validate_cu_seqlens
 
 __all__ = [
@@ -154,12 +154,33 @@ class RoPEScalingConfig(Config):
         return Config.from_dict.__func__(target, data)  # type: ignore[attr-defined]
 
 
+def _check_scaling_number(owner: str, name: str, value: Any, *, low: float, low_inclusive: bool) -> None:
+    """Raise :class:`ConfigValueError` unless ``value`` is a finite number above ``low``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if low_inclusive else value > low)
+    if not ok:
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ConfigValueError(f"{owner}.{name}={value!r} is invalid: it must be a finite number {bound}")
+
+
 @dataclasses.dataclass
 class ABFRoPEScalingConfig(RoPEScalingConfig):
     """Absolute base frequency: inverse frequencies from ``new_theta`` (the RoPE θ is ignored)."""
 
     attention_rescale_factor: float = 1.0
     new_theta: int = 8_000_000
+
+    def __post_init__(self) -> None:
+        _check_scaling_number(
+            "ABFRoPEScalingConfig", "new_theta", self.new_theta, low=1.0, low_inclusive=False
+        )
+        _check_scaling_number(
+            "ABFRoPEScalingConfig",
+            "attention_rescale_factor",
+            self.attention_rescale_factor,
+            low=0.0,
+            low_inclusive=False,
+        )
 
     def compute_scaled_inv_freq(
         self, theta: float, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32
@@ -180,6 +201,16 @@ class PIRoPEScalingConfig(RoPEScalingConfig):
 
     attention_rescale_factor: float = 1.0
     factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_scaling_number("PIRoPEScalingConfig", "factor", self.factor, low=0.0, low_inclusive=False)
+        _check_scaling_number(
+            "PIRoPEScalingConfig",
+            "attention_rescale_factor",
+            self.attention_rescale_factor,
+            low=0.0,
+            low_inclusive=False,
+        )
 
     def compute_scaled_inv_freq(
         self, theta: float, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32
@@ -218,6 +249,15 @@ class StepwiseRoPEScalingConfig(RoPEScalingConfig):
                 f"StepwiseRoPEScalingConfig.high_freq_proportion={self.high_freq_proportion} must be > 0"
             )
         return 1.0 / (1 - self.low_freq_proportion), 1.0 / self.high_freq_proportion
+
+    def __post_init__(self) -> None:
+        _check_scaling_number(
+            "StepwiseRoPEScalingConfig", "factor", self.factor, low=0.0, low_inclusive=False
+        )
+        _check_scaling_number(
+            "StepwiseRoPEScalingConfig", "old_context_len", self.old_context_len, low=0.0, low_inclusive=False
+        )
+        self._factors()
 
     def compute_scaled_inv_freq(
         self, theta: float, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32
@@ -262,6 +302,12 @@ class YaRNRoPEScalingConfig(RoPEScalingConfig):
 
     # older OLMo-core configs carry this field; its value is derived, so it is dropped on load
     _IGNORE_FIELDS: ClassVar[tuple[str, ...]] = ("attention_rescale_factor",)
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "beta_fast", "beta_slow", "old_context_len"):
+            _check_scaling_number(
+                "YaRNRoPEScalingConfig", name, getattr(self, name), low=0.0, low_inclusive=False
+            )
 
     def compute_scaled_inv_freq(
         self, theta: float, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32
