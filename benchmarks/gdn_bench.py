@@ -5,7 +5,7 @@ flash-linear-attention (when importable) and causal softmax attention (cuDNN SDP
    allows it) — against the float64 token-by-token reference (``reference.twins``), with
    flash-linear-attention's relative-RMS metric and budgets: output / final state < 5e-3,
    dq / dk / dv / d(initial state) < 8e-3, d(beta) / d(g) < 2e-2.
-2. Speed at B=2, T=8192, H=16, Dk=128, Dv=256, bf16 (``/work/shared/BENCHMARKS.md`` workload 5):
+2. Speed at B=2, T=8192, H=16, Dk=128, Dv=256, bf16 (workload 5 of ``docs/benchmarks.md``):
    forward and forward+backward of our kernel (chunk 64 and 128, both intra-chunk solvers, with
    recomputation, with TF32 matmuls, with packed documents), fla's forward (and forward+backward where allowed), and causal SDPA
    through cuDNN at the same shape (Hq = Hkv = 16, D = 128). Peak memory for each.
