@@ -2,7 +2,7 @@
 
 Forward+backward of the full module (q/k/v projections, QK RMS-norm, RoPE, attention, output
 projection) at B 2, T 8192, d_model 4096, Hq 32, Hkv 8 (D 128), parameters fp32 under bf16
-autocast, for full causal attention and a 4096 sliding window (BENCHMARKS.md workload 6). Both
+autocast, for full causal attention and a 4096 sliding window (workload 6 of docs/benchmarks.md). Both
 modules get the same weights (OLMo-core's ``state_dict`` loaded into ours: same keys) and the same
 inputs; their outputs are compared first. Ours runs with ``backend=None`` (the measured automatic
 choice, recorded in the results) and, by default, with every other backend available here forced;
