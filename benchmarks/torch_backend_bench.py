@@ -1,6 +1,6 @@
 """TorchAttentionBackend speed, side by side with plain SDPA-cuDNN in the same run.
 
-Workloads (BENCHMARKS.md): causal, sliding window 4096, packed documents with long-tailed lengths,
+Workloads (docs/benchmarks.md): causal, sliding window 4096, packed documents with long-tailed lengths,
 and sliding window + documents, at B2 T8192 Hq32 Hkv8 D128 bf16 on CUDA. For each: forward and
 forward+backward, CUDA events, warm-up, median of ``--iters`` (>= 20) runs, random inputs. FLOPs
 count only allowed (query, key) pairs: forward ``4·B·Hq·D·pairs``, backward ``2.5×`` forward.
@@ -150,7 +150,7 @@ def main() -> None:
         B, T, Hq, Hkv, D, W = args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim, args.window
         iters, warmup = args.iters or 25, args.warmup or 5
         if device.type == "cuda" and iters < 20:
-            raise SystemExit(f"--iters={iters}: BENCHMARKS.md asks for the median of >= 20 runs")
+            raise SystemExit(f"--iters={iters}: speed figures are the median of >= 20 runs")
     scale = 1.0 / math.sqrt(D)
     tokens = B * T
     window = (W - 1, 0)
