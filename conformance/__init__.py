@@ -2,7 +2,7 @@
 
 ``olmo-attn conformance`` (or ``python -m conformance``) fingerprints the machine, builds the case
 matrix from the backends' capability table, judges every backend forward and backward against the
-float64 reference in ``reference/`` with the error budgets of CONFORMANCE.md, emulates multi-process
+float64 reference in ``reference/`` with the error budgets of docs/judging.md, emulates multi-process
 context parallelism, and reports (terminal matrix, JSON, JUnit XML, Markdown); the exit code is 0
 iff no case that ran failed.
 
