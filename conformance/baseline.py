@@ -1,6 +1,6 @@
 """``low``: plain PyTorch math in the case dtype — the error the dtype alone causes.
 
-CONFORMANCE.md's budget compares a backend with this baseline's distance to the float64 reference.
+The error budget (docs/judging.md) compares a backend with this baseline's distance to the float64 reference.
 Every function here computes in the dtype of its inputs, the way a straightforward PyTorch
 implementation would (matmuls produce the dtype, softmax returns the dtype, the LSE is reduced in
 float32 the way every kernel keeps its statistics); masks, positions and RoPE tables are exact and
