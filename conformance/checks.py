@@ -109,7 +109,7 @@ def judge_softmax(
     mean_check: bool = True,
     prefix: str = "",
 ) -> list[CheckResult]:
-    """The CONFORMANCE.md budget for every named tensor (``out``, ``lse``, ``dq``, ``dk``, ``dv``, ...),
+    """The error budget (docs/judging.md) for every named tensor (``out``, ``lse``, ``dq``, ``dk``, ``dv``, ...),
     plus the FlexAttention mean check. A tensor missing from ``outs`` fails. Gradients (names
     starting with ``d``) share one scale for the absolute floor: the largest ``max|ref|`` among them.
 
