@@ -5,7 +5,7 @@ rendezvous, one deadline per case, the whole group killed when a rank fails or h
 output tail attached to the failure). The ranks shard global inputs with the case's load balancer,
 run attention with ``apply_cp`` (ring zig-zag, ring llama3 or Ulysses), run the backward pass,
 all-gather and un-shard outputs and gradients; the parent judges the gathered result against the
-float64 reference (CONFORMANCE.md budget, low-precision baseline in the case dtype) and against the
+float64 reference (the error budget of docs/judging.md, low-precision baseline in the case dtype) and against the
 same backend in one process ("cp_vs_single", the same budget).
 
 Variants: ``{style}_{balancer}_{mask}`` (kernel level; masks ``causal``, ``window``, ``documents``,
