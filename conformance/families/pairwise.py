@@ -1,6 +1,6 @@
 """``pairwise``: every two backends that ran the same problem must agree with each other.
 
-CONFORMANCE.md (Transformer Engine's practice): a complement to, never a replacement for, the
+Transformer Engine's practice: a complement to, never a replacement for, the
 reference. Bound: ``max|a − b| ≤ k · max|low − ref| + atol`` — two backends may differ from each
 other by at most what one of them may differ from the reference. A pairwise case's id is
 ``<tier>/pairwise/<a>~<b>/<family>/<variant>/...``; both backends see the same inputs because a
