@@ -3,7 +3,7 @@ with flash-style backward), ``packed`` (packed QKV) and ``dropout`` (seeded keep
 
 For every case: draw a shape and inputs from the case seed; build the backend; run forward and
 backward; judge ``out`` (and ``lse``) and ``dq, dk, dv`` against ``reference.attention.attention``
-(gradients from its float64 twin ``reference.twins.attention``) with the CONFORMANCE.md budget, using
+(gradients from its float64 twin ``reference.twins.attention``) with the error budget of docs/judging.md, using
 :func:`conformance.baseline.attention` as the low-precision baseline; then the extra checks:
 inputs unchanged, document isolation, window / causal edges, determinism (backends that claim
 it), and a poisoned re-run (NaN-input warm-up, NaN-filled allocations).
@@ -465,7 +465,7 @@ def run_checks(
     edge_sides: tuple[str, ...] = ("left", "right"),
     poison: bool = True,
 ) -> list[CheckResult]:
-    """Budget checks and the extra checks of CONFORMANCE.md for one problem on one backend."""
+    """Budget checks and the extra checks of docs/judging.md for one problem on one backend."""
     dtype = problem.dtype
     inputs = problem.inputs
     outs = runner.full(inputs)
