@@ -1,4 +1,4 @@
-"""The error budgets of ``/work/shared/CONFORMANCE.md``, as arithmetic on tensors.
+"""The error budgets of ``docs/judging.md``, as arithmetic on tensors.
 
 Softmax attention (flash-attention 3/4's rule). Three results per case: ``ref`` (float64, from
 ``reference/``), ``low`` (plain PyTorch math in the case dtype: the error the dtype alone causes) and
@@ -282,7 +282,7 @@ def rel_rms_budget(
 
     With ``k_low`` (whole layers, whose parameters and projections live in the case dtype, where
     fla's kernel budgets do not apply) the bound is ``max(budget, k_low · rel_rms(low))``: the
-    CONFORMANCE.md "k times the dtype's own error" rule in fla's metric.
+    "k times the dtype's own error" rule in fla's metric.
     """
     problem = nonfinite_problem(name, out, ref)
     if problem is not None:
