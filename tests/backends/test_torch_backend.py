@@ -32,7 +32,7 @@ def _qkv(B: int, T: int, Hq: int, Hkv: int, D: int, dtype: torch.dtype, seed: in
 
 
 def _budget(out: torch.Tensor, low: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float]:
-    """CONFORMANCE.md: ``max|out-ref| <= 2 max|low-ref| + atol``, ``atol = 2 max|(ref+0.3-0.3)-ref|``."""
+    """Error budget (docs/judging.md): ``max|out-ref| <= 2 max|low-ref| + atol``, ``atol = 2 max|(ref+0.3-0.3)-ref|``."""
     r = ref64.to(F64)
     err = (out.to(F64) - r).abs().max().item()
     low_err = (low.to(F64) - r).abs().max().item()
