@@ -1,4 +1,4 @@
-"""The budget arithmetic of CONFORMANCE.md (conformance.tolerances) and the checks built on it."""
+"""The budget arithmetic of docs/judging.md (conformance.tolerances) and the checks built on it."""
 
 from __future__ import annotations
 
