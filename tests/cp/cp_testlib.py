@@ -321,7 +321,7 @@ def _measured_atol(ref: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def check_reports(reports: list[dict[str, Any]]) -> list[str]:
-    """Failure messages: float64 within 1e-10 of the reference; lower precisions within CONFORMANCE.md's
+    """Failure messages: float64 within 1e-10 of the reference; lower precisions within the error
     budget ``2 · max|low − ref| + atol``; never NaN/Inf."""
     failures = []
     for rep in reports:
