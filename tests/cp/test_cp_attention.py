@@ -3,7 +3,7 @@
 Every load balancer × style × mask (causal, packed documents, sliding window, both) × GQA (MHA,
 GQA, MQA): the gathered CP output and gradients against the float64 reference
 (``reference.twins``) and the single-process torch backend — float64 within 1e-10, float32 within
-CONFORMANCE.md's budget ``2·max|low − ref| + atol``. Plus ``Attention`` + RoPE + documents under CP
+the error budget ``2·max|low − ref| + atol``. Plus ``Attention`` + RoPE + documents under CP
 against the single-process module, the all-to-all transforms, and the typed errors. One spawned
 group per world size runs everything (start-up dominates); world size 8 is marked ``slow``.
 """
