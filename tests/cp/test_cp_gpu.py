@@ -2,7 +2,7 @@
 
 The same case families as the CPU tests, in bf16 on the torch backend's CUDA kernels, at world size
 2 and at every GPU of the machine (4 or 8 when lent): gathered output and gradients against the
-float64 reference within CONFORMANCE.md's budget. The lead runs these with
+float64 reference within the error budget (docs/judging.md). The lead runs these with
 ``python -m pytest tests/cp/test_cp_gpu.py -m multigpu`` on a multi-GPU kind.
 """
 
