@@ -1,7 +1,7 @@
 """Attention / NormalizedAttention / FusedAttention against the float64 reference.
 
 Every option and many combinations, forward and gradients (input and every parameter), on CPU in
-float64 (within 1e-10 of ``reference.twins``) and float32 (within the CONFORMANCE.md budget against
+float64 (within 1e-10 of ``reference.twins``) and float32 (within the error budget against
 ``low``, plain float32 PyTorch math of the same module: see ``test_module_matches_reference``).
 """
 
@@ -228,7 +228,7 @@ def reference_forward(o: Opts, weights: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def low_forward(o: Opts, m: torch.nn.Module, p: dict, x: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch math of the module in ``x.dtype`` (the CONFORMANCE.md ``low`` baseline): dense
+    """Plain PyTorch math of the module in ``x.dtype`` (the ``low`` baseline of the error budget): dense
     masked softmax, no blockwise kernel; RoPE with the module's own float32 tables."""
     lin = baseline.linear
     H = o.n_heads
@@ -347,7 +347,7 @@ def test_module_matches_reference(o: Opts, dtype: torch.dtype):
         # outputs and input gradients: the FA3/FA4 rule (k = 2); parameter gradients are sums over
         # the B*T tokens whose rounding depends on the summation order, so their max error may be a
         # few times the baseline's (measured worst: 5.9x over 340 cases): k = 8 for the max, and
-        # the FlexAttention mean-error rule (CONFORMANCE.md's second check) for every tensor.
+        # the FlexAttention mean-error rule (the budget's second check) for every tensor.
         k = 2.0 if name in ("out", "dx") else 8.0
         for verdict in (
             max_error_budget(name, got[name], want[name], lows[name], dtype, k=k),
