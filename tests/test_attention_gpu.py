@@ -1,5 +1,5 @@
 """The modules on CUDA in bf16 (autocast over float32 parameters, the way OLMo models train), with
-the automatically chosen backend: output and input gradient within the CONFORMANCE.md budget against
+the automatically chosen backend: output and input gradient within the error budget against
 the float64 reference (``low`` = plain bf16 PyTorch math of the same module), parameter gradients by
 the max- and mean-error rules; KV-cache decoding; the modules that OLMo-core cannot run in bf16 on flash
 backends. Run on a GPU machine: ``python -m pytest -m gpu tests/test_attention_gpu.py``."""
