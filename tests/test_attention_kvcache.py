@@ -1,4 +1,4 @@
-"""Attention with a KV cache (spec attention.md §7.10, §8): prefill + decode equals the cache-free
+"""Attention with a KV cache : prefill + decode equals the cache-free
 forward, left padding shifts nothing, cache contents and positions, against
 ``reference.modules.attention_forward_cached``."""
 
