@@ -1,4 +1,4 @@
-"""Tensor parallelism (spec attention.md §7.6) on gloo with 2 CPU processes: forward, input and
+"""Tensor parallelism on gloo with 2 CPU processes: forward, input and
 parameter gradients of the sequence-sharded TP module equal the single-process module; weight init
 on DTensors equals the unsharded init. Mirrors OLMo-core's ``test_tensor_parallel_attention``."""
 
