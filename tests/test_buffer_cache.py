@@ -1,4 +1,4 @@
-"""BufferCache: namespaced views over one shared storage (spec attention.md §13)."""
+"""BufferCache: namespaced views over one shared storage."""
 
 from __future__ import annotations
 
