@@ -1,4 +1,4 @@
-"""KVCacheManager (spec attention.md §8) and leftpad_from_attention_mask."""
+"""KVCacheManager and leftpad_from_attention_mask."""
 
 from __future__ import annotations
 
