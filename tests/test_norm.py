@@ -1,5 +1,5 @@
-"""QK-norm layers (spec rope.md §10) against ``reference.norms`` (forward) and ``reference.twins``
-(gradients): float64 within 1e-10, float32/bfloat16 within the CONFORMANCE.md budget."""
+"""QK-norm layers against ``reference.norms`` (forward) and ``reference.twins``
+(gradients): float64 within 1e-10, float32/bfloat16 within the error budget (docs/judging.md)."""
 
 from __future__ import annotations
 
