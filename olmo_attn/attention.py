@@ -1,4 +1,4 @@
-"""Attention modules and their configs (spec attention.md §1–§3, §6, §7, §9, §10).
+"""Attention modules and their configs.
 
 ``Attention`` (MHA / GQA / MQA), ``FusedAttention`` (packed QKV) and ``NormalizedAttention`` (nGPT)
 have OLMo-core's constructor arguments, ``forward`` signatures and parameter names and shapes, so a
@@ -154,7 +154,7 @@ def _choice_dtype(param_dtype: torch.dtype) -> torch.dtype | None:
 def _resolve_backend_name(
     backend: AttentionBackendName | str | None, use_flash: bool | None
 ) -> AttentionBackendName | None:
-    """Coerce ``backend`` and apply the deprecated ``use_flash`` alias (spec §7.2 steps 1–2)."""
+    """Coerce ``backend`` and apply the deprecated ``use_flash`` alias (the first steps of backend selection)."""
     if backend is not None and not isinstance(backend, AttentionBackendName):
         try:
             backend = AttentionBackendName(backend)
@@ -218,7 +218,7 @@ def _init_method_name(init_method: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # AttentionConfig
 # ---------------------------------------------------------------------------------------------
-# OLMo-core 3.x fields outside the seed API: accepted by from_dict at their inert values
+# OLMo-core 3.x fields outside our API: accepted by from_dict at their inert values
 _OLMO_CORE_EXTRA_FIELDS: dict[str, tuple[Any, ...]] = {
     "scalable_softmax": (False, None),
     "attention_sinks": (False, None),
@@ -335,7 +335,7 @@ class AttentionConfig(SequenceMixerConfig["SequenceMixer"]):
         return SequenceMixerConfig.from_dict.__func__(cls, data)  # type: ignore[attr-defined]
 
     def num_params(self, d_model: int) -> int:
-        """Parameters of the built module (spec §6.1)."""
+        """Parameters of the built module."""
         n_heads = self.n_heads
         n_kv_heads = self.n_kv_heads or n_heads
         head_dim = self.head_dim or d_model // n_heads
@@ -366,7 +366,7 @@ class AttentionConfig(SequenceMixerConfig["SequenceMixer"]):
         init_device: str | torch.device = "cpu",
         cache: BufferCache | None = None,
     ) -> SequenceMixer:
-        """Build layer ``layer_idx`` of ``n_layers`` (spec §6.2). Invalid combinations raise
+        """Build layer ``layer_idx`` of ``n_layers``. Invalid combinations raise
         :class:`ConfigurationError` naming the option."""
         kwargs: dict[str, Any] = self.as_dict(exclude_none=True, recurse=False)
         name = AttentionType(kwargs.pop("name"))
@@ -481,7 +481,7 @@ class _BackendMixin:
 # ---------------------------------------------------------------------------------------------
 class Attention(_BackendMixin, SequenceMixer):
     """Multi-head self-attention with GQA / MQA, optional gate, QK-norm, RoPE, QKV clipping and
-    sliding window (spec §7). Always causal.
+    sliding window. Always causal.
 
     Args (keyword-only):
         d_model: input / output width.
@@ -669,7 +669,7 @@ class Attention(_BackendMixin, SequenceMixer):
         freqs_cis: torch.Tensor | None,
         cu_doc_lens: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` (spec §7.3 step 7, with the CP fix)."""
+        """RoPE on ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` (with the CP fix)."""
         assert self.rope is not None
         if self.cp_enabled:
             if pos_sin is None and pos_cos is None and freqs_cis is None:
@@ -794,7 +794,7 @@ class Attention(_BackendMixin, SequenceMixer):
         use_local_output: bool = True,
         float8_enabled: bool = False,
     ) -> None:
-        """Tensor parallelism over the 1-D ``tp_mesh`` (spec §7.6).
+        """Tensor parallelism over the 1-D ``tp_mesh``.
 
         The input is made replicated; ``w_q/w_k/w_v/w_g`` are column-parallel (each rank owns a
         contiguous block of heads, so ``n_heads`` and ``n_kv_heads`` must divide by the TP size);
@@ -843,7 +843,7 @@ class Attention(_BackendMixin, SequenceMixer):
         parallelize_module(module=self, device_mesh=tp_mesh, parallelize_plan=plan)
 
     def apply_cp(self, cp_mesh: Any, ring: Any = None, uly: Any = None) -> None:
-        """Context parallelism: delegated to the backend (spec §7.7). The caller shards ``x``, the
+        """Context parallelism: delegated to the backend. The caller shards ``x``, the
         RoPE rows and the document metadata with the matching load balancer."""
         self.backend.apply_cp(cp_mesh, ring=ring, uly=uly)
         self._backend_auto = False  # the CP configuration is bound to this backend
@@ -859,7 +859,7 @@ class Attention(_BackendMixin, SequenceMixer):
         std: float = 0.02,
         generator: torch.Generator | None = None,
     ) -> None:
-        """Truncated-normal init of the projections (spec §7.8); norms keep ones/zeros.
+        """Truncated-normal init of the projections; norms keep ones/zeros.
 
         ``init_method``: ``"normal" | "normalized" | "llama" | "llama_depth" | "fan_in"`` (or
         OLMo-core's ``InitMethod``). Draw order (``w_q, w_k, w_v, w_g, w_out``) matches OLMo-core,
@@ -887,7 +887,7 @@ class Attention(_BackendMixin, SequenceMixer):
         _init_linear(self.w_out, out_std, generator)
 
     def num_flops_per_token(self, seq_len: int) -> int:
-        """``6 · params + 12 · H · D · L_eff`` with ``L_eff = min(window, seq_len)`` (spec §7.9)."""
+        """``6 · params + 12 · H · D · L_eff`` with ``L_eff = min(window, seq_len)``."""
         param_flops = 6 * sum(p.numel() for p in self.parameters())
         effective = min(self.window_size, seq_len) if self.window_size is not None else seq_len
         return param_flops + 12 * self.n_heads * self.head_dim * effective
@@ -969,7 +969,7 @@ def _tp_styles(float8_enabled: bool) -> tuple[Any, Any, Any]:
 # NormalizedAttention
 # ---------------------------------------------------------------------------------------------
 class NormalizedAttention(Attention):
-    """nGPT attention (beta; spec §10): no biases, QK-norm over all heads jointly (nGPT configs use
+    """nGPT attention (beta): no biases, QK-norm over all heads jointly (nGPT configs use
     ``LayerNormConfig(name="l2_norm")``), learned per-channel scales ``sq [H·D]`` / ``sk [H_kv·D]``
     (effective scale ``sq · sqrt(d_model)``, 1 at init) and softmax scale ``sqrt(D)``.
 
@@ -1100,7 +1100,7 @@ class NormalizedAttention(Attention):
 # FusedAttention
 # ---------------------------------------------------------------------------------------------
 class FusedAttention(_BackendMixin, SequenceMixer):
-    """Multi-head attention with one packed projection ``w_qkv`` (spec §9). MHA only
+    """Multi-head attention with one packed projection ``w_qkv``. MHA only
     (``D = d_model // n_heads``); RoPE must be ``name="fused"``; no gate, QK-norm, window or KV cache.
 
     ``w_qkv.weight [3·d_model, d_model]`` is ``cat([w_q, w_k, w_v])`` of an :class:`Attention`
