@@ -4,7 +4,7 @@ OLMo-core keeps RoPE tables and backend masks out of ``nn.Module`` buffers so th
 shards nor synchronises them. A cache is a mapping of namespaces to ``{key: tensor}``;
 :meth:`BufferCache.with_namespace` returns a view over the *same* storage that reads and writes
 only one namespace, so identically configured modules share buffers and differently configured ones
-do not (spec attention.md §13).
+do not.
 """
 
 from __future__ import annotations
