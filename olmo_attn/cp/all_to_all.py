@@ -1,4 +1,4 @@
-"""All-to-all layout transforms between sequence-sharded and head-sharded tensors (§8).
+"""All-to-all layout transforms between sequence-sharded and head-sharded tensors.
 
 ``cp2hp``: ``[B, T_l, H, D]`` on every rank → ``[B, W·T_l, H/W, D]``: the full sequence (the ranks'
 shards concatenated in rank order) for this rank's block of ``H/W`` heads. ``hp2cp`` is the exact
