@@ -1,7 +1,7 @@
 """Sharding a batch for context parallelism: tokens, labels, per-document RoPE rows, metadata.
 
 This is the input preparation OLMo-core's transformer does before a context-parallel forward pass
-(``context_parallel.md`` §10), with its per-document RoPE bug fixed (``rope.md`` §4.3): the
+(sharding the RoPE buffers), with its per-document RoPE bug fixed: the
 position of every token inside its document is computed **once, on the full sequence, before
 sharding**, and the RoPE rows for those positions are sharded exactly like the tokens. Row ``j`` of
 a rank's ``pos_sin``/``pos_cos`` (or ``freqs_cis``) therefore belongs to local token ``j``, and
