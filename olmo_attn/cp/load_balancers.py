@@ -1,6 +1,6 @@
 """Load balancers: how a sequence is cut into context-parallel shards, and how to put it back.
 
-``context_parallel.md`` §2–§6 and §11. Every balancer is a pure function of ``(cp_rank,
+OLMo-core's zig-zag, llama3 and Ulysses balancers. Every balancer is a pure function of ``(cp_rank,
 cp_world_size)`` and the inputs: no process group is needed, so all of it is testable on one
 process. Each balancer describes its layout as an *index map*: for rank ``r`` a 1-D ``int64``
 tensor ``[T_local]`` holding, for every local token, its index in the global sequence, or ``-1`` for
@@ -391,7 +391,7 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
     """Zig-zag: ``2W`` equal chunks, rank ``r`` keeps chunks ``r`` and ``2W − 1 − r``.
 
     Under causal attention every rank then has the same amount of work. In document mode every
-    document is split that way on its own (§4.2), so all ranks share one local ``cu_doc_lens``.
+    document is split that way on its own, so all ranks share one local ``cu_doc_lens``.
     """
 
     _default_multiple_factor = 2
@@ -487,7 +487,7 @@ class RingAttentionZigZagLoadBalancer(RingAttentionLoadBalancer):
 
 
 def llama3_metadata(cu: Sequence[int], rank: int, world_size: int) -> dict[str, Any]:
-    """Per-rank query/key segmentation of the llama3 layout (§5.1) from padded offsets ``cu``.
+    """Per-rank query/key segmentation of the llama3 layout (ring-flash-attn's preparation) from padded offsets ``cu``.
 
     ``cu[-1]`` must be a multiple of ``world_size``. Returns plain ints and a ``slice``; the
     balancer turns the offsets into tensors.
