@@ -1,4 +1,4 @@
-"""KV cache for decoding (spec attention.md §8), compatible with OLMo-core's ``KVCacheManager``.
+"""KV cache for decoding, compatible with OLMo-core's ``KVCacheManager``.
 
 Buffers (non-persistent, never in ``state_dict``): ``k_cache``, ``v_cache`` ``[B, max_seq_len,
 H_kv, D]``, ``cache_leftpad [B]`` int32, ``cache_seqlens`` 0-dim int32 (cache positions used,
