@@ -1,4 +1,4 @@
-"""Normalisation layers used for QK-norm (spec rope.md §10).
+"""Normalisation layers used for QK-norm (OLMo-core's ``LayerNormConfig`` kinds).
 
 ``LayerNormConfig(name=...)`` builds one of:
 
