@@ -1,6 +1,6 @@
 """flash-linear-attention (``fla``, PyPI ``fla-core``) dispatch for Gated DeltaNet. Optional.
 
-Calls exactly what OLMo-core calls (``gated_deltanet.md`` §5): ``chunk_gated_delta_rule`` with
+Calls exactly what OLMo-core calls: ``chunk_gated_delta_rule`` with
 ``use_qk_l2norm_in_kernel=True`` and gate/beta computed outside, ``causal_conv1d(...,
 activation="silu", backend="triton")`` and the fused gated RMSNorm. Imported lazily; never needed.
 
