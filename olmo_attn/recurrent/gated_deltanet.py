@@ -1,7 +1,8 @@
 """Gated DeltaNet: ``GatedDeltaNetConfig`` and the ``GatedDeltaNet`` sequence mixer.
 
-Parameter names, shapes and state-dict keys are OLMo-core's (``gated_deltanet.md`` §2), so its
-checkpoints load unchanged. The forward is §3–§4; the kernel is flash-linear-attention's when it is
+Parameter names, shapes and state-dict keys are OLMo-core's, so its
+checkpoints load unchanged. The forward is OLMo-core's (projections, short convolutions, gated delta rule, gated
+RMSNorm); the kernel is flash-linear-attention's when it is
 installed and known-correct on the device, else this package's own chunked PyTorch kernel
 (:mod:`.chunked`, CPU and CUDA, autograd); decoding uses the recurrent step (:mod:`.recurrent`)
 with a :class:`GDNCache`. Differences from OLMo-core are listed in ``docs/differences_gdn.md``.
@@ -246,7 +247,7 @@ class GatedDeltaNet(SequenceMixer):
         std: float = 0.02,
         generator: torch.Generator | None = None,
     ) -> None:
-        """OLMo-core's initialisation (§7). ``init_method``: an ``InitMethod`` enum or its string
+        """OLMo-core's initialisation. ``init_method``: an ``InitMethod`` enum or its string
         (``normal``, ``llama``, ``llama_depth``, ``normalized``; ``fan_in`` is not implemented)."""
         method = str(getattr(init_method, "value", init_method))
         if method == "fan_in":
@@ -682,7 +683,7 @@ class GatedDeltaNetConfig(SequenceMixerConfig[GatedDeltaNet]):
         )
 
     def num_params(self, d_model: int) -> int:
-        """The parameter count of the built module (§1.1)."""
+        """The parameter count of the built module."""
         _, HV, _, Dv, K, V = self.dims(d_model)
         p = 2 * d_model * K + 2 * d_model * V + V * d_model + 2 * d_model * HV + 2 * HV
         p += self.conv_size * (2 * K + V) + (2 * K + V if self.conv_bias else 0)
