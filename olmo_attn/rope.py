@@ -2,7 +2,7 @@
 
 Math (``r`` = rotary width ``int(D · partial_rotary_factor)``, ``θ`` = base)::
 
-    inv_freq[i] = 1 / θ^(2i / r)                 i = 0 … r/2 − 1   (a scaling maps it, §6)
+    inv_freq[i] = 1 / θ^(2i / r)                 i = 0 … r/2 − 1   (a scaling maps it)
     ang[p, i]   = p · inv_freq[i]                p = position
 
 * ``default`` / ``fused`` (rotate-half, HF/NeoX layout): channel pairs ``(i, i + r/2)``;
@@ -93,7 +93,7 @@ def document_position_ids(cu_doc_lens: torch.Tensor, total: int) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# scaling configs (§6)
+# scaling configs
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class RoPEScalingConfig(Config):
@@ -353,7 +353,7 @@ _SCALING_CLASSES: dict[str, type[RoPEScalingConfig]] = {
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class RoPEConfig(Config):
-    """Config of a RoPE module (spec rope.md §1)."""
+    """Config of a RoPE module."""
 
     name: RoPEType = RoPEType.default
     theta: int = 500_000
