@@ -64,7 +64,7 @@ def test_base_class_is_abstract_and_ranks_are_checked():
         UL(cp_rank=0, cp_world_size=0)
 
 
-# ---------------------------------------------------------------------------------------------- zig-zag (spec §4, inventory §2)
+# ---------------------------------------------------------------------------------------------- zig-zag
 
 
 def test_zigzag_padding():
@@ -117,7 +117,7 @@ def test_zigzag_by_document_length_multiple_adds_a_trailing_document():
     (_,), meta = lb.batch_shard_by_document(
         inputs=[_x(12)], seq_dims=[1], cu_doc_lens=torch.tensor([0, 8, 12]), length_multiple=3
     )
-    assert meta["cu_doc_lens"].tolist() == [0, 4, 6, 6]  # zero-length pseudo-document (spec §4.2)
+    assert meta["cu_doc_lens"].tolist() == [0, 4, 6, 6]  # zero-length pseudo-document
 
 
 def test_zigzag_errors():
@@ -186,7 +186,7 @@ def test_outputs_are_contiguous_and_dtypes_kept():
     assert b.dtype == torch.bool and b.tolist() == [[True, True, False]]
 
 
-# ---------------------------------------------------------------------------------------------- llama3 (spec §5)
+# ---------------------------------------------------------------------------------------------- llama3
 
 
 def test_llama3_metadata_example():
@@ -243,7 +243,7 @@ def test_llama3_errors():
         lb.batch_shard_by_document(inputs=[_x(9)], seq_dims=[1], cu_doc_lens=torch.tensor([0, 9]))
 
 
-# ---------------------------------------------------------------------------------------------- Ulysses (spec §6)
+# ---------------------------------------------------------------------------------------------- Ulysses
 
 
 def test_ulysses_padding_and_shard():
@@ -349,7 +349,7 @@ def test_document_shard_unshard_identity_and_partition(W, lens, kind, mult, tail
         shards, seq_dim=1, cu_doc_lens=cu, length_multiple=length_multiple, length=n + tail, fill_value=0.0
     )
     expect = x.clone()
-    expect[:, n:] = 0.0  # tokens after cu[-1] are dropped by zig-zag (spec §4.2)
+    expect[:, n:] = 0.0  # tokens after cu[-1] are dropped by zig-zag
     assert torch.equal(back, expect)
     idx = torch.cat([lb.shard_index_by_document(cu, length_multiple=length_multiple)[0] for lb in lbs])
     assert sorted(idx[idx >= 0].tolist()) == list(range(n))
