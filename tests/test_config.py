@@ -1,5 +1,5 @@
 """Configs: sliding-window table, gates, ``AttentionConfig`` (num_params, build, every configuration
-error of spec attention.md §6.2) and dict / JSON / YAML round trips (ours and OLMo-core's shape)."""
+error of ``build``) and dict / JSON / YAML round trips (ours and OLMo-core's shape)."""
 
 from __future__ import annotations
 
