@@ -146,7 +146,7 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(SequenceMixer):
-    """Gated DeltaNet layer (``gated_deltanet.md``): gated delta rule with short convolutions,
+    """Gated DeltaNet layer (OLMo-core's): gated delta rule with short convolutions,
     L2-normalised q/k, optional negative eigenvalues and grouped value heads.
 
     Keyword args beyond OLMo-core's: ``backend`` (``"auto" | "torch" | "fla"``, default auto),
