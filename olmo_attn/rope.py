@@ -1,4 +1,4 @@
-"""Rotary position embeddings (spec rope.md): configs, scaling schemes and the three modules.
+"""Rotary position embeddings: configs, scaling schemes and the three modules.
 
 Math (``r`` = rotary width ``int(D · partial_rotary_factor)``, ``θ`` = base)::
 
