@@ -40,7 +40,7 @@ def test_rope_rows_are_the_sharded_per_document_rows(strategy, W, rope_name):
             rope=[rope, rope],
             length_multiple=lm,
         )
-        # the spec's flow: full-length rows for the per-document positions, sharded with pad 0.0
+        # OLMo-core's flow: full-length rows for the per-document positions, sharded with pad 0.0
         expected, meta = lb.batch_shard_by_document(
             inputs=[getattr(full, n)[pos] for n in names],
             seq_dims=[0] * len(names),
