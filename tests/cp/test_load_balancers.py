@@ -1,4 +1,4 @@
-"""Load balancers: the spec's examples, errors, inverses and properties (no process group needed)."""
+"""Load balancers: worked examples, errors, inverses and properties (no process group needed)."""
 
 from __future__ import annotations
 
