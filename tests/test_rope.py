@@ -1,4 +1,4 @@
-"""RoPE (spec rope.md) against ``reference.rope`` (forward) and ``reference.twins`` (gradients)."""
+"""RoPE against ``reference.rope`` (forward) and ``reference.twins`` (gradients)."""
 
 from __future__ import annotations
 
