@@ -9,7 +9,7 @@
 #   environment: SEED_ENV (default ~/fa4_site/seed_env.sh, sourced when present; ~/te_site/te_env.sh
 #                too), SEED_SHARDS (parallel conformance processes on the one GPU, default 4),
 #                SEED_BACKENDS (default: every one of flash_2 flash_3 te flash_4 that is available, + torch),
-#                SEED_SEQ_LENS (benchmark T, default 8192,32768)
+#                SEED_SEQ_LENS (benchmark T, default 8192,32768), SEED_K (conformance -k filter, default "not gdn")
 #
 # $OUT gets (7 files): conformance.json / .md (the merged gpu-tier report), conformance.log,
 # backends.json / .md (benchmark), bench.log, preference.json (the committed file with this
@@ -46,7 +46,7 @@ t0=$(date +%s)
 # the attention rows only (-k 'not gdn': the torch row of the Gated DeltaNet family is another issue's)
 # shellcheck disable=SC2086
 OUT="$conf_dir" PARALLEL_SKIP="host multigpu" CHUNK_PREFIX=seed- \
-  bash conformance/gpu_run.sh parallel "${SEED_SHARDS:-4}" --backends $backends -k "not gdn" \
+  bash conformance/gpu_run.sh parallel "${SEED_SHARDS:-4}" --backends $backends -k "${SEED_K:-not gdn}" \
   --time-budget "$conf_s" > "$out/conformance.log" 2>&1
 rc=$?
 for f in "$conf_dir"/chunks/*.log; do tail -n 1 "$f"; done >> "$out/conformance.log" 2>/dev/null
