@@ -40,6 +40,7 @@ from .rope import (
     RoPEType,
     RotaryEmbedding,
 )
+from .validate import check_attention_inputs, empty_attention_output, is_empty_batch
 
 if TYPE_CHECKING:
     from .kv_cache import KVCacheManager
@@ -735,9 +736,26 @@ class Attention(_BackendMixin, SequenceMixer):
             pos_sin, pos_cos (``[rows, r]``) / freqs_cis (``[rows, r/2]``, complex RoPE): RoPE rows;
                 under context parallelism row ``j`` belongs to local token ``j``.
             cache_leftpad: ``[B]`` int32 left-padding per row for KV-cache prefill.
+
+        Bad arguments raise :class:`~olmo_attn.exceptions.InvalidInputError` /
+        :class:`~olmo_attn.exceptions.InvalidInputTypeError` (see :mod:`olmo_attn.validate`);
+        ``B == 0`` or ``T == 0`` gives an empty ``[B, T, d_model]`` output.
         """
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, T, d_model], got shape {tuple(x.shape)}")
+        local_k_slice = check_attention_inputs(
+            self,
+            x,
+            proj=self.w_q,
+            cu_doc_lens=cu_doc_lens,
+            cu_doc_lens_q=cu_doc_lens_q,
+            cu_doc_lens_k=cu_doc_lens_k,
+            max_doc_len=max_doc_len,
+            max_doc_len_q=max_doc_len_q,
+            max_doc_len_k=max_doc_len_k,
+            local_k_slice=local_k_slice,
+            cache_leftpad=cache_leftpad,
+        )
+        if is_empty_batch(x):
+            return empty_attention_output(self, x, self.w_out)
         B, T, _ = x.shape
         q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # [B, T, H*D], [B, T, Hkv*D] x2
 
@@ -1045,8 +1063,20 @@ class NormalizedAttention(Attention):
                 "cache_leftpad is not supported for the normalized attention variant; use Attention "
                 "for left-padded KV-cache decoding"
             )
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, T, d_model], got shape {tuple(x.shape)}")
+        local_k_slice = check_attention_inputs(
+            self,
+            x,
+            proj=self.w_q,
+            cu_doc_lens=cu_doc_lens,
+            cu_doc_lens_q=cu_doc_lens_q,
+            cu_doc_lens_k=cu_doc_lens_k,
+            max_doc_len=max_doc_len,
+            max_doc_len_q=max_doc_len_q,
+            max_doc_len_k=max_doc_len_k,
+            local_k_slice=local_k_slice,
+        )
+        if is_empty_batch(x):
+            return empty_attention_output(self, x, self.w_out)
         B, T, _ = x.shape
         q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # [B, T, H*D], [B, T, Hkv*D] x2
         if self.q_norm is not None and self.k_norm is not None:
@@ -1182,8 +1212,9 @@ class FusedAttention(_BackendMixin, SequenceMixer):
         Documents restart RoPE positions (OLMo-core refuses documents together with RoPE)."""
         if cache_leftpad is not None:
             raise NotImplementedError("FusedAttention has no KV cache (cache_leftpad); use Attention")
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, T, d_model], got shape {tuple(x.shape)}")
+        check_attention_inputs(self, x, proj=self.w_qkv, cu_doc_lens=cu_doc_lens, max_doc_len=max_doc_len)
+        if is_empty_batch(x):
+            return empty_attention_output(self, x, self.w_out)
         B, T, _ = x.shape
         qkv = self.w_qkv(x).view(B, T, 3, self.n_heads, self.head_dim)  # [B, T, 3, H, D]
         if self.clip_qkv is not None:

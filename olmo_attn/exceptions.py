@@ -33,7 +33,11 @@ class InvalidEnumValueError(ConfigValueError):
 
 
 class InvalidInputError(OLMoAttnError, ValueError):
-    """A forward argument with the wrong shape, dtype, device or value; names the argument."""
+    """A forward argument with the wrong shape, device or value; names the argument."""
+
+
+class InvalidInputTypeError(OLMoAttnError, TypeError):
+    """A forward argument of the wrong Python type or tensor dtype; names the argument."""
 
 
 class BackendUnavailableError(RuntimeError):

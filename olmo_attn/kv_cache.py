@@ -19,9 +19,12 @@ import gc
 import torch
 from torch import nn
 
+from .exceptions import InvalidInputError, InvalidInputTypeError
+from .masks import _host_values
 
-class KVCacheOverflowError(ValueError):
-    """Appending would write past the cache's ``max_seq_len``."""
+
+class KVCacheOverflowError(InvalidInputError):
+    """Appending would write past the cache's ``max_seq_len`` (a ``ValueError``)."""
 
 
 def leftpad_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -91,6 +94,8 @@ class KVCacheManager(nn.Module):
         self._batch_size = batch_size
         self._max_seq_len = max_seq_len
         self._seqlen_host = 0  # host mirror of cache_seqlens: bounds checks without a device sync
+        # host copy of the recorded cache_leftpad (None: unknown, recorded while compiling)
+        self._leftpad_host: tuple[int, ...] | None = (0,) * batch_size
         self.kv_cache_shape = (batch_size, max_seq_len, num_kv_heads, head_dim)
         self.k_cache: torch.Tensor
         self.v_cache: torch.Tensor
@@ -112,6 +117,7 @@ class KVCacheManager(nn.Module):
             "cache_seqlens", torch.zeros((), dtype=torch.int32, device=device), persistent=False
         )
         self._seqlen_host = 0
+        self._leftpad_host = (0,) * self._batch_size
 
     # ----- properties ------------------------------------------------------------------------------
     @property
@@ -128,20 +134,75 @@ class KVCacheManager(nn.Module):
         return self._seqlen_host
 
     # ----- OLMo-core API ---------------------------------------------------------------------------
+    def _check_leftpad_meta(self, leftpad: object) -> torch.Tensor:
+        if not isinstance(leftpad, torch.Tensor):
+            raise InvalidInputTypeError(
+                f"cache_leftpad must be a [B={self._batch_size}] int32 tensor, got {type(leftpad).__name__}; "
+                "build it with torch.tensor(..., dtype=torch.int32) or leftpad_from_attention_mask(mask)"
+            )
+        if leftpad.shape != (self._batch_size,):
+            raise InvalidInputError(
+                f"cache_leftpad must have shape ({self._batch_size},) (one entry per batch row), "
+                f"got {tuple(leftpad.shape)}"
+            )
+        if leftpad.is_floating_point() or leftpad.is_complex() or leftpad.dtype == torch.bool:
+            raise InvalidInputTypeError(
+                f"cache_leftpad must be an integer tensor, got {leftpad.dtype}; pass "
+                "cache_leftpad.to(torch.int32)"
+            )
+        if leftpad.device.type == "meta":
+            raise InvalidInputError(
+                "cache_leftpad is on the meta device and holds no values; build it on the cache's device"
+            )
+        return leftpad
+
+    def check_leftpad(self, leftpad: object, n_new: int) -> None:
+        """Check ``cache_leftpad`` given with a forward of ``n_new`` tokens.
+
+        At prefill (empty cache) every entry must lie in ``[0, min(n_new, max_seq_len)]`` (it counts
+        padding tokens of the ``n_new``-token prompt). Once tokens are cached the left padding is
+        fixed: a ``cache_leftpad`` passed at a decode step must equal the recorded one. The values
+        are read once per distinct tensor (a device sync on CUDA); the value checks are skipped
+        while ``torch.compile`` traces.
+        """
+        leftpad = self._check_leftpad_meta(leftpad)
+        if torch.compiler.is_compiling():
+            return
+        values = _host_values(leftpad)
+        if self._seqlen_host > 0:
+            recorded = self._leftpad_host
+            if recorded is not None and values != recorded:
+                raise InvalidInputError(
+                    f"cache_leftpad={list(values)} differs from the left padding recorded at prefill "
+                    f"({list(recorded)}) while {self._seqlen_host} token(s) are cached; the padding of a "
+                    "prompt cannot change during decoding: pass the same cache_leftpad (or None) at "
+                    "decode steps, or zero_cache() to start a new generation"
+                )
+            return
+        for row, pad in enumerate(values):
+            if pad < 0:
+                raise InvalidInputError(
+                    f"cache_leftpad[{row}]={pad} is negative; it counts the padding tokens at the start "
+                    "of the row (>= 0)"
+                )
+            if pad > self._max_seq_len:
+                raise InvalidInputError(
+                    f"cache_leftpad[{row}]={pad} exceeds the KV cache's max_seq_len={self._max_seq_len}; "
+                    "left padding is part of the prompt: pass at most the prompt's padding"
+                )
+            if pad > n_new:
+                raise InvalidInputError(
+                    f"cache_leftpad[{row}]={pad} is larger than the prompt length T={n_new} of this "
+                    f"prefill; the padding of a row is at most T (use leftpad_from_attention_mask)"
+                )
+
     def record_leftpad(self, leftpad: torch.Tensor | None) -> None:
         """Store ``leftpad [B]`` (number of padding tokens per row); ``None`` keeps the recorded one."""
         if leftpad is None:
             return
-        if not isinstance(leftpad, torch.Tensor):
-            raise TypeError(f"cache_leftpad must be a [B] integer tensor, got {type(leftpad).__name__}")
-        if leftpad.shape != (self._batch_size,):
-            raise ValueError(
-                f"cache_leftpad must have shape ({self._batch_size},) (one entry per batch row), "
-                f"got {tuple(leftpad.shape)}"
-            )
-        if leftpad.is_floating_point():
-            raise TypeError(f"cache_leftpad must be an integer tensor, got {leftpad.dtype}")
+        leftpad = self._check_leftpad_meta(leftpad)
         self.cache_leftpad.copy_(leftpad)
+        self._leftpad_host = None if torch.compiler.is_compiling() else _host_values(leftpad)
 
     def update_seqlen(self, seqlen: int) -> None:
         """Advance ``cache_seqlens`` by ``seqlen`` tokens (after a forward that wrote them)."""
@@ -161,6 +222,7 @@ class KVCacheManager(nn.Module):
         self.cache_leftpad.zero_()
         self.cache_seqlens.zero_()
         self._seqlen_host = 0
+        self._leftpad_host = (0,) * self._batch_size
 
     def reallocate(self, batch_size: int, max_seq_len: int) -> None:
         """Free the buffers, then allocate zero buffers ``[batch_size, max_seq_len, H_kv, D]`` (same dtype/device)."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .exceptions import InvalidInputError, InvalidInputTypeError
+
 
 @dataclass(frozen=True)
 class DocSegments:
@@ -69,25 +71,35 @@ def _host_values(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def validate_cu_seqlens(cu: torch.Tensor, name: str, total: int) -> tuple[int, ...]:
-    """Check a cumulative-length tensor and return its values; raise ``TypeError``/``ValueError``."""
+    """Check a cumulative-length tensor and return its values; raise
+    :class:`InvalidInputTypeError` (a ``TypeError``) / :class:`InvalidInputError` (a ``ValueError``)."""
     if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu).__name__}")
+        raise InvalidInputTypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}; pass {name}.to(torch.int32)")
+        raise InvalidInputTypeError(
+            f"{name} must have dtype torch.int32, got {cu.dtype}; pass {name}.to(torch.int32)"
+        )
     if cu.dim() != 1:
-        raise ValueError(f"{name} must be 1-D [n_docs + 1], got shape {tuple(cu.shape)}")
+        raise InvalidInputError(f"{name} must be 1-D [n_docs + 1], got shape {tuple(cu.shape)}")
     if cu.numel() < 2:
-        raise ValueError(f"{name} needs at least 2 entries ([0, total]), got {cu.numel()}")
+        raise InvalidInputError(f"{name} needs at least 2 entries ([0, total]), got {cu.numel()}")
+    if cu.device.type == "meta":
+        raise InvalidInputError(
+            f"{name} is on the meta device and holds no values; document offsets must be real: build "
+            f"{name} on the CPU or on the inputs' device"
+        )
     values = _host_values(cu)
     if values[0] != 0:
-        raise ValueError(f"{name}[0] must be 0, got {values[0]}; prepend a 0 to the cumulative lengths")
+        raise InvalidInputError(
+            f"{name}[0] must be 0, got {values[0]}; prepend a 0 to the cumulative lengths"
+        )
     for i in range(1, len(values)):
         if values[i] < values[i - 1]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{name} must be non-decreasing, but {name}[{i}]={values[i]} < {name}[{i - 1}]={values[i - 1]}"
             )
     if values[-1] != total:
-        raise ValueError(
+        raise InvalidInputError(
             f"{name}[-1]={values[-1]} must equal the number of flattened tokens ({total}); "
             "documents must cover the whole (batch * sequence), including any padding document"
         )
@@ -102,9 +114,9 @@ def _check_max(name: str, given: int | None, actual: int) -> int:
     if given is None:
         return actual
     if not isinstance(given, int) or isinstance(given, bool):
-        raise TypeError(f"{name} must be a Python int, got {type(given).__name__}")
+        raise InvalidInputTypeError(f"{name} must be a Python int, got {type(given).__name__}")
     if given < actual:
-        raise ValueError(
+        raise InvalidInputError(
             f"{name}={given} is smaller than the longest document ({actual}); pass {name}={actual}"
         )
     return given
@@ -136,18 +148,20 @@ def resolve_doc_args(
     mk = max_doc_len_k if max_doc_len_k is not None else max_doc_len
     if cu_q is None and cu_k is None:
         if mq is not None or mk is not None:
-            raise ValueError(
+            raise InvalidInputError(
                 "max_doc_len was given without cu_doc_lens; intra-document masking needs the cumulative "
                 "document lengths (cu_doc_lens, int32 [n_docs + 1])"
             )
         if local_k_slice is not None:
-            raise ValueError(
+            raise InvalidInputError(
                 "local_k_slice is only meaningful with cu_doc_lens_q/cu_doc_lens_k (llama3 ring CP)"
             )
         return None
     if cu_q is None or cu_k is None:
         missing = "cu_doc_lens_q" if cu_q is None else "cu_doc_lens_k"
-        raise ValueError(f"{missing} is missing: pass cu_doc_lens, or both cu_doc_lens_q and cu_doc_lens_k")
+        raise InvalidInputError(
+            f"{missing} is missing: pass cu_doc_lens, or both cu_doc_lens_q and cu_doc_lens_k"
+        )
     q_vals = validate_cu_seqlens(
         cu_q, "cu_doc_lens_q" if cu_doc_lens_q is not None else "cu_doc_lens", total_q
     )
@@ -159,7 +173,7 @@ def resolve_doc_args(
         )
     )
     if len(q_vals) != len(k_vals):
-        raise ValueError(
+        raise InvalidInputError(
             f"cu_doc_lens_q has {len(q_vals) - 1} segments but cu_doc_lens_k has {len(k_vals) - 1}; "
             "they must describe the same documents"
         )

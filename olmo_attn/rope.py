@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .buffer_cache import BufferCache
 from .config import Config, StrEnum
-from .exceptions import ConfigurationError, ConfigValueError
+from .exceptions import ConfigurationError, ConfigValueError, InvalidInputError, InvalidInputTypeError
 from .masks import validate_cu_seqlens
 
 __all__ = [
@@ -471,8 +471,11 @@ class RotaryEmbeddingBase(nn.Module):
         self.full_precision = full_precision
         self.scaling = scaling
         self.partial_rotary_factor = partial_rotary_factor
+        # everything the tables depend on except dtype and device (those are in the keys): modules
+        # sharing one cache share tables only when the tables are the same
         self._cache = (cache if cache is not None else BufferCache()).with_namespace(
             f"RoPE_theta={self.theta}_partial={partial_rotary_factor}_scaling={self.scaling!r}"
+            f"_kind={type(self).__name__}_head_size={head_size}_rotary_dim={self.rotary_dim}"
         )
 
     def _inv_freq(self, dim: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
@@ -484,20 +487,74 @@ class RotaryEmbeddingBase(nn.Module):
     def _cached(self, keys: tuple[str, ...], rows: int, device: torch.device) -> list[torch.Tensor] | None:
         """Cached tables with at least ``rows`` rows, moved to ``device``; ``None`` on a miss."""
         found = [self._cache.get(k) for k in keys]
-        if any(t is None or t.shape[0] < rows for t in found):
+        if any(t is None or t.shape[0] < rows or t.shape[-1] != self._table_width() for t in found):
             return None
         return [self._cache.get_for_device(k, device) for k in keys]  # type: ignore[misc]
 
     @staticmethod
-    def _key(name: str, dtype: torch.dtype) -> str:
-        # float32 keys are OLMo-core's; float64 tables live under their own keys
-        return name if dtype == torch.float32 else f"{name}_{str(dtype).replace('torch.', '')}"
+    def _key(name: str, dtype: torch.dtype, device: torch.device | None = None) -> str:
+        """Cache key of table ``name``: float32 CPU tables keep OLMo-core's names; other dtypes and
+        devices get their own entries (so a table is never moved back and forth between devices)."""
+        key = name if dtype == torch.float32 else f"{name}_{str(dtype).replace('torch.', '')}"
+        if device is not None and device.type != "cpu":
+            index = device.index
+            if index is None and device.type == "cuda" and torch.cuda.is_available():
+                index = torch.cuda.current_device()
+            key = f"{key}@{device.type}" + (f":{index}" if index is not None else "")
+        return key
 
-    @abstractmethod
-    def _get_rotary_embedding(
-        self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
-    ) -> Any:
-        """This variant's tables for ``seq_len`` positions on ``device`` (cached)."""
+    def _table_width(self) -> int:
+        """Last-dim width of this variant's tables (default: ``r``)."""
+        return self.rotary_dim
+
+    def _check_tables(
+        self, pos_sin: Any, pos_cos: Any, ref: torch.Tensor, layout: str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Check caller tables ``pos_sin, pos_cos [rows, width]`` for inputs like ``ref``; ``None``
+        when neither is given. ``layout`` describes the expected table for the messages."""
+        if pos_sin is None and pos_cos is None:
+            return None
+        if pos_sin is None or pos_cos is None:
+            given, missing = ("pos_sin", "pos_cos") if pos_cos is None else ("pos_cos", "pos_sin")
+            raise InvalidInputError(
+                f"{given} was passed without {missing}; RoPE needs both pos_sin and pos_cos (e.g. from "
+                f"rope.get_buffers(...)), or neither to use the module's own tables"
+            )
+        width = self._table_width()
+        for name, t in (("pos_sin", pos_sin), ("pos_cos", pos_cos)):
+            if not isinstance(t, torch.Tensor):
+                raise InvalidInputTypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise InvalidInputTypeError(
+                    f"{name} must be a real floating-point tensor {layout}, got dtype {t.dtype}"
+                )
+            if t.dim() != 2:
+                raise InvalidInputError(
+                    f"{name} must be 2-D {layout} (row = position, or local token under context "
+                    f"parallelism), got shape {tuple(t.shape)}"
+                )
+            if t.shape[-1] != width:
+                hint = ""
+                if t.shape[-1] * 2 == width and type(self) is RotaryEmbedding:
+                    hint = (
+                        " (width D/2 is the fused RoPE layout; for partial rotary embeddings set "
+                        "RoPEConfig(partial_rotary_factor=...) instead)"
+                    )
+                raise InvalidInputError(
+                    f"{name} has width {t.shape[-1]} but this {type(self).__name__} (head_size={self.dim}, "
+                    f"partial_rotary_factor={self.partial_rotary_factor}) needs {layout} with width "
+                    f"{width}{hint}; build the rows with this module's get_buffers / "
+                    "get_buffers_for_positions"
+                )
+            if t.device != ref.device:
+                raise InvalidInputError(
+                    f"{name} is on {t.device} but the inputs are on {ref.device}; pass {name}.to({str(ref.device)!r})"
+                )
+        if pos_sin.shape != pos_cos.shape:
+            raise InvalidInputError(
+                f"pos_sin {tuple(pos_sin.shape)} and pos_cos {tuple(pos_cos.shape)} must have the same shape"
+            )
+        return pos_sin, pos_cos
 
     def warmup_cache(self, max_seq_len: int, device: torch.device | str) -> None:
         """Compute and cache the tables for ``max_seq_len`` positions on ``device``."""
@@ -557,7 +614,7 @@ class RotaryEmbedding(RotaryEmbeddingBase):
         self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``pos_sin, pos_cos [seq_len, r]`` (rescaled), cached."""
-        keys = (self._key("rope_pos_sin", dtype), self._key("rope_pos_cos", dtype))
+        keys = (self._key("rope_pos_sin", dtype, device), self._key("rope_pos_cos", dtype, device))
         hit = self._cached(keys, seq_len, device)
         if hit is not None:
             return hit[0][:seq_len, :], hit[1][:seq_len, :]
@@ -617,6 +674,7 @@ class RotaryEmbedding(RotaryEmbeddingBase):
             raise RuntimeError(f"'freqs_cis' is invalid for {type(self).__name__}; pass pos_sin/pos_cos")
         if cu_doc_lens is not None and start_pos is not None:
             raise RuntimeError("'cu_doc_lens' and 'start_pos' are mutually exclusive")
+        self._check_tables(pos_sin, pos_cos, q, f"[rows, r={self.rotary_dim}]")
         seq_dim = 2 if head_first else 1
         q_len, k_len = q.size(seq_dim), k.size(seq_dim)
         compute_dtype = _compute_dtype(q.dtype, self.full_precision)
@@ -699,11 +757,14 @@ class FusedRotaryEmbedding(RotaryEmbeddingBase):
             partial_rotary_factor=partial_rotary_factor,
         )
 
+    def _table_width(self) -> int:
+        return self.dim // 2
+
     def _get_rotary_embedding(
         self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``pos_sin, pos_cos [L >= seq_len, D/2]`` (rescaled; unsliced when a longer copy is cached)."""
-        keys = (self._key("rope_pos_sin", dtype), self._key("rope_pos_cos", dtype))
+        keys = (self._key("rope_pos_sin", dtype, device), self._key("rope_pos_cos", dtype, device))
         hit = self._cached(keys, seq_len, device)
         if hit is not None:
             return hit[0], hit[1]
@@ -741,6 +802,7 @@ class FusedRotaryEmbedding(RotaryEmbeddingBase):
             raise ValueError(f"qkv must be [B, T, 3, H, D], got shape {tuple(qkv.shape)}")
         if qkv.size(-1) != self.dim:
             raise ValueError(f"qkv head dim {qkv.size(-1)} differs from head_size={self.dim}")
+        self._check_tables(pos_sin, pos_cos, qkv, f"[rows, D/2={self.dim // 2}]")
         compute_dtype = _compute_dtype(qkv.dtype, self.full_precision)
         qkv_ = qkv if compute_dtype == qkv.dtype else qkv.to(compute_dtype)
         offset = _start_int(start_pos) or 0
@@ -804,6 +866,33 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
             partial_rotary_factor=partial_rotary_factor,
         )
 
+    def _table_width(self) -> int:
+        return self.rotary_dim // 2
+
+    def _check_freqs_cis(self, freqs_cis: Any, ref: torch.Tensor) -> None:
+        width = self._table_width()
+        layout = f"[rows, r/2={width}] complex"
+        if not isinstance(freqs_cis, torch.Tensor):
+            raise InvalidInputTypeError(
+                f"freqs_cis must be a torch.Tensor {layout}, got {type(freqs_cis).__name__}"
+            )
+        if not freqs_cis.is_complex():
+            raise InvalidInputTypeError(
+                f"freqs_cis must be a complex tensor {layout} (exp(i * angle)), got dtype {freqs_cis.dtype}; "
+                "build it with get_buffers / get_buffers_for_positions"
+            )
+        if freqs_cis.dim() != 2 or freqs_cis.shape[-1] != width:
+            raise InvalidInputError(
+                f"freqs_cis has shape {tuple(freqs_cis.shape)} but this ComplexRotaryEmbedding "
+                f"(head_size={self.dim}, partial_rotary_factor={self.partial_rotary_factor}) needs {layout}; "
+                "build the rows with this module's get_buffers / get_buffers_for_positions"
+            )
+        if freqs_cis.device != ref.device:
+            raise InvalidInputError(
+                f"freqs_cis is on {freqs_cis.device} but the inputs are on {ref.device}; pass "
+                f"freqs_cis.to({str(ref.device)!r})"
+            )
+
     def get_buffers(self, max_seq_len: int, device: torch.device | str) -> RoPEBuffers:
         return RoPEBuffers(freqs_cis=self._get_rotary_embedding(max_seq_len, torch.device(device)))
 
@@ -821,7 +910,7 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
         self, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """``freqs_cis [seq_len, r/2]`` = ``exp(i·ang)``, cached."""
-        key = self._key("rope_freqs_cis", dtype)
+        key = self._key("rope_freqs_cis", dtype, device)
         hit = self._cached((key,), seq_len, device)
         if hit is not None:
             return hit[0][:seq_len, :]
@@ -869,6 +958,8 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
             )
         if cu_doc_lens is not None and start_pos is not None:
             raise RuntimeError("'cu_doc_lens' and 'start_pos' are mutually exclusive")
+        if freqs_cis is not None:
+            self._check_freqs_cis(freqs_cis, q)
         seq_dim = 2 if head_first else 1
         q_len, k_len = q.size(seq_dim), k.size(seq_dim)
         compute_dtype = _compute_dtype(q.dtype, self.full_precision)
