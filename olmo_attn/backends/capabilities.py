@@ -7,6 +7,7 @@ table and nothing else.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,9 @@ class Feature(StrEnum):
 ALL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
 SM = tuple[int, int]
+# ``head_dim_max`` of a backend that computes any head dim (the torch backend: SDPA's math kernel,
+# FlexAttention for powers of two, the blockwise kernel otherwise)
+ANY_HEAD_DIM = sys.maxsize
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,18 @@ class BackendSpec:
     def verified_for(self, arch: str | None) -> bool:
         """Conformance passed on this device tag (``"cpu"``, ``"sm_90"``; ``None``: on any device)."""
         return "any" in self.verified_on or (arch in self.verified_on if arch else self.verified_on_hardware)
+
+    def supports_head_dim(self, head_dim: int) -> bool:
+        """``head_dim`` is a multiple of ``head_dim_multiple`` and at most ``head_dim_max``."""
+        return head_dim <= self.head_dim_max and head_dim % self.head_dim_multiple == 0
+
+    def head_dim_text(self) -> str:
+        """``"any"``, or ``"≤ 256"`` (``", multiple of 8"`` where it needs one)."""
+        if self.head_dim_max >= ANY_HEAD_DIM:
+            text = "any"
+        else:
+            text = f"≤ {self.head_dim_max}"
+        return text if self.head_dim_multiple == 1 else f"{text}, multiple of {self.head_dim_multiple}"
 
     def verified_text(self) -> str:
         if "any" in self.verified_on:
@@ -113,6 +129,7 @@ TABLE: dict[str, BackendSpec] = {
             distribution="torch",
             install="included (PyTorch)",
             devices=frozenset({"cpu", "cuda"}),
+            head_dim_max=ANY_HEAD_DIM,  # head dims the flash kernels refuse (e.g. 288) run here
             features=_EVERYTHING - {_F.deterministic},
             ring_strategies=("zig_zag", "llama3"),
             verified_on=frozenset({"any"}),
@@ -285,8 +302,9 @@ def assert_dtype(name: str, dtype: torch.dtype) -> None:
 
 def assert_head_dim(name: str, head_dim: int) -> None:
     spec = get_spec(name)
-    if head_dim > spec.head_dim_max or head_dim % spec.head_dim_multiple:
+    if not spec.supports_head_dim(head_dim):
         raise UnsupportedFeatureError(
             f"attention backend '{name}' does not support head_dim={head_dim}; it needs a multiple of "
-            f"{spec.head_dim_multiple} up to {spec.head_dim_max} (backend='torch' takes any head_dim)"
+            f"{spec.head_dim_multiple} up to {spec.head_dim_max} (backend='torch' or backend=None takes "
+            "any head_dim)"
         )

@@ -9,6 +9,15 @@ neither is one whose table entry's ``verified_on`` lacks the device's architectu
 passed the conformance suite on that hardware in this project) unless ``allow_unverified=True`` or
 the environment variable ``OLMO_ATTN_ALLOW_UNVERIFIED=1``.
 
+A backend named explicitly (``backend="flash_2"``, as OLMo-core's presets do) that cannot run here
+(its package is missing, or the device is not one it runs on) does not stop the build: like
+OLMo-core, :func:`select_backend` warns (:class:`BackendFallbackWarning`, naming the backend, the
+reason and the backend used instead) and uses the automatic choice. ``strict=True`` or the
+environment variable ``OLMO_ATTN_STRICT_BACKEND=1`` keeps :class:`BackendUnavailableError`. A named
+backend that runs here but lacks a feature, dtype or head dim the layer needs is always an error.
+
+Every automatic choice is logged once, at INFO on the ``olmo_attn`` logger, with the reason.
+
 File format::
 
     {"sm_90": {"causal": ["flash_4", "torch"], "sliding_window": [...], "documents": [...],
@@ -19,15 +28,19 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import statistics
+import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..exceptions import UnsupportedFeatureError
+from ..exceptions import BackendUnavailableError, UnsupportedFeatureError
 from ..hardware import info_for
 from . import capabilities as caps
 from .capabilities import Feature
@@ -35,6 +48,31 @@ from .capabilities import Feature
 PREFERENCE_FILE = Path(__file__).with_name("preference.json")
 MASK_KINDS = ("causal", "sliding_window", "documents")
 ALLOW_UNVERIFIED_ENV = "OLMO_ATTN_ALLOW_UNVERIFIED"
+STRICT_BACKEND_ENV = "OLMO_ATTN_STRICT_BACKEND"
+
+log = logging.getLogger("olmo_attn")
+
+
+class BackendFallbackWarning(UserWarning):
+    """A backend named in the config cannot run here; the automatic choice runs in its place."""
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The outcome of :func:`select_backend`.
+
+    Attributes:
+        name: the backend to build.
+        auto: chosen automatically (a module may choose again when its inputs' device or dtype
+            turn out to be outside this backend's reach); ``False`` for a backend named and used.
+        requested: the backend the caller named (``None`` when it asked for the automatic choice).
+        reason: why this backend, in words (also in the INFO log line).
+    """
+
+    name: str
+    auto: bool
+    requested: str | None
+    reason: str
 
 
 @functools.cache
@@ -103,9 +141,60 @@ def rejection_reason(
         return f"lacks {', '.join(missing)}"
     if dtype is not None and dtype not in spec.dtypes:
         return f"no {dtype}"
-    if head_dim is not None and (head_dim > spec.head_dim_max or head_dim % spec.head_dim_multiple):
-        return f"head_dim={head_dim} outside multiples of {spec.head_dim_multiple} up to {spec.head_dim_max}"
+    if head_dim is not None and not spec.supports_head_dim(head_dim):
+        return f"head_dim={head_dim} not supported (needs {spec.head_dim_text()})"
     return device_limits_reason(name, device=device, head_dim=head_dim)
+
+
+def _strict(strict: bool | None) -> bool:
+    if strict is not None:
+        return strict
+    return os.environ.get(STRICT_BACKEND_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _choose(
+    features: Sequence[Feature],
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    head_dim: int | None,
+    allow_unverified: bool | None,
+) -> tuple[str, str]:
+    """``(name, why)``: the first backend of the measured order that can serve ``features`` here."""
+    allow = _allow_unverified(allow_unverified)
+    arch = info_for(device).arch
+    order = preference_order(device, features)
+    rejected: list[str] = []
+    for name in order:
+        reason = rejection_reason(name, features, device=device, dtype=dtype, head_dim=head_dim)
+        if reason is None and not allow and not caps.get_spec(name).verified_for(arch):
+            reason = (
+                f"not verified on {arch} hardware (set {ALLOW_UNVERIFIED_ENV}=1 or force backend={name!r})"
+            )
+        if reason is None:
+            if len(order) == 1:
+                why = f"no other backend has measured timings on {arch}"
+            else:
+                why = f"fastest available in the {arch} order {order} for {mask_kind(features)} masks"
+            if rejected:
+                why += "; passed over " + "; ".join(rejected)
+            return name, why
+        rejected.append(f"{name}: {reason}")
+    raise UnsupportedFeatureError(
+        f"no available attention backend supports {[f.value for f in features]} here ({'; '.join(rejected)})"
+    )
+
+
+def _describe(
+    features: Sequence[Feature],
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    head_dim: int | None,
+) -> str:
+    dev = info_for(device)
+    dt = "any dtype" if dtype is None else str(dtype).replace("torch.", "")
+    hd = "" if head_dim is None else f", head_dim={head_dim}"
+    return f"features={[f.value for f in features]}, {dev.type} ({dev.arch}), {dt}{hd}"
 
 
 def choose_backend(
@@ -115,24 +204,100 @@ def choose_backend(
     dtype: torch.dtype | None = None,
     head_dim: int | None = None,
     allow_unverified: bool | None = None,
+    log_choice: bool = True,
 ) -> str:
-    """Name of the fastest (measured) backend that is available on ``device`` and has every feature."""
+    """Name of the fastest (measured) backend that is available on ``device`` and has every feature.
+
+    Logs one INFO line on the ``olmo_attn`` logger naming the backend and why (``log_choice=False``
+    to stay quiet).
+    """
     features = [Feature(f) for f in features]
-    allow = _allow_unverified(allow_unverified)
-    rejected: list[str] = []
-    for name in preference_order(device, features):
-        reason = rejection_reason(name, features, device=device, dtype=dtype, head_dim=head_dim)
-        if reason is None and not allow and not caps.get_spec(name).verified_for(info_for(device).arch):
-            reason = (
-                f"not verified on {info_for(device).arch} hardware (set {ALLOW_UNVERIFIED_ENV}=1 or force "
-                f"backend={name!r})"
-            )
-        if reason is None:
-            return name
-        rejected.append(f"{name}: {reason}")
-    raise UnsupportedFeatureError(
-        f"no available attention backend supports {[f.value for f in features]} here ({'; '.join(rejected)})"
+    name, why = _choose(
+        features, device=device, dtype=dtype, head_dim=head_dim, allow_unverified=allow_unverified
     )
+    if log_choice:
+        log.info(
+            "attention backend %r chosen automatically (%s): %s",
+            name,
+            _describe(features, device, dtype, head_dim),
+            why,
+        )
+    return name
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for :func:`warnings.warn` that points at the first frame outside olmo_attn."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("olmo_attn"):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def select_backend(
+    backend: str | None,
+    features: Iterable[Feature | str] = (),
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+    strict: bool | None = None,
+    allow_unverified: bool | None = None,
+) -> BackendChoice:
+    """The backend a layer builds: ``backend`` when it can run here, else the automatic choice.
+
+    * ``backend=None``: the automatic choice (:func:`choose_backend`), logged at INFO with the reason.
+    * A named backend that runs here is checked against the features, dtype and head dim
+      (:class:`UnsupportedFeatureError` naming the backends that have what is missing).
+    * A named backend that cannot run here (package missing, wrong device or GPU architecture):
+      a :class:`BackendFallbackWarning` naming it, the reason and the replacement, then the automatic
+      choice — OLMo-core replaces a GPU backend by ``torch`` on a machine without CUDA the same way.
+      ``strict=True`` (or ``OLMO_ATTN_STRICT_BACKEND=1`` when ``strict`` is ``None``) raises
+      :class:`BackendUnavailableError` instead.
+    """
+    features = [Feature(f) for f in features]
+    if backend is None:
+        name, why = _choose(
+            features, device=device, dtype=dtype, head_dim=head_dim, allow_unverified=allow_unverified
+        )
+        log.info(
+            "attention backend %r chosen automatically (%s): %s",
+            name,
+            _describe(features, device, dtype, head_dim),
+            why,
+        )
+        return BackendChoice(name=name, auto=True, requested=None, reason=why)
+    requested = str(backend)
+    caps.get_spec(requested)  # ValueError for an unknown name
+    unavailable = caps.unavailable_reason(requested, device)
+    if unavailable is not None:
+        if _strict(strict):
+            raise BackendUnavailableError(
+                f"attention backend '{requested}' is unavailable: {unavailable} (strict backend selection "
+                f"is on; unset {STRICT_BACKEND_ENV} to fall back to the automatic choice with a warning)"
+            )
+        name, why = _choose(
+            features, device=device, dtype=dtype, head_dim=head_dim, allow_unverified=allow_unverified
+        )
+        warnings.warn(
+            f"attention backend '{requested}' was requested but cannot run here: {unavailable}. "
+            f"Using backend '{name}' instead (the automatic choice). Set {STRICT_BACKEND_ENV}=1 to make "
+            "this an error.",
+            BackendFallbackWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+        why = f"in place of unavailable '{requested}' ({unavailable}); {why}"
+        log.info(
+            "attention backend %r chosen automatically (%s): %s",
+            name,
+            _describe(features, device, dtype, head_dim),
+            why,
+        )
+        return BackendChoice(name=name, auto=True, requested=requested, reason=why)
+    resolve_backend(requested, features, device=device, dtype=dtype, head_dim=head_dim)
+    log.info("attention backend %r (requested; %s)", requested, _describe(features, device, dtype, head_dim))
+    return BackendChoice(name=requested, auto=False, requested=requested, reason="requested")
 
 
 def resolve_backend(
@@ -146,13 +311,19 @@ def resolve_backend(
 ) -> str:
     """``backend`` checked against the table (forced), or the automatic choice when ``None``.
 
-    A forced backend that is missing here raises :class:`BackendUnavailableError`; one that lacks a
-    requested feature raises :class:`UnsupportedFeatureError` naming the backends that have it.
+    A forced backend that is missing here raises :class:`BackendUnavailableError` (use
+    :func:`select_backend` for the warn-and-fall-back behaviour); one that lacks a requested feature
+    raises :class:`UnsupportedFeatureError` naming the backends that have it.
     """
     features = [Feature(f) for f in features]
     if backend is None:
         return choose_backend(
-            features, device=device, dtype=dtype, head_dim=head_dim, allow_unverified=allow_unverified
+            features,
+            device=device,
+            dtype=dtype,
+            head_dim=head_dim,
+            allow_unverified=allow_unverified,
+            log_choice=False,
         )
     name = str(backend)
     caps.get_spec(name)  # ValueError for an unknown name
@@ -224,6 +395,9 @@ def write_preferences(
 __all__ = [
     "MASK_KINDS",
     "PREFERENCE_FILE",
+    "STRICT_BACKEND_ENV",
+    "BackendChoice",
+    "BackendFallbackWarning",
     "choose_backend",
     "derive_preferences",
     "load_preferences",
@@ -232,5 +406,6 @@ __all__ = [
     "rejection_reason",
     "reload_preferences",
     "resolve_backend",
+    "select_backend",
     "write_preferences",
 ]
