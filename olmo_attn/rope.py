@@ -24,6 +24,7 @@ per-token rows that context parallelism shards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -395,6 +396,13 @@ class RoPEBuffers:
 # ---------------------------------------------------------------------------------------------
 # modules
 # ---------------------------------------------------------------------------------------------
+def _no_autocast(device_type: str) -> Any:
+    """Autocast off on ``device_type`` (a no-op for devices without autocast, e.g. ``meta``)."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def _compute_dtype(dtype: torch.dtype, full_precision: bool) -> torch.dtype:
     """float32 or wider with ``full_precision`` (float64 stays float64), else the input dtype."""
     return torch.promote_types(dtype, torch.float32) if full_precision else dtype
@@ -479,7 +487,7 @@ class RotaryEmbeddingBase(nn.Module):
         )
 
     def _inv_freq(self, dim: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-        with torch.autocast(device.type, enabled=False):
+        with _no_autocast(device.type):
             if self.scaling is None:
                 return compute_inv_freqs(self.theta, dim, device, dtype), 1.0
             return self.scaling.compute_scaled_inv_freq(self.theta, dim, device, dtype)
@@ -618,7 +626,7 @@ class RotaryEmbedding(RotaryEmbeddingBase):
         hit = self._cached(keys, seq_len, device)
         if hit is not None:
             return hit[0][:seq_len, :], hit[1][:seq_len, :]
-        with torch.autocast(device.type, enabled=False):
+        with _no_autocast(device.type):
             inv_freq, rescale = self._inv_freq(self.rotary_dim, device, dtype)
             seq = torch.arange(seq_len, device=device, dtype=dtype)
             freqs = torch.einsum("i , j -> i j", seq, inv_freq)  # [seq_len, r/2]
@@ -681,7 +689,7 @@ class RotaryEmbedding(RotaryEmbeddingBase):
         q_, k_ = q.to(compute_dtype), k.to(compute_dtype)
         start = _start_int(start_pos)
 
-        with torch.autocast(q.device.type, enabled=False):
+        with _no_autocast(q.device.type):
             doc_pos: torch.Tensor | None = None
             if cu_doc_lens is not None:
                 if q_len != k_len:
@@ -768,7 +776,7 @@ class FusedRotaryEmbedding(RotaryEmbeddingBase):
         hit = self._cached(keys, seq_len, device)
         if hit is not None:
             return hit[0], hit[1]
-        with torch.autocast(device.type, enabled=False):
+        with _no_autocast(device.type):
             inv_freq, rescale = self._inv_freq(self.dim, device, dtype)
             seq = torch.arange(seq_len, device=device, dtype=dtype)
             freqs = torch.einsum("i , j -> i j", seq, inv_freq)  # [seq_len, D/2]
@@ -811,7 +819,7 @@ class FusedRotaryEmbedding(RotaryEmbeddingBase):
         need = T + offset
         if cu_doc_lens is not None:
             need, doc_pos = _doc_positions(cu_doc_lens, B * T, qkv_.device)
-        with torch.autocast(qkv.device.type, enabled=False):
+        with _no_autocast(qkv.device.type):
             if pos_sin is None or pos_cos is None:
                 pos_sin, pos_cos = self._get_rotary_embedding(need, qkv_.device, _table_dtype(compute_dtype))
             if pos_sin.size(0) < need or pos_cos.size(0) < need:
@@ -914,7 +922,7 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
         hit = self._cached((key,), seq_len, device)
         if hit is not None:
             return hit[0][:seq_len, :]
-        with torch.autocast(device.type, enabled=False):
+        with _no_autocast(device.type):
             inv_freq = compute_inv_freqs(self.theta, self.rotary_dim, device, dtype)
             seq = torch.arange(seq_len, device=device, dtype=dtype)
             freqs = torch.einsum("i , j -> i j", seq, inv_freq)  # [seq_len, r/2]
@@ -966,7 +974,7 @@ class ComplexRotaryEmbedding(RotaryEmbeddingBase):
         q_, k_ = q.to(compute_dtype), k.to(compute_dtype)
         start = _start_int(start_pos)
 
-        with torch.autocast(q.device.type, enabled=False):
+        with _no_autocast(q.device.type):
             doc_pos: torch.Tensor | None = None
             if cu_doc_lens is not None:
                 if q_len != k_len:
