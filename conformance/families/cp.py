@@ -535,10 +535,12 @@ def run_cp(case: Case, subject: Subject | None, ctx: RunContext) -> tuple[list[C
     return _finish(gen, result)
 
 
-def batch_rank(items: list[tuple[Any, dict[str, Any]]]) -> list[tuple[str, Any]] | None:
-    """One rank of a batch: every case in turn; a case that raises reports its error (rank 0 keeps
-    the results). A case that raises on some ranks only leaves the others in a collective until the
-    process group's timeout: the batch then fails as a whole and its cases are rerun one by one."""
+def batch_rank(items: list[tuple[Any, dict[str, Any]]]) -> list[tuple[str, Any]]:
+    """One rank of a batch: every case in turn; a case that raises reports its error. Rank 0 returns
+    every case's result, the other ranks only their errors (``("ok", None)`` otherwise). A case that
+    raises on some ranks only leaves the others in a collective (until the process group's timeout,
+    or until gloo notices the peer left): :func:`run_cp_batch` then reruns that case and the later
+    ones one by one, so the error reported is the failing rank's own."""
     import traceback
 
     from conformance.distributed import rank
@@ -549,7 +551,9 @@ def batch_rank(items: list[tuple[Any, dict[str, Any]]]) -> list[tuple[str, Any]]
             out.append(("ok", body(spec)))
         except Exception as e:
             out.append(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
-    return out if rank() == 0 else None
+    if rank() == 0:
+        return out
+    return [(status, value if status == "error" else None) for status, value in out]
 
 
 def run_cp_batch(
@@ -559,7 +563,10 @@ def run_cp_batch(
 
     Returns, per case, ``(checks, info)`` or the exception that stopped it (``SkipCase`` included).
     If the launch itself fails (a rank died or hung), every case is rerun in a launch of its own so
-    that the failure is attributed to the right case.
+    that the failure is attributed to the right case. If a case raised on any rank, the ranks may no
+    longer agree on which collective comes next (and the error seen may be a peer's follow-on): that
+    case and every later one are rerun in launches of their own, where the runner names the rank at
+    fault and its own exception.
     """
     from conformance.distributed import run_distributed
 
@@ -579,28 +586,32 @@ def run_cp_batch(
     world = int(first.param["world"])
     backend = "gloo" if first.device == "cpu" else "nccl"
     try:
-        results = run_distributed(
+        per_rank = run_distributed(
             batch_rank,
             world,
             backend=backend,
             timeout_s=BATCH_BASE_S + BATCH_PER_CASE_S * len(items),
             args=(items,),
-        )[0]
+        )
     except Exception:
-        for i, gen in gens.items():
-            gen.close()
-            try:
-                out[i] = run_cp(cases[i], subjects[i], RunContext())
-            except BaseException as e:
-                out[i] = e
-        return out
-    for (i, gen), (status, value) in zip(gens.items(), results):
-        if status == "ok":
-            try:
-                out[i] = _finish(gen, value)
-            except BaseException as e:
-                out[i] = e
-        else:
-            gen.close()
-            out[i] = RuntimeError(f"in the ranks: {value}")
+        per_rank = None
+    if per_rank is None:
+        first_bad = 0
+        results: list[tuple[str, Any]] = []
+    else:
+        results = per_rank[0]
+        bad = [j for j in range(len(results)) if any(rk[j][0] != "ok" for rk in per_rank)]
+        first_bad = bad[0] if bad else len(results)
+    order = list(gens.items())
+    for i, gen in order[first_bad:]:
+        gen.close()
+        try:
+            out[i] = run_cp(cases[i], subjects[i], RunContext())
+        except BaseException as e:
+            out[i] = e
+    for (i, gen), (_status, value) in zip(order[:first_bad], results):  # ok on every rank
+        try:
+            out[i] = _finish(gen, value)
+        except BaseException as e:
+            out[i] = e
     return out
