@@ -3,6 +3,13 @@
 Configs are dataclasses with ``as_dict`` / ``from_dict`` and JSON / YAML round trips. ``from_dict``
 accepts the dict shape OLMo-core configs serialise to: a ``_CLASS_`` key (the class path) is
 ignored when the target class is known, and registrable configs carry a ``type`` discriminator.
+
+``as_config_dict`` writes the dict OLMo-core puts into checkpoints and experiment configs. For the
+configs that have an OLMo-core twin with the same fields (attention, gate, sliding window, RoPE and
+its scalings, layer norm) its ``_CLASS_`` names OLMo-core's class, so that
+``olmo_core.nn.attention.AttentionConfig.from_dict(ours.as_config_dict())`` rebuilds the config in
+OLMo-core, and our ``from_dict`` reads the same dict back. ``as_dict(include_class_name=True)`` keeps
+our own class paths.
 """
 
 from __future__ import annotations
@@ -19,6 +26,25 @@ import torch
 from .exceptions import ConfigurationError, ConfigValueError, InvalidEnumValueError
 
 C = TypeVar("C", bound="Config")
+
+# our config classes whose OLMo-core twin takes the same fields: ``as_config_dict`` names the twin
+OLMO_CORE_CLASS_PATHS: dict[str, str] = {
+    **{
+        f"olmo_attn.attention.{n}": f"olmo_core.nn.attention.{n}"
+        for n in ("AttentionConfig", "SlidingWindowAttentionConfig", "GateConfig")
+    },
+    **{
+        f"olmo_attn.rope.{n}": f"olmo_core.nn.rope.{n}"
+        for n in (
+            "RoPEConfig",
+            "ABFRoPEScalingConfig",
+            "PIRoPEScalingConfig",
+            "StepwiseRoPEScalingConfig",
+            "YaRNRoPEScalingConfig",
+        )
+    },
+    "olmo_attn.norm.LayerNormConfig": "olmo_core.nn.layer_norm.LayerNormConfig",
+}
 
 
 class StrEnum(str, enum.Enum):
@@ -135,6 +161,19 @@ def _to_plain(
             )
             for k, v in value.items()
         }
+    return value
+
+
+def _olmo_core_class_paths(value: Any) -> Any:
+    """``value`` with every ``_CLASS_`` of :data:`OLMO_CORE_CLASS_PATHS` replaced by OLMo-core's path."""
+    if isinstance(value, dict):
+        out = {k: _olmo_core_class_paths(v) for k, v in value.items()}
+        path = out.get(Config.CLASS_NAME_FIELD)
+        if isinstance(path, str) and path in OLMO_CORE_CLASS_PATHS:
+            out[Config.CLASS_NAME_FIELD] = OLMO_CORE_CLASS_PATHS[path]
+        return out
+    if isinstance(value, list):
+        return [_olmo_core_class_paths(v) for v in value]
     return value
 
 
@@ -291,9 +330,15 @@ class Config:
         return out
 
     def as_config_dict(self) -> dict[str, Any]:
-        """The JSON-safe dict OLMo-core writes into checkpoints and experiment configs."""
-        return self.as_dict(
-            exclude_none=True, exclude_private_fields=True, include_class_name=True, json_safe=True
+        """The JSON-safe dict OLMo-core writes into checkpoints and experiment configs.
+
+        ``_CLASS_`` names OLMo-core's class where one with the same fields exists
+        (:data:`OLMO_CORE_CLASS_PATHS`), so OLMo-core's ``from_dict`` reads the dict as well as ours.
+        """
+        return _olmo_core_class_paths(
+            self.as_dict(
+                exclude_none=True, exclude_private_fields=True, include_class_name=True, json_safe=True
+            )
         )
 
     @classmethod
