@@ -149,10 +149,11 @@ def _check_kv_cache_args(
 ) -> None:
     for name, value in doc_args.items():
         if value is not None:
+            shown = name if isinstance(value, torch.Tensor) else f"{name}={value!r}"
             raise InvalidInputError(
-                f"{name}={value if not isinstance(value, torch.Tensor) else 'tensor'} was passed with a KV "
-                "cache: documents cannot be combined with the KV cache. Decode one sequence per batch "
-                "row (use cache_leftpad for left-padded prompts), or set kv_cache_manager = None"
+                f"{shown} was passed to a layer with a KV cache: documents cannot be combined with the "
+                "KV cache. Decode one sequence per batch row (use cache_leftpad for left-padded "
+                "prompts), or set kv_cache_manager = None to attend over packed documents"
             )
     if cache_leftpad is not None:
         manager.check_leftpad(cache_leftpad, n_new)
