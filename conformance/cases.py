@@ -22,6 +22,9 @@ Families (what a case exercises):
 ``cp``      context parallelism in W worker processes (gloo on CPU, NCCL on GPUs)
 ==========  ===========================================================================================
 
+``containment`` (cpu and gpu tiers): a NaN or Inf planted in one token of K or V of one document (or
+one batch row) must not reach the other documents' (rows') outputs or input gradients.
+
 Shapes are drawn per case from a seed derived from the case id (without the backend, so every
 backend of a pairwise comparison sees the same inputs); ``--quick`` draws small shapes and keeps a
 covering subset of the points, ``--full`` keeps every point and draws larger, awkward shapes.
@@ -360,6 +363,23 @@ def _cp_points(subject: Subject, device: str) -> list[_Point]:
     return points
 
 
+def _containment_points(subject: Subject, device: str) -> list[_Point]:
+    """One dtype (float32 on CPU, bfloat16 on GPUs where supported), the smallest head dim, MHA."""
+    from .families.containment import variants
+
+    dtypes = _dtypes(subject, device)
+    preferred = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = preferred if preferred in dtypes else next(iter(dtypes), None)
+    hds = _head_dims(subject)
+    if dtype is None or not hds:
+        return []
+    return [
+        _Point("containment", variant, dtype, {"head_dim": hds[0]}, ("containment",))
+        for variant, needs in variants()
+        if _has(subject, *needs)
+    ]
+
+
 CONFIG_BACKEND_VARIANTS = ("availability", "table")
 CONFIG_LIBRARY_VARIANTS = (
     "window_for_layer",
@@ -390,6 +410,7 @@ def _points_for(subject: Subject, tier: str) -> list[_Point]:
         pts += _attn_like("dropout", DROPOUT_VARIANTS, subject, device, head_dims=_head_dims(subject)[:1])
         pts += _attn_like("kvcache", KVCACHE_VARIANTS, subject, device)
         pts += _module_points(subject, device)
+        pts += _containment_points(subject, device)
         return pts
     if tier in ("multiproc", "multigpu"):
         if device not in subject.spec.devices:

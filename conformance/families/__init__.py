@@ -35,6 +35,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "module": ("modules", "run_module"),
     "gdn": ("gdn", "run_gdn"),
     "cp": ("cp", "run_cp"),
+    "containment": ("containment", "run_containment"),
     "pairwise": ("pairwise", "run_pairwise"),
 }
 
