@@ -92,14 +92,52 @@ def _dropout_z(
     return (keep.to(dtype) / (1.0 - p)).reshape(b, hkv, (hq // hkv) * (q1 - q0), k1 - k0)
 
 
-def _masked(
-    s: torch.Tensor, index: MaskIndex, q0: int, q1: int, k0: int, k1: int, g: int, fill: float
+def _disallowed(index: MaskIndex, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+    """Where a tile's pairs are masked out: ``[Bm, 1, 1, bq, bk]`` bool (broadcasts over heads)."""
+    return ~index.element_mask(q0, q1, k0, k1)[:, None, None]
+
+
+def _masked(s: torch.Tensor, off: torch.Tensor, g: int, fill: float) -> torch.Tensor:
+    """Fill the disallowed entries (``off``, :func:`_disallowed`) of the folded tile
+    ``s [B, Hkv, G·bq, bk]`` with ``fill``."""
+    b, hkv, rows, bk = s.shape
+    return s.view(b, hkv, g, rows // g, bk).masked_fill(off, fill).view_as(s)
+
+
+def _bad_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Rows of ``x [..., T, D]`` holding NaN/Inf (``[..., T]`` bool), or ``None`` when every value
+    is finite or ``x`` is not on the CPU (the test needs the host; one pass over ``x`` per call)."""
+    if x.device.type != "cpu":
+        return None
+    bad = ~torch.isfinite(x).all(dim=-1)
+    return bad if bool(bad.any()) else None
+
+
+def _contained_mm(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    off: torch.Tensor,
+    g: int,
+    bad: torch.Tensor | None,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    """Fill disallowed entries of the folded tile ``s [B, Hkv, G·bq, bk]`` with ``fill``."""
-    b, hkv = s.shape[:2]
-    allowed = index.element_mask(q0, q1, k0, k1)[:, None, None]  # [Bm, 1, 1, bq, bk]
-    s5 = s.view(b, hkv, g, q1 - q0, k1 - k0)
-    return s5.masked_fill(~allowed, fill).view_as(s)
+    """``a [B, Hkv, m, n] @ x [B, Hkv, n, D]`` of a PARTIAL tile whose ``a`` is zero at the
+    disallowed pairs ``off`` (:func:`_disallowed`; ``transposed``: ``a`` is a transposed tile, its
+    rows keys, ``x`` the folded query rows): a disallowed pair contributes exactly nothing, also
+    when row ``x[j]`` holds NaN/Inf (``bad [B, Hkv, n]``, from :func:`_bad_rows`), where a plain
+    matmul gives ``0 · nan = nan`` and leaks one document's bad token into every row of the tile."""
+    if bad is None or not bool(bad.any()):
+        return torch.matmul(a, x)
+    out = torch.matmul(a, x.masked_fill(bad[..., None], 0.0))
+    m = a.shape[2]
+    for j in bad.any(dim=1).any(dim=0).nonzero().flatten().tolist():  # the few non-finite rows
+        if transposed:  # x row j: head group j // bq, query j % bq
+            keep = ~off[:, :, 0, j % (x.shape[2] // g), :, None]  # [Bm, 1, n, 1]
+        else:  # x row j: key j
+            keep = ~off[..., j : j + 1].expand(-1, -1, g, -1, -1).reshape(off.shape[0], 1, m, 1)
+        keep = keep & bad[:, :, j, None, None]  # [B, Hkv, rows of a, 1]
+        out = out + torch.where(keep, a[..., j : j + 1] * x[:, :, j : j + 1], 0.0)
+    return out
 
 
 def blockwise_forward(
@@ -135,6 +173,7 @@ def _forward(
     acc = _acc_dtype(q.dtype)
     qh = _heads(q, acc).view(B, Hkv, G, Tq, D)
     kh, vh = _heads(k, acc), _heads(v, acc)  # [B, Hkv, Tk, D]
+    bad_v = _bad_rows(vh)  # None unless some v holds NaN/Inf (then PARTIAL tiles contain it)
     out = torch.zeros(B, Hkv, G, Tq, D, dtype=acc, device=q.device)
     lse = torch.full((B, Hkv, G, Tq), -math.inf, dtype=acc, device=q.device)
     bq = plan.block_q
@@ -149,8 +188,9 @@ def _forward(
         o = torch.zeros(B, Hkv, rows, D, dtype=acc, device=q.device)
         for k0, k1, partial in runs:
             s = torch.matmul(qblk, kh[:, :, k0:k1].transpose(-1, -2)).mul_(scale)  # [B, Hkv, rows, bk]
-            if partial:
-                s = _masked(s, index, q0, q1, k0, k1, G, -math.inf)
+            off = _disallowed(index, q0, q1, k0, k1) if partial else None
+            if off is not None:
+                s = _masked(s, off, G, -math.inf)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             m_safe = torch.where(m_new == -math.inf, 0.0, m_new)  # rows with nothing yet: any shift
             p = torch.exp(s - m_safe)
@@ -159,7 +199,12 @@ def _forward(
             if dropout_p > 0.0:
                 assert dropout_seed is not None
                 p = p * _dropout_z(dropout_seed, dropout_p, B, Hq, Hkv, q0, q1, k0, k1, q.device, acc)
-            o = o * corr + torch.matmul(p, vh[:, :, k0:k1])
+            pv = (
+                torch.matmul(p, vh[:, :, k0:k1])
+                if off is None
+                else _contained_mm(p, vh[:, :, k0:k1], off, G, None if bad_v is None else bad_v[:, :, k0:k1])
+            )
+            o = o * corr + pv
             m = m_new
         nonempty = denom > 0
         safe = torch.where(nonempty, denom, torch.ones_like(denom))
@@ -212,8 +257,11 @@ def _backward(
     acc = _acc_dtype(q.dtype)
     qh = _heads(q, acc).view(B, Hkv, G, Tq, D)
     kh, vh = _heads(k, acc), _heads(v, acc)
+    bad_k, bad_q = _bad_rows(kh), _bad_rows(qh)  # [B, Hkv, Tk], [B, Hkv, G, Tq] or None
     doh = _heads(dout, acc).view(B, Hkv, G, Tq, D)
     delta = (dout.to(acc) * out.to(acc)).sum(dim=-1).permute(0, 2, 1).reshape(B, Hkv, G, Tq)
+    # a non-finite v (dP) or out (delta) makes dS = 0 · nan at masked pairs: mask dS only then
+    mask_ds = _bad_rows(vh) is not None or _bad_rows(delta[..., None]) is not None
     lse_a = lse.to(acc).reshape(B, Hkv, G, Tq)
     lse_a = torch.where(lse_a == -math.inf, math.inf, lse_a)  # empty rows: exp(s - inf) = 0
     dq = torch.zeros(B, Hkv, G, Tq, D, dtype=acc, device=q.device)
@@ -234,8 +282,9 @@ def _backward(
             kblk, vblk = kh[:, :, k0:k1], vh[:, :, k0:k1]
             s = torch.matmul(qblk, kblk.transpose(-1, -2)).mul_(scale)
             p = torch.exp(s - lse_blk)
-            if partial:
-                p = _masked(p, index, q0, q1, k0, k1, G, 0.0)
+            off = _disallowed(index, q0, q1, k0, k1) if partial else None
+            if off is not None:
+                p = _masked(p, off, G, 0.0)
             dp = torch.matmul(doblk, vblk.transpose(-1, -2))
             if dropout_p > 0.0:
                 assert dropout_seed is not None
@@ -245,8 +294,16 @@ def _backward(
                 pz = p
             dv[:, :, k0:k1] += torch.matmul(pz.transpose(-1, -2), doblk)
             ds = p * (dp - delta_blk)
-            dq_blk += torch.matmul(ds, kblk)
-            dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qblk)
+            if off is None:
+                dq_blk += torch.matmul(ds, kblk)
+                dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qblk)
+            else:  # a bad v or k of another document must not reach this tile's dq / dk (0 · nan)
+                if mask_ds:
+                    ds = _masked(ds, off, G, 0.0)
+                bk_ = None if bad_k is None else bad_k[:, :, k0:k1]
+                bq_ = None if bad_q is None else bad_q[:, :, :, q0:q1].reshape(B, Hkv, rows)
+                dq_blk += _contained_mm(ds, kblk, off, G, bk_)
+                dk[:, :, k0:k1] += _contained_mm(ds.transpose(-1, -2), qblk, off, G, bq_, transposed=True)
         dq[:, :, :, q0:q1] = dq_blk.view(B, Hkv, G, q1 - q0, D)
     dq_bthd = (dq.view(B, Hq, Tq, D) * scale).permute(0, 2, 1, 3).to(q.dtype)
     dk_bthd = (dk * scale).permute(0, 2, 1, 3).to(k.dtype)
