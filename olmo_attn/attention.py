@@ -430,21 +430,21 @@ class _BackendMixin:
         head_dim: int,
         **backend_kwargs: Any,
     ) -> None:
-        from .backends.registry import choose_backend
+        from .backends.registry import select_backend
 
         self._backend_features = tuple(features)
         self._backend_kwargs = dict(head_dim=head_dim, **backend_kwargs)
-        self._backend_auto = name is None
-        if name is None:
-            name = AttentionBackendName(
-                choose_backend(
-                    self._backend_features,
-                    device=_default_device(),
-                    dtype=_choice_dtype(param_dtype),
-                    head_dim=head_dim,
-                )
-            )
-        self.backend = self._build_backend(name)
+        # a named backend that cannot run here falls back to the automatic choice with a warning
+        # (OLMO_ATTN_STRICT_BACKEND=1: BackendUnavailableError); the choice is logged at INFO
+        choice = select_backend(
+            name,
+            self._backend_features,
+            device=_default_device(),
+            dtype=_choice_dtype(param_dtype),
+            head_dim=head_dim,
+        )
+        self._backend_auto = choice.auto
+        self.backend = self._build_backend(AttentionBackendName(choice.name))
 
     def _build_backend(self, name: AttentionBackendName) -> AttentionBackend:
         name.assert_supported()  # BackendUnavailableError naming the package / hardware and the fix

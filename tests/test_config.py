@@ -314,7 +314,10 @@ def test_backend_option_errors():
 
 
 @pytest.mark.skipif(is_available("flash_2"), reason="flash_2 is usable here")
-def test_explicit_gpu_backend_is_never_silently_replaced():
+def test_explicit_gpu_backend_is_never_silently_replaced(monkeypatch):
+    # replaced with a BackendFallbackWarning by default (tests/backends/test_selection_fallback.py);
+    # strict selection keeps the error
+    monkeypatch.setenv("OLMO_ATTN_STRICT_BACKEND", "1")
     with pytest.raises(BackendUnavailableError, match="flash_2"):
         AttentionConfig(n_heads=4, backend="flash_2").build(16, layer_idx=0, n_layers=1)
     with warnings.catch_warnings(record=True) as caught:
@@ -380,7 +383,9 @@ def test_attention_config_round_trips(cfg):
 
 def test_config_dict_shape():
     data = _rich_config().as_config_dict()
-    assert data["_CLASS_"] == "olmo_attn.attention.AttentionConfig" and data["type"] == "attention"
+    # the checkpoint dict names OLMo-core's class (OLMo-core's from_dict reads it); as_dict keeps ours
+    assert data["_CLASS_"] == "olmo_core.nn.attention.AttentionConfig" and data["type"] == "attention"
+    assert _rich_config().as_dict(include_class_name=True)["_CLASS_"] == "olmo_attn.attention.AttentionConfig"
     assert data["rope"]["scaling"]["_CLASS_"].endswith("StepwiseRoPEScalingConfig")
     assert data["dtype"] == "bfloat16" and data["backend"] == "torch"
     assert "n_kv_heads" in data and "use_flash" not in data  # None fields are dropped
