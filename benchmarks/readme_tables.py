@@ -232,7 +232,7 @@ def capabilities() -> list[str]:
         marks = " | ".join("✓" if f in spec.features else "—" for f in feats)
         verified = spec.verified_text()
         out.append(
-            f"| {name} | {spec.arch_text()} | {dtypes} | ≤ {spec.head_dim_max} | {verified} | {marks} |"
+            f"| {name} | {spec.arch_text()} | {dtypes} | {spec.head_dim_text()} | {verified} | {marks} |"
         )
     return [*out, ""]
 

@@ -44,6 +44,7 @@ class BackendRow:
     features: list[str]
     ring_strategies: list[str]
     notes: str = ""
+    head_dims: str = ""  # "any", or "≤ 256, multiple of 8"
 
     @property
     def status(self) -> str:
@@ -157,6 +158,7 @@ def backend_row(name: str, device: str | None = None) -> BackendRow:
         devices=spec.arch_text(),
         dtypes=sorted(_dtype_name(d) for d in spec.dtypes),
         head_dim_max=spec.head_dim_max,
+        head_dims=spec.head_dim_text(),
         features=sorted(f.value for f in spec.features),
         ring_strategies=list(spec.ring_strategies),
         notes=spec.notes,
@@ -228,7 +230,7 @@ def capability_rows(fp: Fingerprint) -> list[dict[str, str]]:
                 "verified": "yes" if b.verified_on_hardware else NOT_VERIFIED,
                 "runs on": b.devices,
                 "dtypes": ", ".join(b.dtypes),
-                "head_dim": f"<= {b.head_dim_max}",
+                "head_dim": b.head_dims or f"<= {b.head_dim_max}",
                 "features": ", ".join(b.features),
             }
         )
