@@ -143,6 +143,39 @@ def kv_cache_position(manager: KVCacheManager, q: torch.Tensor, k: torch.Tensor)
     return pos
 
 
+def visible_cache(
+    manager: KVCacheManager, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Append ``k, v [B, T_new, Hkv, D]`` to the cache at ``pos`` and gather, for a varlen call,
+    exactly the slots each row may see: ``[leftpad_b, pos + T_new)`` of row ``b``, back to back.
+
+    Returns ``(q [B·T_new, Hq, D], k_vis, v_vis [Σ visible, Hkv, D], cu_q, cu_k [B + 1] int32,
+    max_seqlen_k)``. Flash kernels handed the whole cache (``flash_attn_with_kvcache``, or a view
+    with ``seqused_k``) let NaN in slots no query may see reach the output, and FA3 3.0.0 wrote the
+    new keys over a row's left padding (both seen on an H200): a kernel that never gets those
+    slots cannot read them. Costs one copy of the visible cache per call.
+    """
+    B, T_new, Hq, D = q.shape
+    S = manager.k_cache.shape[1]
+    if hasattr(manager, "append"):
+        manager.append(k, v)
+    else:
+        with torch.no_grad():
+            manager.k_cache[:, pos : pos + T_new] = k
+            manager.v_cache[:, pos : pos + T_new] = v
+    dev = q.device
+    leftpad = manager.cache_leftpad.to(device=dev, dtype=torch.int32)
+    slot = torch.arange(S, device=dev)
+    visible = (slot[None, :] >= leftpad[:, None]) & (slot[None, :] < pos + T_new)  # [B, S]
+    rows = visible.reshape(-1).nonzero().squeeze(1)
+    k_vis = manager.k_cache.view(B * S, *manager.k_cache.shape[2:]).index_select(0, rows)
+    v_vis = manager.v_cache.view(B * S, *manager.v_cache.shape[2:]).index_select(0, rows)
+    seqused_k = (pos + T_new - leftpad).clamp_min(0).to(torch.int32)  # [B] visible keys per row
+    cu_k = torch.cat([seqused_k.new_zeros(1), seqused_k.cumsum(0, dtype=torch.int32)])
+    cu_q = torch.arange(0, (B + 1) * T_new, T_new, dtype=torch.int32, device=dev)
+    return q.reshape(B * T_new, Hq, D), k_vis, v_vis, cu_q, cu_k, pos + T_new
+
+
 def refuse_kv_cache_dropout(backend: str, dropout_p: float) -> None:
     if dropout_p > 0.0:
         raise ValueError(

@@ -52,6 +52,7 @@ from .flash2 import (
     lse_to_ours,
     max_seqlens,
     refuse_kv_cache_dropout,
+    visible_cache,
 )
 
 if TYPE_CHECKING:
@@ -242,20 +243,26 @@ class FlashAttention3Backend(AttentionBackend):
     def _attend_kvcache(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, manager: KVCacheManager, dropout_p: float
     ) -> torch.Tensor:
-        """``flash_attn_with_kvcache``: appends ``k, v [B, T_new, Hkv, D]`` in place, honours leftpad."""
+        """Append ``k, v [B, T_new, Hkv, D]`` to the cache and attend over ``[leftpad, pos + T_new)``
+        through ``flash_attn_varlen_func`` on the gathered visible slots (:func:`visible_cache`: the
+        H200 run of FA3 3.0.0's ``flash_attn_with_kvcache`` let NaN in unused slots through and
+        wrote new keys over the left padding)."""
         refuse_kv_cache_dropout(self.name, dropout_p)
         pos = kv_cache_position(manager, q, k)
-        return first(
-            fa3_interface().flash_attn_with_kvcache(
-                q,
-                manager.k_cache,
-                manager.v_cache,
-                k=k,
-                v=v,
-                cache_seqlens=pos,
-                cache_leftpad=manager.cache_leftpad,
+        B, T_new, Hq, D = q.shape
+        q_flat, k_vis, v_vis, cu_q, cu_k, max_k = visible_cache(manager, q, k, v, pos)
+        out = first(
+            fa3_interface().flash_attn_varlen_func(
+                q_flat,
+                k_vis,
+                v_vis,
+                cu_q,
+                cu_k,
+                T_new,
+                max_k,
                 softmax_scale=self.softmax_scale,
                 causal=True,
                 window_size=self.window_size,
             )
         )
+        return out.view(B, T_new, Hq, D)

@@ -55,6 +55,7 @@ from .flash2 import (
     kv_cache_position,
     max_seqlens,
     refuse_kv_cache_dropout,
+    visible_cache,
 )
 
 if TYPE_CHECKING:
@@ -228,37 +229,16 @@ class FlashAttention4Backend(AttentionBackend):
         refuse_kv_cache_dropout(self.name, dropout_p)
         pos = kv_cache_position(manager, q, k)
         B, T_new, Hq, D = q.shape
-        S = manager.k_cache.shape[1]
-        if hasattr(manager, "append"):
-            manager.append(k, v)
-        else:
-            with torch.no_grad():
-                manager.k_cache[:, pos : pos + T_new] = k
-                manager.v_cache[:, pos : pos + T_new] = v
-        dev = q.device
-        leftpad = manager.cache_leftpad.to(device=dev, dtype=torch.int32)
-        k_flat = manager.k_cache.view(B * S, *manager.k_cache.shape[2:])
-        v_flat = manager.v_cache.view(B * S, *manager.v_cache.shape[2:])
-        seqused_k = (pos + T_new - leftpad).clamp_min(0).to(torch.int32)  # [B] visible keys per row
-        cu_q = torch.arange(0, (B + 1) * T_new, T_new, dtype=torch.int32, device=dev)  # [B + 1]
-        # The kernel gets the visible slots [leftpad_b, pos + T_new) of every row, back to back, and no
-        # other slot: through a view of the whole cache (segments from cu_seqlens_k + leftpad, ended by
-        # seqused_k), the H200 conformance run showed NaN in slots no query may see reaching the
-        # output (flash-attn-4 4.0.0b36, every head dim). Costs one copy of the visible cache per call.
-        slot = torch.arange(S, device=dev)
-        visible = (slot[None, :] >= leftpad[:, None]) & (slot[None, :] < pos + T_new)  # [B, S]
-        rows = visible.reshape(-1).nonzero().squeeze(1)
-        k_vis, v_vis = k_flat.index_select(0, rows), v_flat.index_select(0, rows)  # [sum(seqused_k), Hkv, D]
-        cu_k = torch.cat([seqused_k.new_zeros(1), seqused_k.cumsum(0, dtype=torch.int32)])  # [B + 1]
+        q_flat, k_vis, v_vis, cu_q, cu_k, max_k = visible_cache(manager, q, k, v, pos)
         out = first(
             _cute().flash_attn_varlen_func(
-                q.reshape(B * T_new, Hq, D),
+                q_flat,
                 k_vis,
                 v_vis,
                 cu_seqlens_q=cu_q,
                 cu_seqlens_k=cu_k,
                 max_seqlen_q=T_new,
-                max_seqlen_k=pos + T_new,
+                max_seqlen_k=max_k,
                 softmax_scale=self.softmax_scale,
                 causal=True,
                 window_size=fa4_window(self.window_size, True),

@@ -113,26 +113,51 @@ def test_documents_and_packed(fa3: Recorder) -> None:
     assert_close_bf16(out, reference_out(q, k, v, cu=cu))
 
 
-def test_kv_cache_with_leftpad(fa3: Recorder) -> None:
-    B, S = 2, 12
-    cache = KVCacheManager(B, S, 2, 16, dtype=torch.bfloat16)
-    cache.record_leftpad(torch.tensor([2, 0], dtype=torch.int32))
-    q, k, v = qkv(B=B, T=5, seed=4)
-    backend = build()
-    backend((q, k, v), kv_cache_manager=cache)
-    cache.update_seqlen(5)
-    q1, k1, v1 = qkv(B=B, T=2, seed=5)
-    out = backend((q1, k1, v1), kv_cache_manager=cache)
-    call = fa3.calls[-1]
-    assert call.name == "flash_attn_with_kvcache" and call.kwargs["cache_seqlens"] == 5
-    assert call.kwargs["cache_leftpad"] is cache.cache_leftpad and call.kwargs["causal"] is True
-    ref, *_ = kv_cache_attention(
-        q1.float().numpy(), k1.float().numpy(), v1.float().numpy(),
-        np.where(np.arange(S)[None, :, None, None] < 5, cache.k_cache.float().numpy(), 0),
-        np.where(np.arange(S)[None, :, None, None] < 5, cache.v_cache.float().numpy(), 0),
-        cache_seqlens=5, cache_leftpad=np.array([2, 0]),
+def test_kv_cache_prefill_and_decode_honour_leftpad(fa3: Recorder) -> None:
+    """Regression (H200, FA3 3.0.0): through ``flash_attn_with_kvcache`` new keys landed on a row's
+    left padding and NaN in unused slots reached the output. The adapter now writes the cache itself
+    and hands ``flash_attn_varlen_func`` only the visible slots ``[leftpad, pos + T_new)``."""
+    B, S, Hq, Hkv, D = 3, 16, 4, 2, 16
+    backend = build(window_size=(5, 0))
+    cache = KVCacheManager(B, S, Hkv, D, dtype=torch.bfloat16)
+    leftpad = torch.tensor([0, 4, 2], dtype=torch.int32)
+    cache.record_leftpad(leftpad)
+    cache.k_cache.fill_(float("nan"))  # slots no query may see: must never reach an output
+    cache.v_cache.fill_(float("nan"))
+    q, k, v = qkv(B=B, T=7, Hq=Hq, Hkv=Hkv, D=D, seed=7)
+    out = backend((q, k, v), kv_cache_manager=cache)
+    cache.update_seqlen(7)
+    call = fa3.only("flash_attn_varlen_func")
+    assert call.kwargs["cu_seqlens_k"].tolist() == [0, 7, 10, 15]  # visible keys: pos + T_new - leftpad[b]
+    assert call.args[1].shape == (15, Hkv, D) and call.kwargs["max_seqlen_k"] == 7
+    assert call.kwargs["cu_seqlens_q"].tolist() == [0, 7, 14, 21] and call.kwargs["causal"] is True
+    zeros = np.zeros((B, S, Hkv, D))
+    ref, _, k_ref, _ = kv_cache_attention(
+        q.float().numpy(), k.float().numpy(), v.float().numpy(), zeros, zeros,
+        cache_seqlens=0, cache_leftpad=leftpad.numpy(), window=(5, 0),
     )  # fmt: skip
-    assert_close_bf16(out, ref)
+    valid = np.arange(7)[None, :] >= leftpad.numpy()[:, None]  # [B, 7] rows after the left padding
+    got = out.float().numpy()
+    assert np.isfinite(got[valid]).all()
+    np.testing.assert_allclose(got[valid], ref[valid], atol=2e-2)
+    written = cache.k_cache.float().numpy()[:, :7]
+    np.testing.assert_allclose(written[valid], k_ref[:, :7][valid], atol=1e-2)
+    assert np.isnan(written[~valid]).all()  # the left padding is never written
+    for step in range(2):  # decode
+        q1, k1, v1 = qkv(B=B, T=1, Hq=Hq, Hkv=Hkv, D=D, seed=10 + step)
+        before_k = np.nan_to_num(cache.k_cache.float().numpy())
+        before_v = np.nan_to_num(cache.v_cache.float().numpy())
+        out1 = backend((q1, k1, v1), kv_cache_manager=cache)
+        pos = 7 + step
+        used = [pos + 1 - lp for lp in (0, 4, 2)]
+        assert fa3.calls[-1].kwargs["cu_seqlens_k"].tolist() == [0, *np.cumsum(used).tolist()]
+        ref1, *_ = kv_cache_attention(
+            q1.float().numpy(), k1.float().numpy(), v1.float().numpy(), before_k, before_v,
+            cache_seqlens=pos, cache_leftpad=leftpad.numpy(), window=(5, 0),
+        )  # fmt: skip
+        assert torch.isfinite(out1.float()).all()
+        assert_close_bf16(out1, ref1)
+        cache.update_seqlen(1)
 
 
 def test_kernel_forward_backward_keywords(fa3: Recorder) -> None:
