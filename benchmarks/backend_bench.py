@@ -182,6 +182,7 @@ def fingerprint(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        "timing": "back-to-back CUDA events, one sync per series",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "backends": {},
     }

@@ -1133,6 +1133,7 @@ def _triton_table(result: dict[str, Any]) -> str:
 def fingerprint(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "timing": "back-to-back CUDA events, one sync per series",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -73,7 +73,7 @@ def backends() -> list[str]:
         if pref:
             out += [
                 "",
-                "Measured preference order (`olmo_attn/backends/preference.json`): "
+                "Measured order in this run (`backend=None` follows `olmo_attn/backends/preference.json`, and only among backends verified on the architecture): "
                 + "; ".join(
                     f"{arch} {kind}: {' > '.join(order)}"
                     for arch, kinds in pref.items()
@@ -145,6 +145,78 @@ def gdn() -> list[str]:
                     f"{100 * r['GB_per_s'] / r['hbm_peak_GB_per_s']:.0f}% |"
                 )
         out.append("")
+    return out
+
+
+def _timing(env: dict) -> str:
+    return env.get("timing") or "a sync after every run (host launch work counted)"
+
+
+def gdn_triton() -> list[str]:
+    """Our fused Triton Gated DeltaNet kernels next to fla's forward and cuDNN attention, the whole
+    layer next to attention, and a profiler split of kernel time and launch gaps."""
+    out: list[str] = []
+    for path, d in _load("*-gdn-speed.json"):
+        env = d["env"]
+        rows: dict[str, dict[str, str]] = {}
+        first: dict[str, str] = {}
+        for r in d.get("triton_speed", []):
+            shape = r.get("shape", "?")
+            if r.get("pass") == "first call":
+                first[shape] = f"{r['first_fwd_s']:.1f} s / {r['first_fwd_bwd_s']:.1f} s"
+                continue
+            if "median_ms" not in r:
+                continue
+            cell = f"{r['median_ms']:.2f}" + (f" ({r['peak_mb']:.0f} MB)" if r.get("peak_mb") else "")
+            rows.setdefault(shape, {})[f"{r['subject']} {r['pass']}"] = cell
+        if not rows:
+            continue
+        cols = ["ours:triton fwd", "ours:triton fwd+bwd", "fla fwd", "sdpa[cudnn] fwd", "sdpa[cudnn] fwd+bwd"]
+        out += [
+            f"**Gated DeltaNet, our Triton kernels** — {_gpu(env)}, Triton {env.get('triton')}, fla {env.get('fla')}, "
+            f"bf16; ms (peak MB above the inputs); timing: {_timing(env)} "
+            f"([`{path.name}`](benchmarks/results/{path.name})). fla's backward refuses this GPU + Triton; "
+            "`sdpa[cudnn]` is causal softmax attention at the same shape, for scale.",
+            "",
+            "| shape | " + " | ".join(cols) + " | ours first call (fwd / fwd+bwd, compile) |",
+            "|---|" + "---|" * (len(cols) + 1),
+        ]
+        for shape, cells in rows.items():
+            out.append(
+                f"| {shape} | "
+                + " | ".join(cells.get(c, "—") for c in cols)
+                + f" | {first.get(shape, '—')} |"
+            )
+        out.append("")
+    for path, d in _load("*-gdn-layer.json"):
+        layer = [r for r in d.get("layer", []) if "median_ms" in r]
+        if not layer:
+            continue
+        r0 = layer[0]
+        out += [
+            f"**Whole layers** — B{r0['B']} T{r0['T']} d_model {r0['d_model']}, {r0['n_heads']} heads of "
+            f"{r0['head_dim']}, bf16; timing: {_timing(d['env'])} ([`{path.name}`](benchmarks/results/{path.name})).",
+            "",
+            "| layer | pass | ms | tokens/s |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['subject']} | {r['pass']} | {r['median_ms']:.2f} | {r['tokens_per_s'] / 1e6:.2f} M |"
+            for r in layer
+        ]
+        out.append("")
+    for path, d in _load("*-gdn-profile.json"):
+        out += [
+            f"**Where our kernels' time goes** (torch.profiler, back-to-back runs; "
+            f"[`{path.name}`](benchmarks/results/{path.name})): "
+            + "; ".join(
+                f"{label} {v['wall_ms']:.2f} ms wall, {v['kernel_ms']:.2f} ms in kernels "
+                f"(largest: {', '.join(f'{k[0].lstrip(chr(95))} {k[1]:.2f}' for k in v['kernels'][:3])})"
+                for label, v in d.items()
+            )
+            + ".",
+            "",
+        ]
     return out
 
 
@@ -252,6 +324,7 @@ def render() -> str:
         *module(),
         *context_parallel(),
         *gdn(),
+        *gdn_triton(),
     ]
     return "\n".join(parts).rstrip() + "\n"
 
