@@ -48,6 +48,7 @@ change).
 from __future__ import annotations
 
 import functools
+import weakref
 from types import SimpleNamespace
 from typing import Any
 
@@ -761,6 +762,29 @@ def chunk_plan(cu: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tens
     return start.to(torch.int32), length.to(torch.int32), so.to(torch.int32)
 
 
+_PLANS: dict[int, tuple[Any, int, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+
+def _plan_for(cu: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunk_plan` once per ``cu`` tensor (forward and backward of a step share it; ~20
+    small launches each otherwise). Keyed by the tensor itself (a weak reference: a new tensor at a
+    freed one's address gets its own plan) and its version counter."""
+    hit = _PLANS.get(id(cu))
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version and hit[2] == n_slots:
+        return hit[3]
+    plan = chunk_plan(cu, n_slots)
+    if len(_PLANS) >= 32:
+        _PLANS.clear()
+    _PLANS[id(cu)] = (weakref.ref(cu), cu._version, n_slots, plan)
+    return plan
+
+
+@functools.lru_cache(maxsize=16)
+def _row_offsets(n_tokens: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """``[0, T, 2T, ..., B·T]`` int32 on ``device``: one tensor per shape, so its plan is cached too."""
+    return torch.arange(0, n_tokens + 1, max(seq_len, 1), device=device, dtype=torch.int32)
+
+
 def _l2_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [rows, D]`` -> ``(x / |x|, 1 / |x| [rows] float32)``."""
     rows, D = x.shape
@@ -849,7 +873,7 @@ def _fwd_impl(
         qn, kn = qn.view(NT, H, Dk), kn.view(NT, H, Dk)
     else:
         qn, kn = q2, k2
-    plan = chunk_plan(cu, n_slots)
+    plan = _plan_for(cu, n_slots)
     cs, cl, _ = plan
     BK, _, BVc = _blocks(Dk, Dv)
     prec = _prec(dt)
@@ -904,7 +928,7 @@ def _bwd_impl(
     if not use_l2:
         qn = q.reshape(NT, H, Dk).to(dt).contiguous()
         kn = k.reshape(NT, H, Dk).to(dt).contiguous()
-    plan = chunk_plan(cu, n_slots)
+    plan = _plan_for(cu, n_slots)
     cs, cl, so = plan
     n_seq = so.shape[0] - 1
     BK, BVs, BVc = _blocks(Dk, Dv)
@@ -1113,7 +1137,10 @@ def triton_chunk_gated_delta_rule(
     B, T, _H, Dk = q.shape
     NT = B * T
     if cu_seqlens is None:
-        cu = torch.arange(0, NT + 1, max(T, 1), device=q.device, dtype=torch.int32)
+        if torch.compiler.is_compiling():
+            cu = torch.arange(0, NT + 1, max(T, 1), device=q.device, dtype=torch.int32)
+        else:
+            cu = _row_offsets(NT, T, q.device)
         n_slots = n_slots_for(NT, B, False, T)
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)

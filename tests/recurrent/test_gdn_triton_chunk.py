@@ -158,3 +158,20 @@ def test_chunk_plan_slots_never_straddle_documents():
     cu_rows = torch.arange(0, 3 * 100 + 1, 100, dtype=torch.int32)
     start, length, off = chunk_plan(cu_rows, n_slots_for(300, 3, False, 100))
     assert length.tolist() == [64, 36] * 3 and off.tolist() == [0, 2, 4, 6]
+
+
+def test_chunk_plan_is_computed_once_per_offsets_tensor():
+    from olmo_attn.recurrent import triton_chunk as tc
+
+    cu = torch.tensor([0, 70, 200, 256], dtype=torch.int32)
+    n = n_slots_for(256, 3, True, 256)
+    first = tc._plan_for(cu, n)
+    assert tc._plan_for(cu, n) is first  # forward and backward of one step share the plan
+    for got, want in zip(first, chunk_plan(cu, n)):
+        assert torch.equal(got, want)
+    same_values = cu.clone()
+    assert tc._plan_for(same_values, n) is not first  # another tensor: its own plan
+    cu[1] = 64  # changed in place: the version counter moves, the plan is rebuilt
+    for got, want in zip(tc._plan_for(cu, n), chunk_plan(cu, n)):
+        assert torch.equal(got, want)
+    assert not torch.equal(tc._plan_for(cu, n)[1], first[1])
