@@ -2,6 +2,6 @@
 
 import sys
 
-from olmo_attn.cli import conformance_main
+from conformance.cli import main
 
-sys.exit(conformance_main())
+sys.exit(main(prog="python -m conformance"))

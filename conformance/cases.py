@@ -44,7 +44,7 @@ import torch
 
 from olmo_attn.backends.capabilities import Feature
 
-from .subjects import Subject, all_subjects
+from .subjects import Subject, all_subjects, gdn_unavailable_reason
 
 TIERS: tuple[str, ...] = ("config", "cpu", "multiproc", "gpu", "multigpu")  # cheapest first
 TIER_DEVICE = {"config": "cpu", "cpu": "cpu", "multiproc": "cpu", "gpu": "cuda", "multigpu": "cuda"}
@@ -302,8 +302,6 @@ GDN_IMPLS = ("torch", "triton", "fla")  # Gated DeltaNet implementations (matrix
 
 
 def _gdn_cases(tier: str, rows: Sequence[str], quick: bool, size: str, seed: int) -> list[Case]:
-    from .families.gdn import unavailable_reason
-
     device = TIER_DEVICE[tier]
     out = []
     for impl in rows:
@@ -312,7 +310,7 @@ def _gdn_cases(tier: str, rows: Sequence[str], quick: bool, size: str, seed: int
         points = _gdn_points(device)
         if quick:
             points = _quick_subset(points)
-        reason = unavailable_reason(impl, device)
+        reason = gdn_unavailable_reason(impl, device)
         out += [
             Case(tier, "gdn", impl, p.variant, _DTYPE_NAMES[p.dtype], (), p.features, size, seed, reason)
             for p in points
@@ -363,10 +361,25 @@ def _cp_points(subject: Subject, device: str) -> list[_Point]:
     return points
 
 
+# the containment family's axes (conformance/families/containment.py reads the variant names; the
+# matrix keeps its own copy so that it imports no family; a test keeps the two equal)
+CONTAINMENT_TARGETS = ("documents", "batch_rows")
+CONTAINMENT_TENSORS = ("k", "v")
+CONTAINMENT_VALUES = ("nan", "inf")
+
+
+def containment_variants() -> list[tuple[str, tuple[Feature, ...]]]:
+    """``(variant, required features)`` of the containment family: ``{target}_{tensor}_{value}``."""
+    return [
+        (f"{target}_{tensor}_{value}", (Feature.documents,) if target == "documents" else ())
+        for target in CONTAINMENT_TARGETS
+        for tensor in CONTAINMENT_TENSORS
+        for value in CONTAINMENT_VALUES
+    ]
+
+
 def _containment_points(subject: Subject, device: str) -> list[_Point]:
     """One dtype (float32 on CPU, bfloat16 on GPUs where supported), the smallest head dim, MHA."""
-    from .families.containment import variants
-
     dtypes = _dtypes(subject, device)
     preferred = torch.float32 if device == "cpu" else torch.bfloat16
     dtype = preferred if preferred in dtypes else next(iter(dtypes), None)
@@ -375,7 +388,7 @@ def _containment_points(subject: Subject, device: str) -> list[_Point]:
         return []
     return [
         _Point("containment", variant, dtype, {"head_dim": hds[0]}, ("containment",))
-        for variant, needs in variants()
+        for variant, needs in containment_variants()
         if _has(subject, *needs)
     ]
 

@@ -157,3 +157,22 @@ def get_subject(name: str) -> Subject:
     raise ValueError(
         f"unknown backend {name!r} for --backends; choose among {[s.name for s in all_subjects()]}"
     )
+
+
+def gdn_unavailable_reason(impl: str, device: str) -> str | None:
+    """Why Gated DeltaNet implementation ``impl`` (``torch``, ``triton``, ``fla``: the gdn family's rows)
+    cannot run on ``device`` here (None: it can)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device on this machine (torch.cuda.is_available() is False)"
+    if impl == "torch":
+        return None
+    if impl == "triton":
+        from olmo_attn.recurrent.triton_chunk import triton_available
+
+        if device != "cuda":
+            return "our Triton kernels run on CUDA here (on CPU only under TRITON_INTERPRET=1, in the tests)"
+        return None if triton_available() else "triton is not importable"
+    from olmo_attn.recurrent.fla import fla_kernel_usable
+
+    ok_, reason = fla_kernel_usable(torch.device(device), torch.bfloat16, backward=True)
+    return None if ok_ else reason

@@ -12,17 +12,21 @@ import importlib
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import compile_stats
-from ..cases import Case
 from ..checks import CheckResult, fail
-from ..results import FAILED, SKIPPED, CaseResult, RunContext, summarize_checks
+from ..results import FAILED, SKIPPED, CaseResult, RunContext, SkipCase, summarize_checks
 from ..subjects import Subject, get_subject
 
-FamilyFn = Callable[[Case, Subject, RunContext], tuple[list[CheckResult], dict[str, Any]]]
+if TYPE_CHECKING:  # cases.py imports no family: the matrix and the families stay apart
+    from ..cases import Case
+
+__all__ = ["FAMILIES", "SkipCase", "family_fn", "result_from", "run_case", "run_cp_cases"]
+
+FamilyFn = Callable[["Case", Subject, RunContext], tuple[list[CheckResult], dict[str, Any]]]
 
 
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -123,8 +127,3 @@ def run_cp_cases(cases: list[Case]) -> list[CaseResult]:
         outcomes = run_cp_batch(cases, subjects)
     share = (time.perf_counter() - t0) / max(len(cases), 1)
     return [result_from(c, o, share) for c, o in zip(cases, outcomes)]
-
-
-class SkipCase(Exception):
-    """Raised by a family when a case cannot run here for a reason found only at run time (an
-    optional module of the library that has not landed, a package that imports but lacks a kernel)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,11 +23,12 @@ import reference.cp_layouts as ref_cp
 from olmo_attn.backends import capabilities as caps
 from olmo_attn.backends.capabilities import Feature
 
-from ..cases import Case
 from ..checks import CheckResult, fail, ok
-from ..results import RunContext
+from ..results import RunContext, SkipCase
 from ..subjects import Subject, get_subject
-from . import SkipCase
+
+if TYPE_CHECKING:
+    from ..cases import Case
 
 
 def _expect_raise(

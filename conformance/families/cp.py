@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,14 +28,15 @@ import torch
 import reference.modules as ref_mod
 import reference.twins as twins
 
-from ..cases import Case
 from ..checks import CheckResult, fail, judge_rel_rms, judge_softmax
-from ..results import RunContext
+from ..results import RunContext, SkipCase
 from ..subjects import Subject
 from ..tolerances import gdn_budget
-from . import SkipCase
 from .gdn import LAYER_K, low_layer
 from .softmax import _dense_problem, _flat_doc_problem, draw_documents, draw_window, lowprec, randn, reference
+
+if TYPE_CHECKING:
+    from ..cases import Case
 
 CP_TIMEOUT_S = 120.0  # one case (start-up included); a batch gets BATCH_BASE_S + BATCH_PER_CASE_S each
 BATCH_BASE_S = 60.0

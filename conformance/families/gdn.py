@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,33 +26,16 @@ import reference.gated_deltanet as ref_gdn
 import reference.twins as twins
 
 from .. import baseline
-from ..cases import Case
 from ..checks import CheckResult, Segment, check_isolation, fail, judge_rel_rms, nan_poison, ok
-from ..results import RunContext
+from ..results import RunContext, SkipCase
 from ..tolerances import gdn_budget
-from . import SkipCase
 from .softmax import draw_documents, randn
+
+if TYPE_CHECKING:
+    from ..cases import Case
 
 Tensors = dict[str, torch.Tensor]
 LAYER_K = 2.0  # whole layers: max(fla budget, 2 x the low-precision baseline's relative RMS)
-
-
-def unavailable_reason(impl: str, device: str) -> str | None:
-    """Why GDN implementation ``impl`` cannot run on ``device`` here (None: it can)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device on this machine (torch.cuda.is_available() is False)"
-    if impl == "torch":
-        return None
-    if impl == "triton":
-        from olmo_attn.recurrent.triton_chunk import triton_available
-
-        if device != "cuda":
-            return "our Triton kernels run on CUDA here (on CPU only under TRITON_INTERPRET=1, in the tests)"
-        return None if triton_available() else "triton is not importable"
-    from olmo_attn.recurrent.fla import fla_kernel_usable
-
-    ok_, reason = fla_kernel_usable(torch.device(device), torch.bfloat16, backward=True)
-    return None if ok_ else reason
 
 
 def _rule_fn(impl: str) -> Any:

@@ -12,7 +12,7 @@ past the used length) must not reach any output.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,11 +21,13 @@ from reference.attention import allowed_mask
 from reference.kv_cache import KVCache
 
 from .. import baseline
-from ..cases import Case
 from ..checks import CheckResult, bit_identical, fail, judge_softmax, ok
 from ..results import RunContext
 from ..subjects import Subject
 from .softmax import draw_heads, draw_window, randn
+
+if TYPE_CHECKING:
+    from ..cases import Case
 
 
 def _steps(rng: np.random.Generator, full: bool) -> tuple[int, list[int]]:

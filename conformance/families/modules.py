@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,11 +27,13 @@ from reference.kv_cache import KVCache
 from reference.rope import document_positions
 
 from .. import baseline
-from ..cases import Case
 from ..checks import CheckResult, Segment, check_isolation, fail, judge_softmax, nan_poison, ok
 from ..results import RunContext, Stored
 from ..subjects import Subject
 from .softmax import draw_documents, draw_window, randn
+
+if TYPE_CHECKING:
+    from ..cases import Case
 
 Tensors = dict[str, torch.Tensor]
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..cases import Case
 from ..checks import CheckResult, ok
-from ..results import FAILED, SKIPPED, CaseResult, RunContext, Stored, summarize_checks
+from ..results import FAILED, SKIPPED, CaseResult, RunContext, SkipCase, Stored, summarize_checks
 from ..tolerances import pairwise_budget, ref_scale
+
+if TYPE_CHECKING:
+    from ..cases import Case
 
 PAIRWISE_FAMILIES = ("attn", "kernel", "packed", "dropout", "module")
 
@@ -88,8 +90,6 @@ def run_pairwise(case: Case, subject: Any, ctx: RunContext) -> tuple[list[CheckR
         if hit is None:
             res = run_case(member, ctx)
             if res.status == SKIPPED:
-                from . import SkipCase
-
                 raise SkipCase(f"{member.backend}: {res.message}")
             hit = ctx.store.get(member.problem_key, {}).get(member.backend)
             if hit is None:

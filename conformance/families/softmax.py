@@ -16,7 +16,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ import reference.twins as twins
 from olmo_attn.backends.capabilities import Feature
 
 from .. import baseline
-from ..cases import Case
 from ..checks import (
     CheckResult,
     EdgeProbe,
@@ -43,6 +42,9 @@ from ..checks import (
 )
 from ..results import RunContext, Stored
 from ..subjects import Subject
+
+if TYPE_CHECKING:
+    from ..cases import Case
 
 Tensors = dict[str, torch.Tensor]
 
