@@ -93,7 +93,10 @@ class KVCacheManager(nn.Module):
         self.head_dim = head_dim
         self._batch_size = batch_size
         self._max_seq_len = max_seq_len
-        self._seqlen_host = 0  # host mirror of cache_seqlens: bounds checks without a device sync
+        # host mirror of cache_seqlens: bounds checks without a device sync. A CPU tensor, not a
+        # Python int, so that a torch.compile-d forward advances it in its graph (no guard on the
+        # value, no recompile per decode step) and eager calls still read it without a sync.
+        self._seqlen_cpu = torch.zeros((), dtype=torch.int64)
         # host copy of the recorded cache_leftpad (None: unknown, recorded while compiling)
         self._leftpad_host: tuple[int, ...] | None = (0,) * batch_size
         self.kv_cache_shape = (batch_size, max_seq_len, num_kv_heads, head_dim)
@@ -116,8 +119,17 @@ class KVCacheManager(nn.Module):
         self.register_buffer(
             "cache_seqlens", torch.zeros((), dtype=torch.int32, device=device), persistent=False
         )
-        self._seqlen_host = 0
+        self._seqlen_cpu = torch.zeros((), dtype=torch.int64)
         self._leftpad_host = (0,) * self._batch_size
+
+    @property
+    def _seqlen_host(self) -> int:
+        return int(self._seqlen_cpu)
+
+    @property
+    def position_counter(self) -> torch.Tensor:
+        """0-dim int64 CPU tensor: the host mirror of ``cache_seqlens`` (what compiled code reads)."""
+        return self._seqlen_cpu
 
     # ----- properties ------------------------------------------------------------------------------
     @property
@@ -207,9 +219,10 @@ class KVCacheManager(nn.Module):
     def update_seqlen(self, seqlen: int) -> None:
         """Advance ``cache_seqlens`` by ``seqlen`` tokens (after a forward that wrote them)."""
         seqlen = int(seqlen)
-        self.check_capacity(seqlen, advanced=True)
+        if not torch.compiler.is_compiling():  # compiled: the write op checked the capacity
+            self.check_capacity(seqlen, advanced=True)
         self.cache_seqlens.add_(seqlen)
-        self._seqlen_host += seqlen
+        self._seqlen_cpu.add_(seqlen)
 
     def current_position(self) -> torch.Tensor:
         """The 0-dim ``cache_seqlens`` tensor itself (start position of the next tokens)."""
@@ -221,7 +234,7 @@ class KVCacheManager(nn.Module):
         self.v_cache.zero_()
         self.cache_leftpad.zero_()
         self.cache_seqlens.zero_()
-        self._seqlen_host = 0
+        self._seqlen_cpu.zero_()
         self._leftpad_host = (0,) * self._batch_size
 
     def reallocate(self, batch_size: int, max_seq_len: int) -> None:
@@ -267,6 +280,22 @@ class KVCacheManager(nn.Module):
         Positions below a row's left padding are not written (a left-padded prefill leaves them
         zero). Does not advance ``cache_seqlens`` (the caller's :meth:`update_seqlen` does).
         """
+        self.check_new_kv(k_new, v_new)
+        n = k_new.shape[1]
+        self.check_capacity(n)
+        start = self._seqlen_host
+        with torch.no_grad():
+            pos = torch.arange(start, start + n, device=self.k_cache.device)
+            write = (pos[None, :] >= self.cache_leftpad[:, None].to(torch.int64))[
+                ..., None, None
+            ]  # [B, T_new, 1, 1]
+            for cache, new in ((self.k_cache, k_new), (self.v_cache, v_new)):
+                dst = cache[:, start : start + n]
+                dst.copy_(torch.where(write, new.detach().to(cache.dtype), dst))
+        return start
+
+    def check_new_kv(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Shapes of new keys/values: ``[B, T_new, H_kv, D]`` of this cache (metadata only)."""
         if k_new.shape != v_new.shape:
             raise ValueError(
                 f"k and v must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}"
@@ -280,18 +309,6 @@ class KVCacheManager(nn.Module):
                 f"new keys must be [B={self._batch_size}, T_new, H_kv={self.num_kv_heads}, D={self.head_dim}], "
                 f"got {tuple(k_new.shape)}; build the KV cache with the model's batch size and head layout"
             )
-        n = k_new.shape[1]
-        self.check_capacity(n)
-        start = self._seqlen_host
-        with torch.no_grad():
-            pos = torch.arange(start, start + n, device=self.k_cache.device)
-            write = (pos[None, :] >= self.cache_leftpad[:, None].to(torch.int64))[
-                ..., None, None
-            ]  # [B, T_new, 1, 1]
-            for cache, new in ((self.k_cache, k_new), (self.v_cache, v_new)):
-                dst = cache[:, start : start + n]
-                dst.copy_(torch.where(write, new.detach().to(cache.dtype), dst))
-        return start
 
     def extra_repr(self) -> str:
         return (

@@ -28,6 +28,8 @@ class DocSegments:
         max_q, max_k: longest query / key segment.
         cu_q_host, cu_k_host: the same offsets as Python ints (kernels that build block masks on the
             host need them; reading them costs one device sync per distinct tensor, cached).
+            ``None`` while ``torch.compile`` traces: the offsets then stay on the device, unread
+            and unvalidated, so a new document layout neither breaks the graph nor recompiles it.
         local_k_slice: llama3 CP only: which rows of the all-gathered keys this rank uses.
     """
 
@@ -35,18 +37,20 @@ class DocSegments:
     cu_k: torch.Tensor
     max_q: int
     max_k: int
-    cu_q_host: tuple[int, ...]
-    cu_k_host: tuple[int, ...]
+    cu_q_host: tuple[int, ...] | None
+    cu_k_host: tuple[int, ...] | None
     local_k_slice: slice | None = None
 
     @property
     def shared(self) -> bool:
         """True when queries and keys use the same segmentation (plain packed documents)."""
+        if self.cu_q_host is None or self.cu_k_host is None:
+            return self.cu_q is self.cu_k
         return self.cu_q_host == self.cu_k_host
 
     @property
     def n_segments(self) -> int:
-        return len(self.cu_q_host) - 1
+        return self.cu_q.numel() - 1
 
 
 _HOST_CACHE: OrderedDict[tuple, tuple[weakref.ref, tuple[int, ...]]] = OrderedDict()
@@ -70,9 +74,8 @@ def _host_values(t: torch.Tensor) -> tuple[int, ...]:
     return values
 
 
-def validate_cu_seqlens(cu: torch.Tensor, name: str, total: int) -> tuple[int, ...]:
-    """Check a cumulative-length tensor and return its values; raise
-    :class:`InvalidInputTypeError` (a ``TypeError``) / :class:`InvalidInputError` (a ``ValueError``)."""
+def check_cu_seqlens_meta(cu: torch.Tensor, name: str) -> None:
+    """The checks of :func:`validate_cu_seqlens` that read no values (type, dtype, shape, device)."""
     if not isinstance(cu, torch.Tensor):
         raise InvalidInputTypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -88,6 +91,12 @@ def validate_cu_seqlens(cu: torch.Tensor, name: str, total: int) -> tuple[int, .
             f"{name} is on the meta device and holds no values; document offsets must be real: build "
             f"{name} on the CPU or on the inputs' device"
         )
+
+
+def validate_cu_seqlens(cu: torch.Tensor, name: str, total: int) -> tuple[int, ...]:
+    """Check a cumulative-length tensor and return its values; raise
+    :class:`InvalidInputTypeError` (a ``TypeError``) / :class:`InvalidInputError` (a ``ValueError``)."""
+    check_cu_seqlens_meta(cu, name)
     values = _host_values(cu)
     if values[0] != 0:
         raise InvalidInputError(
@@ -120,6 +129,49 @@ def _check_max(name: str, given: int | None, actual: int) -> int:
             f"{name}={given} is smaller than the longest document ({actual}); pass {name}={actual}"
         )
     return given
+
+
+def _traced_doc_segments(
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    cu_doc_lens_q: torch.Tensor | None,
+    cu_doc_lens_k: torch.Tensor | None,
+    mq: int | None,
+    mk: int | None,
+    max_doc_len_q: int | None,
+    max_doc_len_k: int | None,
+    total_q: int,
+    total_k: int,
+    local_k_slice: slice | None,
+) -> DocSegments:
+    """:func:`resolve_doc_args` while ``torch.compile`` traces: metadata checks only, offsets stay
+    on the device (no host read, so no graph break and no recompile per document layout). A missing
+    ``max_doc_len`` becomes the token count (an upper bound)."""
+    name_q = "cu_doc_lens_q" if cu_doc_lens_q is not None else "cu_doc_lens"
+    name_k = "cu_doc_lens_k" if cu_doc_lens_k is not None else "cu_doc_lens"
+    check_cu_seqlens_meta(cu_q, name_q)
+    if cu_k is not cu_q:
+        check_cu_seqlens_meta(cu_k, name_k)
+        if cu_q.numel() != cu_k.numel():
+            raise InvalidInputError(
+                f"cu_doc_lens_q has {cu_q.numel() - 1} segments but cu_doc_lens_k has {cu_k.numel() - 1}; "
+                "they must describe the same documents"
+            )
+    for name, given in (
+        ("max_doc_len_q" if max_doc_len_q is not None else "max_doc_len", mq),
+        ("max_doc_len_k" if max_doc_len_k is not None else "max_doc_len", mk),
+    ):
+        if given is not None and (not isinstance(given, int) or isinstance(given, bool)):
+            raise InvalidInputTypeError(f"{name} must be a Python int, got {type(given).__name__}")
+    return DocSegments(
+        cu_q=cu_q,
+        cu_k=cu_k,
+        max_q=total_q if mq is None else mq,
+        max_k=total_k if mk is None else mk,
+        cu_q_host=None,
+        cu_k_host=None,
+        local_k_slice=local_k_slice,
+    )
 
 
 def resolve_doc_args(
@@ -162,6 +214,11 @@ def resolve_doc_args(
         raise InvalidInputError(
             f"{missing} is missing: pass cu_doc_lens, or both cu_doc_lens_q and cu_doc_lens_k"
         )
+    if torch.compiler.is_compiling():
+        return _traced_doc_segments(
+            cu_q, cu_k, cu_doc_lens_q, cu_doc_lens_k, mq, mk, max_doc_len_q, max_doc_len_k, total_q, total_k,
+            local_k_slice,
+        )  # fmt: skip
     q_vals = validate_cu_seqlens(
         cu_q, "cu_doc_lens_q" if cu_doc_lens_q is not None else "cu_doc_lens", total_q
     )

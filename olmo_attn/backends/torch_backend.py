@@ -12,6 +12,10 @@ dropout outside plain causal                blockwise kernel (counter-based mask
 ==========================================  =====================================  ==========================
 
 The output is always ``[B, T, H, D]`` (OLMo-core returns ``[B*T, H, D]`` with documents).
+
+Under ``torch.compile`` the masked paths (window, documents, KV cache, dropout) run as opaque
+custom ops (:mod:`olmo_attn.ops.compiled`) with the same kernels: one graph, no graph break, and
+no recompile for new document offsets or decode positions.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..masks import DocSegments
+from ..ops import compiled as compiled_ops
 from ..ops.dropout import new_seed
 from ..ops.flex import flex_supported
 from ..ops.kernel import KernelCall
@@ -46,14 +51,20 @@ class TorchAttentionBackend(AttentionBackend):
         return TorchKernel()
 
     def _call(self, dropout_p: float, **segments: object) -> KernelCall:
+        # while compiling, the seed is drawn in the graph instead (_traced_seed): no host read
+        draw = dropout_p > 0.0 and not torch.compiler.is_compiling()
         return KernelCall(
             scale=self.softmax_scale,
             causal=True,
             window=self.window_size,
             dropout_p=dropout_p,
-            dropout_seed=new_seed() if dropout_p > 0.0 else None,
+            dropout_seed=new_seed() if draw else None,
             **segments,  # type: ignore[arg-type]
         )
+
+    @staticmethod
+    def _traced_seed(call: KernelCall) -> torch.Tensor | None:
+        return compiled_ops.draw_seed() if call.dropout_p > 0.0 else None
 
     # ----- hooks --------------------------------------------------------------------------------
     def _attend(
@@ -63,7 +74,10 @@ class TorchAttentionBackend(AttentionBackend):
         if docs is None:
             if self.window_size == (-1, -1) and q.shape[1] == k.shape[1] and sdpa_supported(q, k, dropout_p):
                 return sdpa_attention(q, k, v, causal=True, scale=self.softmax_scale, dropout_p=dropout_p)
-            return attend(q, k, v, self._call(dropout_p))
+            call = self._call(dropout_p)
+            if torch.compiler.is_compiling():
+                return compiled_ops.masked_attention(q, k, v, call, self._traced_seed(call))
+            return attend(q, k, v, call)
         B, T, Hq, D = q.shape
         k_flat = k.reshape(-1, *k.shape[2:])  # [B*T, Hkv, D]; flat index b*T + t
         v_flat = v.reshape(-1, *v.shape[2:])
@@ -78,7 +92,12 @@ class TorchAttentionBackend(AttentionBackend):
             cu_seqlens_q_host=docs.cu_q_host,
             cu_seqlens_k_host=docs.cu_k_host,
         )
-        out = attend(q.reshape(B * T, Hq, D), k_flat, v_flat, call)
+        if torch.compiler.is_compiling():
+            out = compiled_ops.masked_attention(
+                q.reshape(B * T, Hq, D), k_flat, v_flat, call, self._traced_seed(call)
+            )
+        else:
+            out = attend(q.reshape(B * T, Hq, D), k_flat, v_flat, call)
         return out.view(B, T, Hq, D)
 
     def _attend_packed(self, qkv: torch.Tensor, docs: DocSegments | None, dropout_p: float) -> torch.Tensor:
@@ -101,10 +120,25 @@ class TorchAttentionBackend(AttentionBackend):
                 f"KV cache holds [.., H_kv={manager.num_kv_heads}, D={manager.head_dim}] but k has shape "
                 f"{tuple(k.shape)}; build the manager with this layer's n_kv_heads and head_dim"
             )
+        call = self._call(dropout_p)
+        if torch.compiler.is_compiling():
+            # the position is the manager's CPU counter tensor, read inside the ops when they
+            # run: no guard on its value, so decoding does not recompile per token
+            manager.check_new_kv(k, v)
+            return compiled_ops.kv_cache_attention(
+                q,
+                k,
+                v,
+                k_cache=manager.k_cache,
+                v_cache=manager.v_cache,
+                leftpad=manager.cache_leftpad,
+                position=manager.position_counter,
+                call=call,
+                seed=self._traced_seed(call),
+            )
         start = manager.append(k, v)
         n = q.shape[1]
         used = start + n
-        call = self._call(dropout_p)
         if q.is_cuda:
             kc, vc = manager.k_cache, manager.v_cache
         else:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -36,16 +37,16 @@ def sdpa_supported(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
     return q.dtype in _HALF or (q.dtype == torch.float32 and q.shape[2] == k.shape[2])
 
 
-@functools.cache
-def _cuda_backends() -> list[Any]:
-    from torch.nn.attention import SDPBackend
-
-    return [
-        SDPBackend.CUDNN_ATTENTION,
-        SDPBackend.FLASH_ATTENTION,
-        SDPBackend.EFFICIENT_ATTENTION,
-        SDPBackend.MATH,
-    ]
+#: CUDA kernel preference (cuDNN, then flash, ...), and whether this PyTorch's ``sdpa_kernel``
+#: takes ``set_priority``: read once at import, so a ``torch.compile``-d forward traces no
+#: ``inspect`` call (Dynamo cannot, and would break the graph there).
+_CUDA_BACKENDS: list[Any] = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+_SDPA_KERNEL_PRIORITY: bool = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
 def sdpa_attention(
@@ -66,12 +67,10 @@ def sdpa_attention(
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views
     kwargs = dict(is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=q.shape[2] != k.shape[2])
     if q.is_cuda:
-        from torch.nn.attention import sdpa_kernel
-
-        if "set_priority" in inspect.signature(sdpa_kernel).parameters:
-            ctx = sdpa_kernel(_cuda_backends(), set_priority=True)  # try cuDNN first, then flash
+        if _SDPA_KERNEL_PRIORITY:
+            ctx = sdpa_kernel(_CUDA_BACKENDS, set_priority=True)  # try cuDNN first, then flash
         else:
-            ctx = sdpa_kernel(_cuda_backends())
+            ctx = sdpa_kernel(_CUDA_BACKENDS)
         with ctx:
             out = F.scaled_dot_product_attention(qh, kh, vh, **kwargs)
     else:
