@@ -36,6 +36,11 @@ class InvalidInputError(OLMoAttnError, ValueError):
     """A forward argument with the wrong shape, device or value; names the argument."""
 
 
+class CPInputMismatchError(InvalidInputError):
+    """Context-parallel ranks passed inputs that do not fit together (shapes, dtypes, document
+    metadata, attention settings); raised on every rank of the group, naming what differs where."""
+
+
 class InvalidInputTypeError(OLMoAttnError, TypeError):
     """A forward argument of the wrong Python type or tensor dtype; names the argument."""
 

@@ -6,8 +6,11 @@
 * :mod:`.ring` — zig-zag and llama3 ring attention on any backend's LSE kernel.
 * :mod:`.ulysses` — Ulysses attention on any backend.
 * :mod:`.inputs` — sharding a batch with per-document RoPE rows; gathering outputs back.
+* :mod:`.check` — the cross-rank check every CP call makes before its first collective
+  (:class:`~olmo_attn.exceptions.CPInputMismatchError`; ``OLMO_ATTN_CP_CHECK=0`` turns it off).
 """
 
+from ..exceptions import CPInputMismatchError
 from .all_to_all import (
     all_to_all_cp2hp,
     all_to_all_hp2cp,
@@ -16,6 +19,7 @@ from .all_to_all import (
     all_to_all_single_hp2cp,
     all_to_all_single_hp2cp_qkvpacked,
 )
+from .check import CHECK_ENV_VAR
 from .errors import (
     ContextParallelError,
     ContextParallelInputError,
@@ -38,8 +42,10 @@ from .styles import RingContextParallelStyle, UlyssesContextParallelStyle
 from .ulysses import kv_replication_factor, ulysses_attention
 
 __all__ = [
+    "CHECK_ENV_VAR",
     "CPBatch",
     "CPDivisibilityError",
+    "CPInputMismatchError",
     "ContextParallelError",
     "ContextParallelInputError",
     "ContextParallelUnsupportedError",

@@ -176,12 +176,49 @@ def gather_sequence(
         raise ShardingArgumentError(
             f"the process group has {world} ranks but the balancer was built for {balancer.cp_world_size}"
         )
+    error = None
+    if cu_doc_lens is None and length is None:
+        error = ShardingArgumentError("gather_sequence needs the global length (or cu_doc_lens)")
+    if world > 1:
+        _verify_gather(local, group, seq_dim, length, length_multiple, cu_doc_lens, error)
+    if error is not None:
+        raise error
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous(), group=group)
     if cu_doc_lens is None:
-        if length is None:
-            raise ShardingArgumentError("gather_sequence needs the global length (or cu_doc_lens)")
+        assert length is not None
         return balancer.unshard(parts, seq_dim=seq_dim, length=length, length_multiple=length_multiple)
     return balancer.unshard_by_document(
         parts, seq_dim=seq_dim, cu_doc_lens=cu_doc_lens.cpu(), length_multiple=length_multiple, length=length
+    )
+
+
+def _verify_gather(
+    local: Any,
+    group: Any,
+    seq_dim: int,
+    length: int | None,
+    length_multiple: int | None,
+    cu_doc_lens: torch.Tensor | None,
+    error: Exception | None,
+) -> None:
+    """Every rank gathers a shard of the same shape and dtype, with the same arguments (see
+    :mod:`olmo_attn.cp.check`): otherwise every rank raises ``CPInputMismatchError``."""
+    from .check import CPDocs, host_ints, verify_cp_inputs
+
+    docs = None
+    if cu_doc_lens is not None:
+        docs = CPDocs(lists=(("cu_doc_lens", host_ints(cu_doc_lens)),))
+    verify_cp_inputs(
+        group,
+        strategy="gather_sequence",
+        tensors=(local,),
+        tensor_names=("local",),
+        settings={"seq_dim": seq_dim, "length": length, "length_multiple": length_multiple},
+        docs=docs,
+        fix="every rank must pass the same whole-sequence cu_doc_lens (the one given to shard_batch)",
+        local_error=error,
+        shape_fix="every rank must pass its shard of the same tensor (shards have one shape on every rank)",
+        dtype_fix="every rank must gather shards of the same dtype",
+        settings_fix="pass the same {name} on every rank",
     )

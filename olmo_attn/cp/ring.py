@@ -77,31 +77,51 @@ def ring_attention(
         ``[B, T_l, Hq, D]`` in the local token order.
     """
     strategy = str(backend.ring.load_balancer)
-    if dropout_p > 0.0:
+    if strategy not in ("zig_zag", "llama3"):
         raise ContextParallelUnsupportedError(
-            f"dropout_p={dropout_p} is not supported under ring context parallelism (each rank would need "
-            "the keep-mask of blocks it never holds); use UlyssesContextParallelStyle(), which runs ordinary "
-            "attention with dropout, or set dropout to 0 / call model.eval()"
+            f"load balancer '{strategy}' is not a ring strategy; use RingContextParallelStyle(load_balancer="
+            "'zig_zag' or 'llama3'), or UlyssesContextParallelStyle() for Ulysses"
         )
-    kernel = backend.kernel()
-    if strategy == "zig_zag":
-        extra = {
-            "cu_doc_lens_q": cu_doc_lens_q,
-            "cu_doc_lens_k": cu_doc_lens_k,
-            "max_doc_len_q": max_doc_len_q,
-            "max_doc_len_k": max_doc_len_k,
-            "local_k_slice": local_k_slice,
-        }
-        given = [name for name, val in extra.items() if val is not None]
-        if given:
-            raise ContextParallelInputError(
-                f"zig-zag ring attention requires unified query/key document lengths, got {given}; pass the "
-                "cu_doc_lens/max_doc_len returned by RingAttentionZigZagLoadBalancer.batch_shard_by_document "
-                "(the _q/_k/local_k_slice arguments belong to the llama3 balancer)"
+    # Errors found here are raised after the cross-rank check (so every rank raises, none waits).
+    error: Exception | None = None
+    kernel: Any = None
+    try:
+        if dropout_p > 0.0:
+            raise ContextParallelUnsupportedError(
+                f"dropout_p={dropout_p} is not supported under ring context parallelism (each rank would need "
+                "the keep-mask of blocks it never holds); use UlyssesContextParallelStyle(), which runs "
+                "ordinary attention with dropout, or set dropout to 0 / call model.eval()"
             )
-        if max_doc_len is not None and cu_doc_lens is None:
-            raise ContextParallelInputError("max_doc_len was given without cu_doc_lens; pass both or neither")
-        return zigzag_ring_attention(
+        kernel = backend.kernel()
+        if strategy == "zig_zag":
+            extra = {
+                "cu_doc_lens_q": cu_doc_lens_q,
+                "cu_doc_lens_k": cu_doc_lens_k,
+                "max_doc_len_q": max_doc_len_q,
+                "max_doc_len_k": max_doc_len_k,
+                "local_k_slice": local_k_slice,
+            }
+            given = [name for name, val in extra.items() if val is not None]
+            if given:
+                raise ContextParallelInputError(
+                    f"zig-zag ring attention requires unified query/key document lengths, got {given}; pass "
+                    "the cu_doc_lens/max_doc_len returned by RingAttentionZigZagLoadBalancer."
+                    "batch_shard_by_document (the _q/_k/local_k_slice arguments belong to the llama3 balancer)"
+                )
+            if max_doc_len is not None and cu_doc_lens is None:
+                raise ContextParallelInputError(
+                    "max_doc_len was given without cu_doc_lens; pass both or neither"
+                )
+        elif cu_doc_lens is not None or max_doc_len is not None:
+            raise ContextParallelInputError(
+                "llama3 ring attention takes cu_doc_lens_q/cu_doc_lens_k/max_doc_len_q/max_doc_len_k/"
+                "local_k_slice (from RingAttentionLlama3LoadBalancer.batch_shard_by_document), not "
+                "cu_doc_lens/max_doc_len"
+            )
+    except Exception as exc:
+        error = exc
+    if strategy == "zig_zag":
+        return _zigzag(
             q,
             k,
             v,
@@ -110,30 +130,24 @@ def ring_attention(
             scale=backend.softmax_scale,
             window=backend.window_size,
             cu_doc_lens=cu_doc_lens,
+            max_doc_len=max_doc_len,
+            dropout_p=dropout_p,
+            error=error,
         )
-    if strategy == "llama3":
-        if cu_doc_lens is not None or max_doc_len is not None:
-            raise ContextParallelInputError(
-                "llama3 ring attention takes cu_doc_lens_q/cu_doc_lens_k/max_doc_len_q/max_doc_len_k/"
-                "local_k_slice (from RingAttentionLlama3LoadBalancer.batch_shard_by_document), not "
-                "cu_doc_lens/max_doc_len"
-            )
-        return llama3_ring_attention(
-            q,
-            k,
-            v,
-            group=backend.cp_pg,
-            kernel=kernel,
-            scale=backend.softmax_scale,
-            window=backend.window_size,
-            cu_doc_lens_q=cu_doc_lens_q,
-            cu_doc_lens_k=cu_doc_lens_k,
-            local_k_slice=local_k_slice,
-            head_stride=backend.head_stride,
-        )
-    raise ContextParallelUnsupportedError(
-        f"load balancer '{strategy}' is not a ring strategy; use RingContextParallelStyle(load_balancer="
-        "'zig_zag' or 'llama3'), or UlyssesContextParallelStyle() for Ulysses"
+    return _llama3(
+        q,
+        k,
+        v,
+        group=backend.cp_pg,
+        kernel=kernel,
+        scale=backend.softmax_scale,
+        window=backend.window_size,
+        cu_doc_lens_q=cu_doc_lens_q,
+        cu_doc_lens_k=cu_doc_lens_k,
+        local_k_slice=local_k_slice,
+        head_stride=backend.head_stride,
+        dropout_p=dropout_p,
+        error=error,
     )
 
 
@@ -604,29 +618,96 @@ def zigzag_ring_attention(
     Returns:
         ``[B, T_l, Hq, D]``.
     """
-    _check_qkv(q, k, v)
-    group, rank, world = _group_info(group)
-    B, T, _, D = q.shape
-    scale = float(scale) if scale is not None else D**-0.5
-    window = (int(window[0]), int(window[1]))
-    local_cu = None
-    if cu_doc_lens is not None:
-        from ..masks import validate_cu_seqlens
+    return _zigzag(q, k, v, group=group, kernel=kernel, scale=scale, window=window, cu_doc_lens=cu_doc_lens)
 
-        cu32 = cu_doc_lens if cu_doc_lens.dtype == torch.int32 else cu_doc_lens.to(torch.int32)
-        local_cu = validate_cu_seqlens(cu32, "cu_doc_lens", B * T)
-    plans = _zigzag_plans(
-        local_cu, B * T if local_cu is not None else T, rank, world, scale, window, q.device
-    )
-    state = _ZigZagState(
-        kernel=kernel,
-        plans=plans,
-        ring=_Ring(group, rank, world) if world > 1 else None,
-        rank=rank,
-        world=world,
-        varlen=local_cu is not None,
-        windowed=window[0] >= 0,
-    )
+
+_ZIGZAG_DOCS_FIX = (
+    "every rank must pass the same document offsets: the local cu_doc_lens that shard_batch "
+    "(RingAttentionZigZagLoadBalancer.batch_shard_by_document) returns for the same whole-sequence "
+    "documents, which is identical on every rank"
+)
+_LLAMA3_DOCS_FIX = (
+    "pass every rank the cu_doc_lens_q/cu_doc_lens_k/local_k_slice that shard_batch "
+    "(RingAttentionLlama3LoadBalancer.batch_shard_by_document) returns for the same whole-sequence "
+    "cu_doc_lens"
+)
+
+
+def _effective_scale(scale: float | None, q: Any) -> float:
+    if scale is not None:
+        return float(scale)
+    return float(q.shape[-1]) ** -0.5 if isinstance(q, torch.Tensor) and q.dim() and q.shape[-1] else 0.0
+
+
+def _zigzag(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: ProcessGroup,
+    kernel: AttentionKernel,
+    scale: float | None,
+    window: tuple[int, int],
+    cu_doc_lens: torch.Tensor | None,
+    max_doc_len: int | None = None,
+    dropout_p: float = 0.0,
+    error: Exception | None = None,
+) -> torch.Tensor:
+    """:func:`zigzag_ring_attention`, with the cross-rank check before the first exchange; ``error``:
+    a validation error of the caller, raised after the check."""
+    group, rank, world = _group_info(group)
+    local_cu = None
+    state = None
+    try:
+        if error is not None:
+            raise error
+        _check_qkv(q, k, v)
+        B, T, _, D = q.shape
+        scale = float(scale) if scale is not None else D**-0.5
+        window = (int(window[0]), int(window[1]))
+        if cu_doc_lens is not None:
+            from ..masks import validate_cu_seqlens
+
+            cu32 = cu_doc_lens if cu_doc_lens.dtype == torch.int32 else cu_doc_lens.to(torch.int32)
+            local_cu = validate_cu_seqlens(cu32, "cu_doc_lens", B * T)
+        plans = _zigzag_plans(
+            local_cu, B * T if local_cu is not None else T, rank, world, scale, window, q.device
+        )
+        state = _ZigZagState(
+            kernel=kernel,
+            plans=plans,
+            ring=_Ring(group, rank, world) if world > 1 else None,
+            rank=rank,
+            world=world,
+            varlen=local_cu is not None,
+            windowed=window[0] >= 0,
+        )
+    except Exception as exc:
+        error = exc
+    if world > 1:
+        from .check import CPDocs, host_ints, verify_cp_inputs
+
+        docs = None
+        if cu_doc_lens is not None:
+            values = local_cu if local_cu is not None else host_ints(cu_doc_lens)
+            docs = CPDocs(lists=(("cu_doc_lens", values),), scalars=(("max_doc_len", max_doc_len),))
+        verify_cp_inputs(
+            group,
+            strategy="zig_zag",
+            tensors=(q, k, v),
+            settings={
+                "window": window,
+                "causal": True,
+                "softmax scale": _effective_scale(scale, q),
+                "dropout_p": float(dropout_p),
+            },
+            docs=docs,
+            fix=_ZIGZAG_DOCS_FIX,
+            local_error=error,
+        )
+    if error is not None:
+        raise error
+    assert state is not None
     return _RingFunction.apply(q, k, v, _zigzag_forward, _zigzag_backward, state)
 
 
@@ -799,62 +880,131 @@ def llama3_ring_attention(
     Returns:
         ``[B, L, Hq, D]``.
     """
-    _check_qkv(q, k, v)
+    return _llama3(
+        q,
+        k,
+        v,
+        group=group,
+        kernel=kernel,
+        scale=scale,
+        window=window,
+        cu_doc_lens_q=cu_doc_lens_q,
+        cu_doc_lens_k=cu_doc_lens_k,
+        local_k_slice=local_k_slice,
+        head_stride=head_stride,
+    )
+
+
+def _llama3(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: ProcessGroup,
+    kernel: AttentionKernel,
+    scale: float | None,
+    window: tuple[int, int],
+    cu_doc_lens_q: torch.Tensor | None,
+    cu_doc_lens_k: torch.Tensor | None,
+    local_k_slice: slice | None,
+    head_stride: int,
+    dropout_p: float = 0.0,
+    error: Exception | None = None,
+) -> torch.Tensor:
+    """:func:`llama3_ring_attention`, with the cross-rank check before the first gather; ``error``:
+    a validation error of the caller, raised after the check."""
     group, rank, world = _group_info(group)
-    B, L, _, D = q.shape
-    Hkv = k.shape[2]
-    if (
-        isinstance(head_stride, bool)
-        or not isinstance(head_stride, int)
-        or head_stride < 1
-        or Hkv % head_stride
-    ):
-        raise ContextParallelInputError(
-            f"head_stride={head_stride!r} must be a positive divisor of n_kv_heads={Hkv}; use one of "
-            f"{[d for d in range(1, Hkv + 1) if Hkv % d == 0]}"
-        )
-    scale = float(scale) if scale is not None else D**-0.5
-    window = (int(window[0]), int(window[1]))
-    given = [x is not None for x in (cu_doc_lens_q, cu_doc_lens_k, local_k_slice)]
-    if any(given) and not all(given):
-        raise ContextParallelInputError(
-            "llama3 ring attention with documents needs cu_doc_lens_q, cu_doc_lens_k and local_k_slice "
-            "together (all from RingAttentionLlama3LoadBalancer.batch_shard_by_document)"
-        )
-    varlen = all(given)
-    if varlen:
-        if B != 1:
+    hq = hk = None
+    try:
+        if error is not None:
+            raise error
+        _check_qkv(q, k, v)
+        B, L, _, D = q.shape
+        Hkv = k.shape[2]
+        if (
+            isinstance(head_stride, bool)
+            or not isinstance(head_stride, int)
+            or head_stride < 1
+            or Hkv % head_stride
+        ):
             raise ContextParallelInputError(
-                f"llama3 ring attention with documents needs the batch packed into one row (B == 1), got B={B}"
+                f"head_stride={head_stride!r} must be a positive divisor of n_kv_heads={Hkv}; use one of "
+                f"{[d for d in range(1, Hkv + 1) if Hkv % d == 0]}"
             )
-        hq, hk = _host(cu_doc_lens_q, "cu_doc_lens_q"), _host(cu_doc_lens_k, "cu_doc_lens_k")
-        assert hq is not None and hk is not None and local_k_slice is not None
-        a, e = local_k_slice.start, local_k_slice.stop
-        if local_k_slice.step not in (None, 1) or a is None or e is None or not 0 <= a < e <= world * L:
+        scale = float(scale) if scale is not None else D**-0.5
+        window = (int(window[0]), int(window[1]))
+        given = [x is not None for x in (cu_doc_lens_q, cu_doc_lens_k, local_k_slice)]
+        if any(given) and not all(given):
             raise ContextParallelInputError(
-                f"local_k_slice={local_k_slice} must be a contiguous slice inside the {world * L} gathered keys"
+                "llama3 ring attention with documents needs cu_doc_lens_q, cu_doc_lens_k and local_k_slice "
+                "together (all from RingAttentionLlama3LoadBalancer.batch_shard_by_document)"
             )
-        if hq[-1] != L or hk[-1] != e - a or len(hq) != len(hk) or hq[0] != 0 or hk[0] != 0:
-            raise ContextParallelInputError(
-                f"llama3 metadata does not match the shapes: cu_doc_lens_q={list(hq)} must end at L={L}, "
-                f"cu_doc_lens_k={list(hk)} at len(local_k_slice)={e - a}, with the same number of segments"
+        varlen = all(given)
+        if varlen:
+            if B != 1:
+                raise ContextParallelInputError(
+                    f"llama3 ring attention with documents needs the batch packed into one row (B == 1), got B={B}"
+                )
+            hq, hk = _host(cu_doc_lens_q, "cu_doc_lens_q"), _host(cu_doc_lens_k, "cu_doc_lens_k")
+            assert hq is not None and hk is not None and local_k_slice is not None
+            a, e = local_k_slice.start, local_k_slice.stop
+            if local_k_slice.step not in (None, 1) or a is None or e is None or not 0 <= a < e <= world * L:
+                raise ContextParallelInputError(
+                    f"local_k_slice={local_k_slice} must be a contiguous slice inside the {world * L} gathered keys"
+                )
+            if hq[-1] != L or hk[-1] != e - a or len(hq) != len(hk) or hq[0] != 0 or hk[0] != 0:
+                raise ContextParallelInputError(
+                    f"llama3 metadata does not match the shapes: cu_doc_lens_q={list(hq)} must end at L={L}, "
+                    f"cu_doc_lens_k={list(hk)} at len(local_k_slice)={e - a}, with the same number of segments"
+                )
+            dev = q.device
+            call = KernelCall(
+                scale=scale,
+                causal=True,
+                window=window,
+                cu_seqlens_q=cu_doc_lens_q.to(device=dev, dtype=torch.int32),
+                cu_seqlens_k=cu_doc_lens_k.to(device=dev, dtype=torch.int32),
+                max_seqlen_q=max(y - x for x, y in itertools.pairwise(hq)),
+                max_seqlen_k=max(y - x for x, y in itertools.pairwise(hk)),
+                cu_seqlens_q_host=hq,
+                cu_seqlens_k_host=hk,
             )
-        dev = q.device
-        call = KernelCall(
-            scale=scale,
-            causal=True,
-            window=window,
-            cu_seqlens_q=cu_doc_lens_q.to(device=dev, dtype=torch.int32),
-            cu_seqlens_k=cu_doc_lens_k.to(device=dev, dtype=torch.int32),
-            max_seqlen_q=max(y - x for x, y in itertools.pairwise(hq)),
-            max_seqlen_k=max(y - x for x, y in itertools.pairwise(hk)),
-            cu_seqlens_q_host=hq,
-            cu_seqlens_k_host=hk,
+            key_range = (a, e)
+        else:
+            call = KernelCall(scale=scale, causal=True, window=window)
+            key_range = (0, (rank + 1) * L)
+    except Exception as exc:
+        error = exc
+    if world > 1:
+        from .check import Llama3Docs, host_ints, verify_cp_inputs
+
+        docs = None
+        if any(x is not None for x in (cu_doc_lens_q, cu_doc_lens_k, local_k_slice)):
+            sl = local_k_slice if isinstance(local_k_slice, slice) else None
+            docs = Llama3Docs(
+                cu_q=hq if hq is not None else host_ints(cu_doc_lens_q),
+                cu_k=hk if hk is not None else host_ints(cu_doc_lens_k),
+                k_start=sl.start if sl is not None and isinstance(sl.start, int) else None,
+                k_stop=sl.stop if sl is not None and isinstance(sl.stop, int) else None,
+                valid=error is None,
+            )
+        verify_cp_inputs(
+            group,
+            strategy="llama3",
+            tensors=(q, k, v),
+            settings={
+                "window": window,
+                "causal": True,
+                "softmax scale": _effective_scale(scale, q),
+                "head_stride": head_stride if isinstance(head_stride, int) else -3,
+                "dropout_p": float(dropout_p),
+            },
+            docs=docs,
+            fix=_LLAMA3_DOCS_FIX,
+            local_error=error,
         )
-        key_range = (a, e)
-    else:
-        call = KernelCall(scale=scale, causal=True, window=window)
-        key_range = (0, (rank + 1) * L)
+    if error is not None:
+        raise error
     state = _Llama3State(
         kernel=kernel,
         call=call,

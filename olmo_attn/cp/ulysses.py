@@ -76,11 +76,57 @@ def ulysses_attention(
             "Ulysses context parallelism needs torch.distributed to be initialised"
         )
     W = dist.get_world_size(group)
-    Hq, Hkv = q.shape[2], k.shape[2]
-    f = kv_replication_factor(Hq, Hkv, W)
+    error: Exception | None = None
+    f = 1
+    try:
+        Hq, Hkv = q.shape[2], k.shape[2]
+        f = kv_replication_factor(Hq, Hkv, W)
+    except Exception as exc:  # raised after the cross-rank check, so every rank raises
+        error = exc
+    if W > 1:
+        _verify(backend, group, q, k, v, docs, dropout_p, error)
+    if error is not None:
+        raise error
     if f > 1:  # [B, T_l, Hkv, D] -> [B, T_l, f·Hkv, D]: replica i of kv head g is head g·f + i
         k = k.repeat_interleave(f, dim=2)
         v = v.repeat_interleave(f, dim=2)
     qh, kh, vh = all_to_all_cp2hp([q, k, v], group)  # [B, W·T_l, Hq/W, D], [B, W·T_l, f·Hkv/W, D]
     out = backend._attend(qh, kh, vh, docs, dropout_p)  # [B, W·T_l, Hq/W, D]
     return all_to_all_single_hp2cp(out, group)  # [B, T_l, Hq, D]
+
+
+_DOCS_FIX = (
+    "every rank must pass the same, whole-sequence document offsets (shard_batch with the Ulysses "
+    "balancer does this)"
+)
+
+
+def _verify(backend: Any, group: Any, q, k, v, docs: DocSegments | None, dropout_p: float, error) -> None:
+    """The cross-rank check of the call (see :mod:`olmo_attn.cp.check`)."""
+    from .check import CPDocs, host_ints, verify_cp_inputs
+
+    fp = None
+    if docs is not None:
+        cu_q = docs.cu_q_host if docs.cu_q_host is not None else host_ints(docs.cu_q)
+        cu_k = docs.cu_k_host if docs.cu_k_host is not None else host_ints(docs.cu_k)
+        if docs.cu_k is docs.cu_q or cu_q == cu_k:
+            fp = CPDocs(lists=(("cu_doc_lens", cu_q),), scalars=(("max_doc_len", docs.max_q),))
+        else:
+            fp = CPDocs(
+                lists=(("cu_doc_lens_q", cu_q), ("cu_doc_lens_k", cu_k)),
+                scalars=(("max_doc_len_q", docs.max_q), ("max_doc_len_k", docs.max_k)),
+            )
+    verify_cp_inputs(
+        group,
+        strategy="ulysses",
+        tensors=(q, k, v),
+        settings={
+            "window": tuple(backend.window_size),
+            "causal": True,
+            "softmax scale": float(backend.softmax_scale),
+            "dropout_p": float(dropout_p),
+        },
+        docs=fp,
+        fix=_DOCS_FIX,
+        local_error=error,
+    )
