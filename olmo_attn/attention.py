@@ -39,6 +39,7 @@ from .rope import (
     RoPEConfig,
     RoPEType,
     RotaryEmbedding,
+    document_position_ids,
 )
 from .validate import check_attention_inputs, empty_attention_output, is_empty_batch
 
@@ -477,6 +478,24 @@ class _BackendMixin:
         return new
 
 
+def _traced_rope_rows(
+    rope: nn.Module, positions: torch.Tensor, n_rows: int, x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """While ``torch.compile`` traces: the RoPE table rows of ``positions [N]`` (a device tensor,
+    every value below ``n_rows``), as the ``pos_sin``/``pos_cos`` (or ``freqs_cis``) keywords of
+    ``rope``; row ``j`` belongs to token ``j``. The same tables and rows the module builds itself
+    from host positions, so the rotation is the same, without reading a position on the host."""
+    from .rope import _compute_dtype, _table_dtype
+
+    dtype = _table_dtype(_compute_dtype(x.dtype, rope.full_precision))
+    tables = rope._get_rotary_embedding(n_rows, x.device, dtype)
+    if isinstance(tables, torch.Tensor):  # complex RoPE: freqs_cis
+        (rows,) = rope._gather_rows([tables], positions, x.device)
+        return {"freqs_cis": rows}
+    sin, cos = rope._gather_rows(list(tables), positions, x.device)
+    return {"pos_sin": sin, "pos_cos": cos}
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------
@@ -682,6 +701,27 @@ class Attention(_BackendMixin, SequenceMixer):
             # from per-document positions before sharding: cu_doc_lens must not re-index them.
             cu_doc_lens = None
         manager = self.kv_cache_manager
+        if torch.compiler.is_compiling() and pos_sin is None and pos_cos is None and freqs_cis is None:
+            # RoPE's own position handling reads the cache position / document offsets on the
+            # host (a graph break, or a recompile per decode step): gather the rows on the device
+            B, T = q.shape[:2]
+            if manager is not None:
+                positions = manager.position_counter.to(q.device) + torch.arange(T, device=q.device)
+                # past the cache's end the KV write raises KVCacheOverflowError: clamp until then
+                positions = positions.clamp(max=manager.max_seq_len - 1)
+                return self.rope(
+                    q, k, head_first=False, **_traced_rope_rows(self.rope, positions, manager.max_seq_len, q)
+                )
+            if cu_doc_lens is not None:
+                positions = document_position_ids(cu_doc_lens.to(q.device), B * T)
+                rows = _traced_rope_rows(self.rope, positions, B * T, q)
+                qr, kr = self.rope(
+                    q.reshape(1, B * T, *q.shape[2:]),
+                    k.reshape(1, B * T, *k.shape[2:]),
+                    head_first=False,
+                    **rows,
+                )
+                return qr.view(q.shape), kr.view(k.shape)
         start_pos: int | torch.Tensor | None = None
         if manager is not None:
             # the host mirror of cache_seqlens avoids a device sync per layer and decode step
@@ -1228,7 +1268,21 @@ class FusedAttention(_BackendMixin, SequenceMixer):
                         "by the context parallel load balancer"
                     )
                 rope_docs = None  # rows are per local token (see Attention._apply_rope)
-            qkv = self.rope(qkv, pos_sin=pos_sin, pos_cos=pos_cos, freqs_cis=freqs_cis, cu_doc_lens=rope_docs)
+            if (
+                torch.compiler.is_compiling()
+                and rope_docs is not None
+                and pos_sin is None
+                and pos_cos is None
+                and freqs_cis is None
+            ):
+                # per-document rows gathered on the device (see _traced_rope_rows)
+                positions = document_position_ids(rope_docs.to(qkv.device), B * T)
+                rows = _traced_rope_rows(self.rope, positions, B * T, qkv)
+                qkv = self.rope(qkv.reshape(1, B * T, *qkv.shape[2:]), **rows).view(qkv.shape)
+            else:
+                qkv = self.rope(
+                    qkv, pos_sin=pos_sin, pos_cos=pos_cos, freqs_cis=freqs_cis, cu_doc_lens=rope_docs
+                )
         att = self._backend_for(qkv)(qkv, cu_doc_lens=cu_doc_lens, max_doc_len=max_doc_len)  # [B, T, H, D]
         return self.w_out(att.reshape(B, T, -1))
 

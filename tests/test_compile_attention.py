@@ -15,6 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from olmo_attn.attention import Attention, FusedAttention, NormalizedAttention
 from olmo_attn.kv_cache import KVCacheOverflowError
 from olmo_attn.ops.torch_kernel import clear_plan_cache
+from olmo_attn.rope import RoPEConfig
 
 D_MODEL, B, T = 32, 2, 16
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -209,6 +210,50 @@ def test_compiled_decoding_overflow_raises() -> None:
         with pytest.raises(KVCacheOverflowError, match="max_seq_len=3"):
             cm(torch.randn(B, 1, D_MODEL))
     assert m.kv_cache_manager.seqlen == 3
+
+
+# ----- RoPE: positions gathered on the device ----------------------------------------------------
+def _rope_module(kind: str, rope: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "fused":
+        return FusedAttention(d_model=D_MODEL, n_heads=4, backend="torch", rope=RoPEConfig(name="fused"))
+    cls = Attention if kind == "attention" else NormalizedAttention
+    return cls(d_model=D_MODEL, n_heads=4, n_kv_heads=2, backend="torch", rope=RoPEConfig(name=rope))
+
+
+@pytest.mark.parametrize(
+    ("kind", "rope"),
+    [("attention", "default"), ("attention", "complex"), ("fused", "fused"), ("normalized", "default")],
+)
+def test_rope_documents_one_graph_across_boundaries(kind: str, rope: str) -> None:
+    eager, m = _rope_module(kind, rope), _rope_module(kind, rope)
+    # tables already cached: otherwise the first call fills the RoPE cache and the next call
+    # recompiles once on the cache's new contents
+    m.rope.warmup_cache(B * T, "cpu")
+    cm, counter = _compile(m)
+    for layout in LAYOUTS:
+        kw = {"cu_doc_lens": torch.tensor(layout, dtype=torch.int32)}
+        x = torch.randn(B, T, D_MODEL)
+        _assert_same(_fwd_bwd(cm, x, **kw), _fwd_bwd(eager, x, **kw))
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "rope"), [("attention", "default"), ("attention", "complex"), ("normalized", "default")]
+)
+def test_rope_decoding_one_graph_across_steps(kind: str, rope: str) -> None:
+    eager, m = _rope_module(kind, rope), _rope_module(kind, rope)
+    for mod in (eager, m):
+        mod.init_kv_cache_manager(B, 10)
+    cm, counter = _compile(m)
+    with torch.no_grad():
+        x = torch.randn(B, 4, D_MODEL)
+        torch.testing.assert_close(cm(x), eager(x), **TOL)
+        assert counter.frame_count == 1
+        for _ in range(5):
+            x = torch.randn(B, 1, D_MODEL)
+            torch.testing.assert_close(cm(x), eager(x), **TOL)
+    assert counter.frame_count == 2
 
 
 # ----- dropout: the seed is drawn in the graph ---------------------------------------------------
