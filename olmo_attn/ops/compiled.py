@@ -19,6 +19,8 @@ forward matches the eager one.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,6 +30,19 @@ from .blockwise import blockwise_backward, blockwise_forward
 from .kernel import KernelCall
 
 __all__ = ["kv_cache_attention", "masked_attention"]
+
+
+@contextlib.contextmanager
+def _autograd_on() -> Iterator[None]:
+    """Record autograd inside a custom op's implementation, which may run with the autograd
+    dispatch keys excluded (as in a compiled backward)."""
+    ex = torch._C._dispatch_tls_local_exclude_set()
+    for name in ("ADInplaceOrView", "AutogradFunctionality", "AutogradOther", "AutogradCPU", "AutogradCUDA"):
+        key = getattr(torch._C.DispatchKey, name, None)
+        if key is not None:
+            ex = ex.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), ex), torch.enable_grad():
+        yield
 
 
 def _dense(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -121,8 +136,8 @@ def _run_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _impl(q4, call.dropout_p)
     index, plan = _plan(q4, k4, call, impl, **geometry)
-    if impl == "flex":
-        with torch.enable_grad():
+    if impl == "flex":  # recomputes with autograd: record it also inside a compiled backward
+        with _autograd_on():
             return flex_ops.flex_kernel_backward(dout, q4, k4, v4, out, lse, plan, scale=call.scale)
     with torch.no_grad():
         return blockwise_backward(
