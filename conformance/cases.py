@@ -436,9 +436,15 @@ def _point_key(p: _Point) -> tuple:
     return (p.family, p.variant, p.dtype, tuple(sorted(p.params.items())))
 
 
+# --quick covers every (dtype, value) pair of these axes somewhere in each family: a kernel's fast path
+# is often chosen by dtype and head layout together (a GQA shortcut wrong only in float16)
+PAIRED_WITH_DTYPE = ("gqa",)
+
+
 def _quick_subset(points: list[_Point], prefer: set[tuple] | None = None) -> list[_Point]:
-    """Greedy covering: every variant, every per-variant axis value within each variant, and every
-    value of the other axes somewhere in the family, with as few points as that takes.
+    """Greedy covering: every variant, every per-variant axis value within each variant, every
+    value of the other axes somewhere in the family, and every pair of a dtype with a value of an axis
+    in :data:`PAIRED_WITH_DTYPE` somewhere in the family, with as few points as that takes.
 
     Points in ``prefer`` (those earlier backends of the tier chose) are tried first, so backends
     share problems and the pairwise comparison has something to compare."""
@@ -455,6 +461,8 @@ def _quick_subset(points: list[_Point], prefer: set[tuple] | None = None) -> lis
             r.add(("dtype", p.dtype))
             for k, v in p.params.items():
                 r.add((p.variant, k, v) if k in p.per_variant else (p.group, k, v))
+                if k in PAIRED_WITH_DTYPE:  # a fast path wrong for one dtype and one layout only
+                    r.add(("dtype x", k, p.dtype, v))
             return r
 
         for p in fam_points:

@@ -108,6 +108,7 @@ def judge_softmax(
     *,
     mean_check: bool = True,
     prefix: str = "",
+    rounded_check: bool = False,
 ) -> list[CheckResult]:
     """The error budget (docs/judging.md) for every named tensor (``out``, ``lse``, ``dq``, ``dk``, ``dv``, ...),
     plus the FlexAttention mean check. A tensor missing from ``outs`` fails. Gradients (names
@@ -115,7 +116,11 @@ def judge_softmax(
 
     The mean check applies to activations and their gradients (``out``, ``lse``, ``dq``, ``dx``, ...)
     with at least :data:`MEAN_MIN_NUMEL` entries, as in FlexAttention's tests; on parameter gradients
-    (``d[w_q.weight]``, a few dozen bias entries) a 1.1x bound on a mean is noise, not a verdict."""
+    (``d[w_q.weight]``, a few dozen bias entries) a 1.1x bound on a mean is noise, not a verdict.
+
+    ``rounded_check``: also the rounded-float32 check (:func:`tolerances.rounded_fp32_budget`) on every
+    non-gradient tensor of a half dtype with at least :data:`MEAN_MIN_NUMEL` entries (``out``; not the
+    float32 ``lse``) — for callers whose ``out`` is one attention op (whole modules round in between)."""
     results = []
     grad_scale = max((tol.ref_scale(r) for n, r in refs.items() if n.startswith("d")), default=0.0)
     for name, ref in refs.items():
@@ -136,6 +141,14 @@ def judge_softmax(
                     tol.mean_error_budget(label, outs[name], ref, lows[name], dtype, scale=scale)
                 )
             )
+        if (
+            rounded_check
+            and not name.startswith("d")
+            and dtype in tol.HALF_DTYPES
+            and outs[name].dtype in tol.HALF_DTYPES
+            and ref.numel() >= MEAN_MIN_NUMEL
+        ):
+            results.append(CheckResult.from_verdict(tol.rounded_fp32_budget(label, outs[name], ref, dtype)))
     return results
 
 

@@ -261,11 +261,24 @@ def _single(factory: Any, spec: dict[str, Any], meta: dict[str, Any], device: st
     return {n: t.detach().cpu() for n, t in zip(("out", "dq", "dk", "dv"), (out, *grads))}
 
 
-def _cp_heads(rng: np.random.Generator, world: int, style: str) -> tuple[int, int]:
+# Ulysses masks whose cases replicate kv heads (n_kv_heads not a multiple of the world size, so the
+# heads are copied to fill the ranks and their gradients merged); the other masks never do. Every
+# --quick matrix runs both kinds (the replicas' merge is a code path of its own).
+ULYSSES_REPLICATED_MASKS = ("causal", "documents")
+
+
+def _cp_heads(
+    rng: np.random.Generator, world: int, style: str, replicate: bool | None = None
+) -> tuple[int, int]:
+    """``(Hq, Hkv)``; for Ulysses, ``replicate`` True / False forces ``Hkv % world != 0`` / ``== 0``
+    (``None``: either)."""
     Hq = int(rng.choice([world, 2 * world]))
     Hkv = int(rng.choice([h for h in (1, 2, Hq) if Hq % h == 0]))
     if style == "ulysses":
-        Hkv = int(rng.choice([h for h in (1, 2, world, Hq) if Hq % h == 0]))
+        pool = [h for h in (1, 2, world, Hq) if Hq % h == 0]
+        if replicate is not None:
+            pool = [h for h in pool if (h % world != 0) == replicate]
+        Hkv = int(rng.choice(sorted(set(pool))))
     return Hq, Hkv
 
 
@@ -282,7 +295,7 @@ def run_attention_case(case: Case, subject: Subject) -> CaseGen:
     world = int(case.param["world"])
     dtype = case.torch_dtype()
     full = case.size == "full"
-    Hq, Hkv = _cp_heads(rng, world, style)
+    Hq, Hkv = _cp_heads(rng, world, style, replicate=mask in ULYSSES_REPLICATED_MASKS)
     D = int(rng.choice([32, 64] if full else [8, 16])) if case.device == "cpu" else int(rng.choice([64, 128]))
     T = world * int(rng.integers(6, 40 if full else 12)) + int(
         rng.integers(0, 2 * world)
@@ -322,6 +335,10 @@ def run_attention_case(case: Case, subject: Subject) -> CaseGen:
         "style": style,
         "balancer": balancer,
     }
+    if style == "ulysses":
+        from olmo_attn.cp.ulysses import kv_replication_factor
+
+        info["kv_replicas"] = kv_replication_factor(Hq, Hkv, world)
     got = yield (attention_rank, spec)
     if cu is None:
         problem = _dense_problem(dtype, inputs, causal=True, window=window)
