@@ -116,6 +116,7 @@ class Llama3Docs:
     k_start: int | None
     k_stop: int | None
     valid: bool = field(default=True)
+    tensors: tuple[Any, ...] = ()  # the offset tensors themselves: the cache keys on their identity
 
 
 def check_mode() -> str:
@@ -317,11 +318,32 @@ def _gather(values: list[int], group: Any, world: int, device: torch.device) -> 
     return out.view(world, len(values)).tolist()
 
 
-_PASSED: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[int, ...], None]] = weakref.WeakKeyDictionary()
-_PASSED_BY_ID: dict[int, OrderedDict[tuple[int, ...], None]] = {}
+_Cache = OrderedDict[tuple, "tuple[weakref.ref, ...] | None"]
+_PASSED: weakref.WeakKeyDictionary[Any, _Cache] = weakref.WeakKeyDictionary()
+_PASSED_BY_ID: dict[int, _Cache] = {}
 
 
-def _cache_for(group: Any) -> OrderedDict[tuple[int, ...], None]:
+def _cache_key(header: list[int], docs: Any) -> tuple[tuple | None, tuple[weakref.ref, ...] | None]:
+    """The key a passed check is remembered under (``None``: not remembered), and the weak
+    references a hit must match.
+
+    Zig-zag, Ulysses and gather headers are equal on every rank of a correct program, so keying on
+    their values makes every rank hit or miss together. A llama3 rank's metadata are its own: two
+    different packed sequences can look the same to one rank and different to another, so a value
+    key would let some ranks skip while others check. llama3 keys on the identity of the offset
+    tensors instead (new tensors on every rank for every batch, as ``shard_batch`` makes them)."""
+    if not isinstance(docs, Llama3Docs):
+        return tuple(header), None
+    if not docs.tensors:
+        return None, None
+    try:
+        refs = tuple(weakref.ref(t) for t in docs.tensors)
+    except TypeError:
+        return None, None
+    return (tuple(header), tuple((id(t), getattr(t, "_version", 0)) for t in docs.tensors)), refs
+
+
+def _cache_for(group: Any) -> _Cache:
     try:
         return _PASSED.setdefault(group, OrderedDict())
     except TypeError:  # not weak-referenceable
@@ -455,6 +477,7 @@ def _problems(
                 f"{name} differs across context-parallel ranks: "
                 f"{_describe(vals, lambda x, t=template: _decode_setting(t, x))}; every rank must "
                 f"{names.settings_fix.format(name=name)}"
+                + (" (and run in the same train/eval mode)" if name == "dropout_p" else "")
             )
     mode = [h[_S_DOC_MODE] for h in heads]
     per_rank = None
@@ -486,9 +509,12 @@ def _problems(
             else:
                 desc = _describe([m[0] for m in meta], lambda n: f"{n} offsets")
             out.append(f"{name} differs across context-parallel ranks: {desc}; {names.fix}")
+        lists_differ = any(
+            len({tuple(h[_S_LISTS + 2 * j : _S_LISTS + 2 * j + 2]) for h in heads}) > 1 for j in range(2)
+        )
         for j in range(2):
             sc = [h[_S_SCALARS + j] for h in heads]
-            if len(set(sc)) > 1:
+            if len(set(sc)) > 1 and not lists_differ:  # different offsets explain different maxima
                 name = names.scalars[min(j, len(names.scalars) - 1)]
                 out.append(
                     f"{name} differs across context-parallel ranks: "
@@ -557,7 +583,7 @@ _SHAPE_FIX = (
     "with the same load balancer, global length and length_multiple, e.g. with shard_batch)"
 )
 _DTYPE_FIX = "every rank must run attention in the same dtype (same model dtype and autocast settings)"
-_SETTINGS_FIX = "build attention with the same {name} (and run in the same train/eval mode)"
+_SETTINGS_FIX = "build attention with the same {name}"
 
 
 @dataclass(frozen=True)
@@ -616,11 +642,13 @@ def verify_cp_inputs(
     if world <= 1:
         return
     header, detail = _build(strategy, tensors, settings, docs, local_error)
-    key = tuple(header)
+    key, refs = _cache_key(header, docs)
     cache = _cache_for(group)
-    if mode == "on" and local_error is None and key in cache:
-        cache.move_to_end(key)
-        return
+    if mode == "on" and local_error is None and key is not None and key in cache:
+        entry = cache[key]
+        if entry is None or all(r() is t for r, t in zip(entry, docs.tensors)):  # type: ignore[union-attr]
+            cache.move_to_end(key)
+            return
     lists, scalars = ("cu_doc_lens",), ("max_doc_len",)
     if isinstance(docs, CPDocs) and docs.lists:
         lists = tuple(n for n, _ in docs.lists)
@@ -649,8 +677,8 @@ def verify_cp_inputs(
     if same and heads[0][_S_DOC_MODE] == 2:
         same = not _problems(heads, None, names, errors)  # llama3: the ranks must fit, not be equal
     if same and not errors:
-        if mode == "on":
-            cache[key] = None
+        if mode == "on" and key is not None:
+            cache[key] = refs
         if len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
         return

@@ -213,7 +213,7 @@ def _verify_gather(
         group,
         strategy="gather_sequence",
         tensors=(local,),
-        tensor_names=("local",),
+        tensor_names=("shard",),
         settings={"seq_dim": seq_dim, "length": length, "length_multiple": length_multiple},
         docs=docs,
         fix="every rank must pass the same whole-sequence cu_doc_lens (the one given to shard_batch)",

@@ -987,6 +987,7 @@ def _llama3(
                 k_start=sl.start if sl is not None and isinstance(sl.start, int) else None,
                 k_stop=sl.stop if sl is not None and isinstance(sl.stop, int) else None,
                 valid=error is None,
+                tensors=tuple(t for t in (cu_doc_lens_q, cu_doc_lens_k) if isinstance(t, torch.Tensor)),
             )
         verify_cp_inputs(
             group,

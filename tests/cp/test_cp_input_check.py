@@ -363,5 +363,5 @@ def test_gather_sequence_checks_the_shard_shapes(results):
     for r, res in enumerate(results):
         got = res["gather"]
         assert got["error"] == "CPInputMismatchError", f"rank {r}: {got}"
-        assert "local shape of local differs" in got["message"], got
-        assert "rank 0 has local (1, 16, 3), rank 1 has local (1, 14, 3)" in got["message"], got
+        assert "local shape of shard differs" in got["message"], got
+        assert "rank 0 has shard (1, 16, 3), rank 1 has shard (1, 14, 3)" in got["message"], got
