@@ -171,6 +171,33 @@ def _mismatched_gather(mesh, rank: int) -> dict[str, Any]:
     return _outcome(lambda: gather_sequence(local, lb, seq_dim=1, group=mesh.get_group(), length=T).shape)
 
 
+def _llama3_same_view(mesh, rank: int) -> dict[str, Any]:
+    """Two packed sequences that rank 0 sees the same way (documents start at 0 and 12 in its half)
+    but rank 1 does not: both ranks must check the second one too (a rank that skipped would leave
+    the other alone in the check), and both results are right."""
+    from olmo_attn.backends.torch_backend import TorchAttentionBackend
+    from olmo_attn.cp import check, gather_sequence
+
+    calls, original = _counting_gathers()
+    errs = []
+    try:
+        q, k, v = _globals()
+        be = _backend("llama3", mesh)
+        for cu in ([0, 12, 20, 32], [0, 12, 24, 32]):
+            lb, shards, meta = _shard("llama3", mesh, cu, (q, k, v))
+            out_l = be(tuple(shards), **meta)
+            be(tuple(shards), **meta)  # the next layer: same tensors, no check
+            out = gather_sequence(out_l, lb, seq_dim=1, group=mesh.get_group(), cu_doc_lens=torch.tensor(cu))
+            single = TorchAttentionBackend(head_dim=D, n_heads=HQ, n_kv_heads=HKV)
+            one = single((q, k, v), cu_doc_lens=torch.tensor(cu, dtype=torch.int32))
+            errs.append(
+                max(float((out - one).abs().max()), float((out - _reference(q, k, v, cu)).abs().max()))
+            )
+    finally:
+        check._gather = original
+    return {"attention_checks": len([c for c in calls if c == check._N]), "errs": errs}
+
+
 def _counting_gathers():
     """Wrap the check's collective; returns the list its calls are appended to."""
     from olmo_attn.cp import check
@@ -260,6 +287,7 @@ def rank_body() -> dict[str, Any]:
     run("head_stride", lambda: _mismatched_setting(mesh, rank))
     run("gather", lambda: _mismatched_gather(mesh, rank))
     run("cache", lambda: _cache_and_switch(mesh, rank))
+    run("llama3_views", lambda: _llama3_same_view(mesh, rank))
     return out
 
 
@@ -365,3 +393,11 @@ def test_gather_sequence_checks_the_shard_shapes(results):
         assert got["error"] == "CPInputMismatchError", f"rank {r}: {got}"
         assert "local shape of shard differs" in got["message"], got
         assert "rank 0 has shard (1, 16, 3), rank 1 has shard (1, 14, 3)" in got["message"], got
+
+
+def test_llama3_layouts_that_look_the_same_to_one_rank_are_checked_on_every_rank(results):
+    for r, res in enumerate(results):
+        got = res["llama3_views"]
+        # 2 layouts x (attention check + gather check); the repeated call of each layout skips
+        assert got["attention_checks"] == 4, (r, got)
+        assert max(got["errs"]) < 1e-10, (r, got)
