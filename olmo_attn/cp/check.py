@@ -227,7 +227,7 @@ def _build(
     settings: dict[str, Any],
     docs: CPDocs | Llama3Docs | None,
     local_error: BaseException | None,
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[int], _Detail]:
     """``(header, detail)``: the fixed-size fingerprint and the variable-size detail for messages."""
     h = [_MAGIC, _N, _STRATEGIES.index(strategy) + 1, int(local_error is not None)]
     padded = list(tensors)[:3] + [None] * (3 - min(3, len(tensors)))
@@ -270,21 +270,30 @@ def _build(
             llama = [_UNREADABLE, _ABSENT, _ABSENT, _ABSENT]
             lists.append(None)
     h += llama  # 4 slots
-    detail: list[int] = []
-    for vals in lists:
-        if vals is None:
-            detail.append(-1)
-        else:
-            detail += [len(vals), *vals]
+    text = b""
     if local_error is not None:
         text = f"{type(local_error).__name__}: {local_error}".encode()[:_ERR_BYTES]
-        detail += [len(text), *text]
-    else:
-        detail.append(0)
-    h.append(len(detail))
+    h.append(sum(1 + (len(x) if x is not None else 0) for x in lists) + 1 + len(text))
     h += [0] * (_N - len(h))
     assert len(h) == _N, len(h)
-    return h, detail
+    return h, _Detail(lists, text)
+
+
+@dataclass(frozen=True)
+class _Detail:
+    """What the error message needs beyond the header (sent only on the error path)."""
+
+    lists: list[tuple[int, ...] | None]
+    text: bytes
+
+    def values(self) -> list[int]:
+        out: list[int] = []
+        for vals in self.lists:
+            if vals is None:
+                out.append(-1)
+            else:
+                out += [len(vals), *vals]
+        return [*out, len(self.text), *self.text]
 
 
 # Slots of the header (see _build).
@@ -684,7 +693,8 @@ def verify_cp_inputs(
         return
     # error path: every rank fetches the details (their size comes from the headers: all ranks agree)
     n = max(h[_S_DETAIL] for h in heads)
-    details = _gather(detail + [0] * (n - len(detail)), group, world, device)
+    mine = detail.values()
+    details = _gather(mine + [0] * (n - len(mine)), group, world, device)
     problems = [] if same else _problems(heads, details, names, errors)
     if not same and not problems:
         problems = ["the context-parallel ranks' inputs differ"]  # every header slot has a message above
