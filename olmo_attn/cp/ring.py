@@ -20,6 +20,11 @@ documents: blocks entirely outside the window are skipped, partial ones are cut 
 key are dropped, keys no row can see are dropped) so that the kernel's bottom-right window lands on
 the right global offsets. Dropout is refused (use Ulysses, which runs ordinary attention).
 
+Before the first exchange every call runs the cross-rank input check of :mod:`.check` (shapes,
+dtypes, settings and document metadata must fit together on all CP ranks, else every rank raises
+:class:`~olmo_attn.exceptions.CPInputMismatchError`); a rank's own validation errors are raised after
+it, so no rank is left waiting in the ring.
+
 Shapes: ``q [B, T_l, Hq, D]``, ``k, v [B, T_l, Hkv, D]`` (GQA: ``Hq % Hkv == 0``) → ``[B, T_l, Hq, D]``.
 Internally, document mode works on the flattened ``[B·T_l, H, D]`` tokens with ``lse [H, B·T_l]``.
 """

@@ -10,6 +10,10 @@ GQA: query heads are split ``Hq/W`` per rank. When ``Hkv`` is not a multiple of 
 the kv heads are replicated by the smallest factor ``f`` (a divisor of ``Hq/Hkv``) that makes
 ``f·Hkv`` divisible by ``W``: each rank then receives exactly the kv heads its query heads use, and
 autograd sums the replicas' gradients. Only ``Hq % W != 0`` cannot be run (typed error).
+
+Before the first all-to-all the ranks run the cross-rank input check of :mod:`.check` (the same
+shapes, dtypes, settings and global document offsets on every rank, else every rank raises
+:class:`~olmo_attn.exceptions.CPInputMismatchError`).
 """
 
 from __future__ import annotations
