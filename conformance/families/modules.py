@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from reference.kv_cache import KVCache
 from reference.rope import document_positions
 
 from .. import baseline
+from .. import tolerances as tol
 from ..checks import CheckResult, Segment, check_isolation, fail, judge_softmax, nan_poison, ok
 from ..results import RunContext, Stored
 from ..subjects import Subject
@@ -408,6 +410,54 @@ def _run_module(
     return res
 
 
+@contextlib.contextmanager
+def _recording_rope(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[list[tuple[Any, ...]]]:
+    """Record the first call of ``module.rope`` (half dtypes only): ``(forward, args, kwargs, output)``
+    with the tensor arguments copied before the call (the fused RoPE rotates in place)."""
+    calls: list[tuple[Any, ...]] = []
+    rope = getattr(module, "rope", None)
+    if rope is None or dtype not in tol.HALF_DTYPES:
+        yield calls
+        return
+    forward = rope.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        if calls:
+            return forward(*args, **kwargs)
+        copies = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+        out = forward(*args, **kwargs)
+        got = out if isinstance(out, (tuple, list)) else (out,)
+        calls.append((forward, copies, kwargs, tuple(t.detach().clone() for t in got)))
+        return out
+
+    rope.forward = recording
+    try:
+        yield calls
+    finally:
+        rope.forward = forward
+
+
+def _rope_rounded_checks(calls: list[tuple[Any, ...]], dtype: torch.dtype) -> list[CheckResult]:
+    """``rope.rounded_fp32``: the module's RoPE on half-precision q/k against the same RoPE evaluated in
+    float64 on the same values, rounded (the rotation is promised in float32, rounded once: a rotation
+    kept in bf16 / fp16 costs several roundings, and whole-module budgets cannot see it)."""
+    if not calls:
+        return []
+    forward, args, kwargs, got = calls[0]
+    wide = tuple(
+        a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
+    with torch.no_grad():
+        exact = forward(*wide, **kwargs)
+    exact = exact if isinstance(exact, (tuple, list)) else (exact,)
+    out = []
+    for name, a, b in zip(("q", "k"), got, exact):
+        label = "rope" if len(got) == 1 else f"rope.{name}"
+        v = tol.rounded_fp32_budget(label, a.cpu(), b.cpu(), dtype, k=tol.ROUNDED_K_ELEMENTWISE)
+        out.append(CheckResult(v.name, v.passed, v.message, v.err, v.baseline_err, v.threshold))
+    return out
+
+
 def run_module(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[CheckResult], dict[str, Any]]:
     setup = make_setup(case)
     if setup.generate:
@@ -430,7 +480,8 @@ def run_module(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Chec
             "cu_doc_lens": torch.tensor(setup.cu, dtype=torch.int32, device=device),
             "max_doc_len": max(b - a for a, b in zip(setup.cu[:-1], setup.cu[1:])),
         }
-    outs = _run_module(module, x, dout, fwd_kw, device, dtype)
+    with _recording_rope(module, dtype) as rope_calls:
+        outs = _run_module(module, x, dout, fwd_kw, device, dtype)
     refs = reference_outputs(setup, weights, x, dout)
     # low: plain math on the same parameter values, each in its module dtype
     low_w = {n: weights[n].to(p.dtype).requires_grad_(True) for n, p in module.named_parameters()}
@@ -444,6 +495,7 @@ def run_module(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Chec
     for n, g in zip(names, lg[1:]):
         lows[f"d[{n}]"] = g if g is not None else torch.zeros_like(low_w[n])
     checks = judge_softmax(outs, refs, lows, dtype)
+    checks += _rope_rounded_checks(rope_calls, dtype)
     ctx.remember(case, Stored(outs, refs, lows, dtype))
     if setup.cu is not None:
         segs = [Segment(torch.arange(a, b), torch.arange(a, b)) for a, b in zip(setup.cu[:-1], setup.cu[1:])]

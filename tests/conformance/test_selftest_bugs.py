@@ -169,3 +169,28 @@ def test_ulysses_replicated_kv_heads_with_a_wrong_merge_fail_the_multiproc_tier(
             names = {c.name for c in r.failed_checks}
             assert r.status == FAILED and {"dk", "dv", "cp_vs_single.dk"} <= names, (r.case.id, names)
             assert "out" not in names and "dq" not in names  # the forward and dq are right
+
+
+def rope_without_upcast(module: torch.nn.Module) -> torch.nn.Module:
+    """Module hook: RoPE rotates in the input dtype (``full_precision`` dropped)."""
+    rope = getattr(module, "rope", None)
+    if rope is not None:
+        rope.full_precision = False
+    return module
+
+
+ROPE = "(bfloat16 or float16) and (cpu/module/{n}/rope_ or cpu/module/{n}/fused_rope or normalized_rope)"
+
+
+def test_rope_without_the_float32_upcast_fails_only_the_rope_rounded_check():
+    bad = subject_for("rope16", ExactBackend, features=FEATURES, module_hook=rope_without_upcast)
+    results = _run(bad, ROPE.format(n="rope16"))
+    assert {r.case.dtype for r in results} == {"bfloat16", "float16"} and len(results) >= 4
+    assert all(r.status == FAILED for r in results), [(r.case.id, r.message) for r in results]
+    names = _failed(results)
+    assert names and names <= {"rope.q.rounded_fp32", "rope.k.rounded_fp32", "rope.rounded_fp32"}, names
+    assert any("fused_rope" in r.case.id for r in results)  # the in-place fused rotation too
+    good = _run(subject_for("rope32", ExactBackend, features=FEATURES), ROPE.format(n="rope32"))
+    assert all(r.status == PASSED for r in good), [r.message for r in good]
+    for r in good:  # float32 then one rounding: the correctly rounded rotation but for rare near-ties
+        assert all(c.err <= 0.05 * c.baseline_err for c in r.checks if c.name.startswith("rope")), r.case.id
