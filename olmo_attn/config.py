@@ -30,7 +30,7 @@ C = TypeVar("C", bound="Config")
 # our config classes whose OLMo-core twin takes the same fields: ``as_config_dict`` names the twin
 OLMO_CORE_CLASS_PATHS: dict[str, str] = {
     **{
-        f"olmo_attn.attention.{n}": f"olmo_core.nn.attention.{n}"
+        f"olmo_attn.attention.config.{n}": f"olmo_core.nn.attention.{n}"
         for n in ("AttentionConfig", "SlidingWindowAttentionConfig", "GateConfig")
     },
     **{

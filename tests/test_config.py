@@ -385,7 +385,10 @@ def test_config_dict_shape():
     data = _rich_config().as_config_dict()
     # the checkpoint dict names OLMo-core's class (OLMo-core's from_dict reads it); as_dict keeps ours
     assert data["_CLASS_"] == "olmo_core.nn.attention.AttentionConfig" and data["type"] == "attention"
-    assert _rich_config().as_dict(include_class_name=True)["_CLASS_"] == "olmo_attn.attention.AttentionConfig"
+    assert (
+        _rich_config().as_dict(include_class_name=True)["_CLASS_"]
+        == "olmo_attn.attention.config.AttentionConfig"
+    )
     assert data["rope"]["scaling"]["_CLASS_"].endswith("StepwiseRoPEScalingConfig")
     assert data["dtype"] == "bfloat16" and data["backend"] == "torch"
     assert "n_kv_heads" in data and "use_flash" not in data  # None fields are dropped

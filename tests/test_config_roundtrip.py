@@ -180,7 +180,7 @@ def test_config_dict_names_olmo_core_classes_and_as_dict_keeps_ours() -> None:
     assert data["rope"]["_CLASS_"] == "olmo_core.nn.rope.RoPEConfig"
     assert data["rope"]["scaling"]["_CLASS_"] == "olmo_core.nn.rope.YaRNRoPEScalingConfig"
     assert data["qk_norm"]["_CLASS_"] == "olmo_core.nn.layer_norm.LayerNormConfig"
-    assert cfg.as_dict(include_class_name=True)["_CLASS_"] == "olmo_attn.attention.AttentionConfig"
+    assert cfg.as_dict(include_class_name=True)["_CLASS_"] == "olmo_attn.attention.config.AttentionConfig"
     # every mapped class exists on both sides with the same fields
     import importlib
 
@@ -206,3 +206,11 @@ def _plain(value):
     if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
         return value.value
     return str(value) if isinstance(value, str) else value
+
+
+def test_dicts_naming_the_package_level_class_path_still_load():
+    """Dicts written before the configs moved into ``olmo_attn.attention.config`` name
+    ``olmo_attn.attention.AttentionConfig``; the package re-exports it, so they still load."""
+    d = AttentionConfig(n_heads=4, n_kv_heads=2).as_dict(include_class_name=True)
+    d["_CLASS_"] = "olmo_attn.attention.AttentionConfig"
+    assert AttentionConfig.from_dict(d) == AttentionConfig(n_heads=4, n_kv_heads=2)

@@ -244,21 +244,28 @@ class AttentionBackend(nn.Module):
             if local_k_slice is not None
             else k.shape[0] * k.shape[1] * cp_factor
         )
-        docs = (
-            resolve_doc_args(
-                total_q=B * T * cp_factor,
-                total_k=total_k,
-                cu_doc_lens=cu_doc_lens,
-                cu_doc_lens_q=cu_doc_lens_q,
-                cu_doc_lens_k=cu_doc_lens_k,
-                max_doc_len=max_doc_len,
-                max_doc_len_q=max_doc_len_q,
-                max_doc_len_k=max_doc_len_k,
-                local_k_slice=local_k_slice,
+        try:
+            docs = (
+                resolve_doc_args(
+                    total_q=B * T * cp_factor,
+                    total_k=total_k,
+                    cu_doc_lens=cu_doc_lens,
+                    cu_doc_lens_q=cu_doc_lens_q,
+                    cu_doc_lens_k=cu_doc_lens_k,
+                    max_doc_len=max_doc_len,
+                    max_doc_len_q=max_doc_len_q,
+                    max_doc_len_k=max_doc_len_k,
+                    local_k_slice=local_k_slice,
+                )
+                if not self.cp_enabled or self.uly is not None
+                else None
             )
-            if not self.cp_enabled or self.uly is not None
-            else None
-        )
+        except (ValueError, TypeError) as e:
+            if self.cp_enabled and self.uly is not None:  # the other ranks must not wait in the all-to-all
+                from ..cp.ulysses import report_local_error
+
+                report_local_error(self, q, k, v, e)
+            raise
         if docs is not None:
             self.assert_supports(Feature.documents_qk if not docs.shared else Feature.documents)
         dropout_p = self.effective_dropout()

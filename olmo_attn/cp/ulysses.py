@@ -105,6 +105,18 @@ _DOCS_FIX = (
 )
 
 
+def report_local_error(
+    backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, error: BaseException
+) -> None:
+    """This rank rejected its own Ulysses inputs (e.g. document offsets that do not fit its shard)
+    before the collectives: run the cross-rank check with that error, so the other ranks raise
+    :class:`~olmo_attn.exceptions.CPInputMismatchError` naming this rank instead of waiting for it
+    in the all-to-all. The caller then raises ``error``."""
+    group: Any = backend.cp_pg
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        _verify(backend, group, q, k, v, None, backend.effective_dropout(), error)
+
+
 def _verify(backend: Any, group: Any, q, k, v, docs: DocSegments | None, dropout_p: float, error) -> None:
     """The cross-rank check of the call (see :mod:`olmo_attn.cp.check`)."""
     from .check import CPDocs, host_ints, verify_cp_inputs

@@ -4,7 +4,6 @@ log line per layer naming the chosen backend and why."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import warnings
@@ -13,7 +12,7 @@ import pytest
 import torch
 from test_flash_doubles import Recorder, fake_cuda, install_flash4
 
-from olmo_attn import Attention, AttentionConfig, attention, hardware
+from olmo_attn import Attention, AttentionConfig, hardware
 from olmo_attn.backends import capabilities as caps
 from olmo_attn.backends import registry
 from olmo_attn.backends.capabilities import Feature
@@ -183,14 +182,9 @@ def test_one_info_line_per_layer_at_build_and_none_per_forward(caplog) -> None:
         assert "head_dim=8" in msg and "no other backend has measured timings on cpu" in msg
 
 
-# ----- module level: needs attention.py to build through select_backend ----------------------------
-_INTEGRATED = "select_backend" in inspect.getsource(attention._BackendMixin._setup_backend)
-needs_integration = pytest.mark.xfail(
-    not _INTEGRATED, strict=True, reason="attention.py does not build through registry.select_backend yet"
-)
+# ----- module level: the modules build through select_backend ----------------------------------
 
 
-@needs_integration
 def test_module_with_unavailable_named_backend_warns_and_runs_the_automatic_choice() -> None:
     torch.manual_seed(0)
     with pytest.warns(BackendFallbackWarning, match="'flash_2' was requested") as record:

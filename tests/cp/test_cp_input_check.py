@@ -259,6 +259,16 @@ def _cache_and_switch(mesh, rank: int) -> dict[str, Any]:
     }
 
 
+def _ulysses_local_error(mesh, rank: int) -> dict[str, Any]:
+    """Ulysses checks the global document offsets against W x the local length before any
+    exchange: rank 1, two tokens short, rejects them alone; rank 0 must not wait in the all-to-all."""
+    q, k, v = _globals()
+    _, shards, meta = _shard("ulysses", mesh, CU_GOOD, (q, k, v))
+    if rank == 1:
+        shards = [s[:, :-2] for s in shards]
+    return _outcome(lambda: _backend("ulysses", mesh)(tuple(shards), **meta).shape)
+
+
 def rank_body() -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -284,6 +294,7 @@ def rank_body() -> dict[str, Any]:
         run(f"dtype/{strategy}", lambda s=strategy: _mismatched_dtype(s, mesh, rank))
     run("functional/zig_zag", lambda: _functional_mismatch(mesh, rank))
     run("local_error", lambda: _local_error(mesh, rank))
+    run("local_error/ulysses", lambda: _ulysses_local_error(mesh, rank))
     run("head_stride", lambda: _mismatched_setting(mesh, rank))
     run("gather", lambda: _mismatched_gather(mesh, rank))
     run("cache", lambda: _cache_and_switch(mesh, rank))
@@ -401,3 +412,11 @@ def test_llama3_layouts_that_look_the_same_to_one_rank_are_checked_on_every_rank
         # 2 layouts x (attention check + gather check); the repeated call of each layout skips
         assert got["attention_checks"] == 4, (r, got)
         assert max(got["errs"]) < 1e-10, (r, got)
+
+
+def test_a_ulysses_rank_that_rejects_its_documents_does_not_leave_the_others_waiting(results):
+    r0, r1 = results[0]["local_error/ulysses"], results[1]["local_error/ulysses"]
+    # rank 1's own error (or, its shape differing too, the mismatch report that quotes it)
+    assert r1["error"] in ("InvalidInputError", "CPInputMismatchError"), r1
+    assert "number of flattened tokens" in r1["message"], r1
+    assert r0["error"] == "CPInputMismatchError" and "rank 1" in r0["message"], r0
