@@ -24,14 +24,17 @@ _HALF = (torch.float16, torch.bfloat16)
 def sdpa_supported(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
     """Whether :func:`sdpa_attention` runs this input without a T×T mask or repeated K/V.
 
-    CPU: PyTorch's CPU flash kernel takes every dtype and GQA (its dropout path is the O(T²) math
-    kernel, so dropout goes elsewhere), except half precision with grouped KV heads, whose dK / dV
-    came out 3-4x the plain-math baseline error (the conformance suite's --full matrix); the
-    blockwise kernel accumulates those in float32. CUDA: cuDNN / flash need half precision; float32
-    only without GQA (the memory-efficient kernel refuses GQA and the math fallback would repeat K/V).
+    CPU: PyTorch's CPU flash kernel for float32 and float64, GQA included (its dropout path is the
+    O(T²) math kernel, so dropout goes elsewhere). Half precision goes to the blockwise kernel, which
+    accumulates in float32: the CPU flash kernel's dK / dV drift from the float32 result as T grows
+    (1.5 to 2.2 roundings of the output dtype from T = 64 to 333, 3-4x the plain-math error with
+    grouped KV heads) and its float16 dQ / dK were seen non-finite where the true gradients fit in
+    float16; the cost is 1.5x (float16) to 3x (bfloat16) at T = 2048-8192 on two cores. CUDA: cuDNN /
+    flash need half precision; float32 only without GQA (the memory-efficient kernel refuses GQA and
+    the math fallback would repeat K/V).
     """
     if q.device.type == "cpu":
-        return dropout_p == 0.0 and not (q.dtype in _HALF and q.shape[2] != k.shape[2])
+        return dropout_p == 0.0 and q.dtype not in _HALF
     if q.device.type != "cuda":
         return False
     return q.dtype in _HALF or (q.dtype == torch.float32 and q.shape[2] == k.shape[2])

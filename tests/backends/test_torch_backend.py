@@ -493,3 +493,39 @@ def test_varlen_helper_errors_without_torch_varlen(monkeypatch):
         sdpa.varlen_attention(
             x, x, x, cu_q=cu, cu_k=cu, max_q=6, max_k=6, causal=True, window=(-1, -1), scale=1.0
         )
+
+
+def test_cpu_half_precision_plain_causal_runs_the_blockwise_kernel(monkeypatch):
+    """PyTorch's CPU flash kernel accumulates half-precision dK / dV less precisely than the float32
+    the API promises (and gave non-finite float16 dQ / dK where the true gradients fit): half
+    precision on the CPU goes to the blockwise kernel (float32 accumulation); float32 keeps the
+    faster CPU flash kernel."""
+    import olmo_attn.backends.torch_backend as tb
+
+    calls: list[torch.dtype] = []
+    real = tb.sdpa_attention
+
+    def spy(q, *args, **kwargs):
+        calls.append(q.dtype)
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(tb, "sdpa_attention", spy)
+    be = TorchAttentionBackend(head_dim=16, n_heads=2, n_kv_heads=2)
+    g = torch.Generator().manual_seed(0)
+    q64, k64, v64, do64 = (torch.randn(1, 40, 2, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q, k, v = (t.to(dtype).requires_grad_(True) for t in (q64, k64, v64))
+        out = be((q, k, v))
+        grads = torch.autograd.grad(out, (q, k, v), do64.to(dtype))
+        assert all(torch.isfinite(x).all() for x in grads)
+    assert calls == [torch.float32]  # half precision never reached SDPA
+    # and the float16 result is right (against float64)
+    q, k, v = (t.to(torch.float16).requires_grad_(True) for t in (q64, k64, v64))
+    out16 = be((q, k, v))
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q64, k64, v64))
+    out64 = TorchAttentionBackend(head_dim=16, n_heads=2, n_kv_heads=2)((qr, kr, vr))
+    torch.testing.assert_close(out16.double(), out64, atol=4e-3, rtol=0)
+    for got, want in zip(
+        torch.autograd.grad(out16, (q, k, v), do64.half()), torch.autograd.grad(out64, (qr, kr, vr), do64)
+    ):
+        torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=0)
