@@ -5,7 +5,8 @@ Per call (``olmo_attn.ops.torch_kernel`` holds the kernels):
 ==========================================  =====================================  ==========================
 mask                                        CUDA                                   CPU
 ==========================================  =====================================  ==========================
-causal, no window/documents                 SDPA ``enable_gqa`` (cuDNN > flash)    SDPA (CPU flash kernel)
+causal, no window/documents                 SDPA ``enable_gqa`` (cuDNN > flash)    SDPA (CPU flash kernel) for
+                                                                                   float32/64; half: blockwise
 window, documents, both, KV cache           FlexAttention block mask (documents:   blockwise kernel
                                             or ``varlen_attn``, one flag)
 dropout outside plain causal                blockwise kernel (counter-based mask)  blockwise kernel
