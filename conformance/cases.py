@@ -362,7 +362,7 @@ def _cp_points(subject: Subject, device: str) -> list[_Point]:
 
 
 # the containment family's axes (conformance/families/containment.py reads the variant names; the
-# matrix keeps its own copy so that it imports no family; a test keeps the two equal)
+# matrix owns the list, so that it imports no family; the family reads it from here)
 CONTAINMENT_TARGETS = ("documents", "batch_rows")
 CONTAINMENT_TENSORS = ("k", "v")
 CONTAINMENT_VALUES = ("nan", "inf")

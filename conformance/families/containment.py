@@ -29,14 +29,12 @@ import torch
 
 from olmo_attn.backends.capabilities import Feature
 
-from ..cases import Case
+from ..cases import Case, containment_variants
 from ..checks import CheckResult, HarnessError, deterministic_mode, fail, ok
 from ..results import RunContext
 from ..subjects import Subject
 from .softmax import _cu_tensor, _maxlen, backend_runner, draw_documents, draw_len, randn
 
-TARGETS = ("documents", "batch_rows")
-TENSORS = ("k", "v")
 VALUES = {"nan": math.nan, "inf": math.inf}
 ULPS = 8  # allowed |difference| in units of eps * the rows' largest magnitude (reordered sums)
 
@@ -44,14 +42,8 @@ _WHAT = {"out": "outputs", "dq": "dQ", "dk": "dK", "dv": "dV"}
 
 
 def variants() -> list[tuple[str, tuple[Feature, ...]]]:
-    """``(variant, required features)`` for every point of the family."""
-    out = []
-    for target in TARGETS:
-        needs = (Feature.documents,) if target == "documents" else ()
-        for tensor in TENSORS:
-            for value in VALUES:
-                out.append((f"{target}_{tensor}_{value}", needs))
-    return out
+    """``(variant, required features)`` for every point of the family (the case matrix's list)."""
+    return containment_variants()
 
 
 def _ranges(rows: list[int], limit: int = 8) -> str:
