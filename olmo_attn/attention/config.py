@@ -120,43 +120,11 @@ _OLMO_CORE_EXTRA_FIELDS: dict[str, tuple[Any, ...]] = {
 }
 
 
-# where OLMo-core keeps the classes of our configs (for dicts that OLMo-core's from_dict reads)
-OLMO_CORE_CLASS_PATHS: dict[str, str] = {
-    **{
-        n: f"olmo_core.nn.attention.{n}"
-        for n in ("AttentionConfig", "SlidingWindowAttentionConfig", "GateConfig")
-    },
-    **{
-        n: f"olmo_core.nn.rope.{n}"
-        for n in (
-            "RoPEConfig",
-            "ABFRoPEScalingConfig",
-            "PIRoPEScalingConfig",
-            "StepwiseRoPEScalingConfig",
-            "YaRNRoPEScalingConfig",
-        )
-    },
-    "LayerNormConfig": "olmo_core.nn.layer_norm.LayerNormConfig",
-}
-
-
 def to_olmo_core_config_dict(config: Config) -> dict[str, Any]:
-    """``config.as_config_dict()`` with every ``_CLASS_`` pointing at OLMo-core's class of the same
-    name, so ``olmo_core``'s ``Config.from_dict`` rebuilds it as an OLMo-core config."""
-
-    def rewrite(value: Any) -> Any:
-        if isinstance(value, dict):
-            out = {k: rewrite(v) for k, v in value.items()}
-            cls_path = out.get(Config.CLASS_NAME_FIELD)
-            if isinstance(cls_path, str):
-                short = cls_path.rsplit(".", 1)[-1]
-                out[Config.CLASS_NAME_FIELD] = OLMO_CORE_CLASS_PATHS.get(short, cls_path)
-            return out
-        if isinstance(value, list):
-            return [rewrite(v) for v in value]
-        return value
-
-    return rewrite(config.as_config_dict())
+    """``config.as_config_dict()``, whose ``_CLASS_`` entries already name OLMo-core's classes
+    (:data:`olmo_attn.config.OLMO_CORE_CLASS_PATHS`), so ``olmo_core``'s ``Config.from_dict``
+    rebuilds it as an OLMo-core config. Kept as the named exporter earlier releases documented."""
+    return config.as_config_dict()
 
 
 @SequenceMixerConfig.register("attention")
