@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
+from backend_bench import time_runs  # this folder is on sys.path when a script of it runs
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from olmo_attn.attention import Attention, FusedAttention, NormalizedAttention
@@ -80,22 +81,8 @@ def _build(
 
 
 def _time(fn: Callable[[int], Any], iters: int, cuda: bool) -> float:
-    """Median ms of ``fn(i)``; CUDA: events around every run, runs back to back, one sync."""
-    if not cuda:
-        times = []
-        for i in range(iters):
-            t0 = time.perf_counter()
-            fn(i)
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for i, (a, b) in enumerate(ev):
-        a.record()
-        fn(i)
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev)
+    """Median ms of ``fn(i)`` (the backend benchmark's timer: back-to-back CUDA events on GPUs)."""
+    return statistics.median(time_runs(fn, iters=iters, warmup=0, cuda=cuda))
 
 
 def _top_kernels(fn: Callable[[], Any]) -> list[str]:

@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from backend_bench import time_runs  # noqa: E402  (this folder: on sys.path when its scripts run)
+
 from olmo_attn.hardware import package_status  # noqa: E402
 from olmo_attn.recurrent import GatedDeltaNet, chunk_gated_delta_rule  # noqa: E402
 from olmo_attn.recurrent import fla as fla_mod  # noqa: E402
@@ -69,31 +71,11 @@ def _tf32(on: bool):
 
 
 def _time_ms(fn: Callable[[], Any], *, iters: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median / min / max milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs.
-
-    CUDA: events around every run, the runs issued back to back and one synchronisation at the end
-    (host work overlaps the previous run, as in training; a sync per run counted our ~0.5 ms of
-    forward launch overhead as GPU time on the H200: 2.36 ms that way against 1.68 ms back to back).
-    """
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)
-        ]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    """Median / min / max milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs, by the
+    backend benchmark's timer (CUDA: events around every run, runs back to back, one sync; a sync
+    per run counted our ~0.5 ms of forward launch overhead as GPU time on the H200: 2.36 ms that way
+    against 1.68 ms back to back)."""
+    times = time_runs(lambda _i: fn(), iters=iters, warmup=warmup, cuda=device.type == "cuda")
     return {
         "median_ms": statistics.median(times),
         "min_ms": min(times),
