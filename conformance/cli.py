@@ -5,8 +5,11 @@ of these subcommands runs, so importing ``olmo_attn`` or asking ``olmo-attn --ve
 the harness.
 
 * ``olmo-attn conformance [--tier T] [--quick|--full] [--backends B ...] [-k PATTERN] [--seed N]
-  [--require B ...] [--strict] [--compile-cache DIR] [--json F] [--junit F] [--markdown F]`` — run the
-  conformance harness. Exit codes: 0 cases ran, none failed and everything named (tiers, backends,
+  [--require B ...] [--strict] [--compile-cache DIR] [--jobs N|auto] [--json F] [--junit F]
+  [--markdown F]`` — run the conformance harness; ``--jobs N`` runs the selected cases in N worker
+  processes on this host (``conformance/parallel.py``: shards by problem, one GPU each round-robin,
+  the multigpu tier afterwards in the parent, a dead worker's unreported cases fail) and merges them
+  into one report with the same verdict; ``auto`` (default): 1 without CUDA, else cores / 4 (1 to 8). Exit codes: 0 cases ran, none failed and everything named (tiers, backends,
   ``-k``, ``--require``) was exercised; 1 a case failed; 2 a usage error; 3 nothing, or not everything
   requested, was verified (or, with ``--strict``, a case was skipped). With no arguments: the
   configuration, CPU and multi-process tiers (plus gpu / multigpu where CUDA is available), quick mode.
@@ -35,6 +38,22 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
     for v in values:
         out += [p.strip() for p in v.split(",") if p.strip()]
     return out
+
+
+def parse_jobs(text: str) -> int | str:
+    """``--jobs`` value: a whole number >= 1 or ``auto`` (an ``argparse`` type)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"--jobs takes a whole number >= 1 or 'auto', got {text!r}; e.g. --jobs 4 (--jobs 1: run in "
+            "this process)"
+        )
+    return n
 
 
 def add_conformance_args(p: argparse.ArgumentParser) -> None:
@@ -102,6 +121,17 @@ def add_conformance_args(p: argparse.ArgumentParser) -> None:
         help="run shard I of N (1-based; cases split by problem, so pairwise checks stay whole): "
         "parallel runs, e.g. one per GPU, merged afterwards with --merge",
     )
+    p.add_argument(
+        "--jobs",
+        type=parse_jobs,
+        metavar="N",
+        help="run the selected cases in N worker processes on this host (split by problem, one GPU each "
+        "round-robin, the multigpu tier afterwards in this process), merged into one report; 'auto' "
+        "(default): 1 without CUDA, else cores / 4 (1 to 8); 1: in this process",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=float, default=30.0, help=argparse.SUPPRESS
+    )  # seconds between --json checkpoints (--jobs workers use a shorter one)
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     p.add_argument(
         "--time-budget",
@@ -115,6 +145,13 @@ def add_conformance_args(p: argparse.ArgumentParser) -> None:
 def run_conformance(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """Run (or merge, or list) what ``args`` asks for; ``argv``: the arguments as typed (recorded as
     the report's command). Returns the exit code."""
+    if args.shard and args.jobs not in (None, 1):
+        print(
+            f"olmo-attn conformance: --jobs {args.jobs} and --shard {args.shard} cannot be combined: --jobs "
+            "splits the run into shards itself; drop --shard, or use --jobs 1 to run that one shard here",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.compile_cache:  # before the harness imports torch or compiles anything
         from .compile_stats import use_compile_cache
 
@@ -181,12 +218,29 @@ def run_conformance(args: argparse.Namespace, argv: Sequence[str] | None = None)
         "strict": args.strict,
         "command": command_line(["olmo-attn", "conformance", *(sys.argv[1:] if argv is None else argv)]),
     }
+    from .parallel import resolve_jobs
+
+    jobs = 1 if args.shard else resolve_jobs(args.jobs)
+    options["jobs"] = jobs
+    if jobs > 1:
+        from .parallel import run_parallel
+
+        try:
+            report = run_parallel(
+                args, cases, jobs=jobs, tiers=tiers, backends=backends, require=require, options=options
+            )
+        except ValueError as e:  # the workers' reports would not merge (e.g. GPUs of different models)
+            print(f"olmo-attn conformance --jobs {jobs}: {e}; run with --jobs 1", file=sys.stderr)
+            return EXIT_USAGE
+        return _finish(report, args)
     checkpoint = None
     if args.json:
         json_path = args.json
 
-        def checkpoint(partial: Any) -> None:
-            rep.write_json(partial, json_path)
+        def checkpoint(partial: Any) -> None:  # written whole, then renamed: a reader never sees half
+            tmp = f"{json_path}.partial"
+            rep.write_json(partial, tmp)
+            os.replace(tmp, json_path)
 
     report = run_cases(
         cases,
@@ -194,6 +248,7 @@ def run_conformance(args: argparse.Namespace, argv: Sequence[str] | None = None)
         options=options,
         time_budget_s=args.time_budget,
         checkpoint=checkpoint,
+        checkpoint_every_s=args.checkpoint_every,
     )
     return _finish(report, args)
 

@@ -356,7 +356,9 @@ def _result_from_dict(d: dict[str, Any]) -> CaseResult:
         )
         for c in d["checks"]
     ]
-    return CaseResult(case, d["status"], checks, d["message"], d["duration_s"], d.get("info", {}))
+    return CaseResult(
+        case, d["status"], checks, d["message"], d["duration_s"], d.get("info", {}), d.get("compile")
+    )
 
 
 def _fingerprint_from_dict(d: dict[str, Any]) -> Fingerprint:
