@@ -9,8 +9,9 @@ the harness.
   [--markdown F]`` — run the conformance harness; ``--jobs N`` runs the selected cases in N worker
   processes on this host (``conformance/parallel.py``: shards by problem, one GPU each round-robin,
   the multigpu tier afterwards in the parent, a dead worker's unreported cases fail) and merges them
-  into one report with the same verdict; ``auto`` (default): 1 without CUDA, else cores / 4 (1 to 8). Exit codes: 0 cases ran, none failed and everything named (tiers, backends,
-  ``-k``, ``--require``) was exercised; 1 a case failed; 2 a usage error; 3 nothing, or not everything
+  into one report with the same verdict; ``auto`` (default): 1 without CUDA, else cores / 4 (1 to 8).
+  Exit codes: 0 cases ran, none failed and everything named (tiers, backends, ``-k``, ``--require``)
+  was exercised; 1 a case failed; 2 a usage error; 3 nothing, or not everything
   requested, was verified (or, with ``--strict``, a case was skipped). With no arguments: the
   configuration, CPU and multi-process tiers (plus gpu / multigpu where CUDA is available), quick mode.
 * ``olmo-attn info [--json]`` — provenance, the environment fingerprint and the capability table.

@@ -347,7 +347,7 @@ def _run_workers(workers: Sequence[Worker], *, progress: bool, stream: TextIO, t
         raise _Terminated
 
     previous = None
-    with contextlib.suppress(ValueError):  # not the main thread: no handler (SIGINT still raises)
+    with contextlib.suppress(ValueError):  # not the main thread: no SIGTERM handler can be set
         previous = signal.signal(signal.SIGTERM, on_term)
     try:
         for w in workers:
