@@ -917,16 +917,16 @@ def triton_stages(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
     return [row]
 
 
-TUNE_CANDIDATES = {
-    "state": [(4, 1), (4, 2), (8, 2), (4, 3)],
-    "dstate": [(4, 1), (4, 2), (8, 2), (4, 3)],
-    "dqkwg": [(8, 2), (4, 2), (8, 1), (8, 3)],
-    "wy_bwd": [(8, 2), (4, 2), (8, 1)],
+TUNE_CANDIDATES = {  # largest stages first (a time budget cuts the tail)
+    "wy_bwd": [(8, 2), (4, 2), (8, 1), (16, 1), (16, 2)],
+    "dqkwg": [(8, 2), (4, 2), (8, 1), (8, 3), (16, 2)],
+    "state": [(4, 2), (4, 1), (8, 2), (8, 1), (4, 3)],
+    "dstate": [(4, 2), (4, 1), (8, 2), (8, 1), (4, 3)],
     "out": [(4, 2), (8, 2), (4, 3)],
+    "solve": [(4, 2), (2, 2), (8, 2)],
     "wu": [(4, 2), (8, 2), (4, 3)],
     "dv_local": [(4, 2), (8, 2), (4, 3)],
     "kkt": [(4, 2), (8, 2)],
-    "solve": [(4, 2), (2, 2), (8, 2)],
 }
 TILE_CANDIDATES = {"state_values": [8192, 4096, 16384], "chunk_bv": [64, 128, 32]}
 

@@ -7,7 +7,7 @@ compiled backward, with its duration and the guard that forced a recompile), and
 :func:`since` gives what was compiled between two snapshots. Nothing is imported or enabled that a
 run would not load anyway: without ``torch._dynamo`` loaded, nothing was compiled.
 
-:func:`use_compile_cache` points Inductor's and Triton's on-disk caches at one folder; it must run
+:func:`use_compile_cache` points Inductor's, Triton's and flash-attn-4's on-disk caches at one folder; it must run
 before torch compiles anything (``olmo-attn conformance --compile-cache DIR`` calls it before it
 imports torch), so a second run on the same machine reuses the first run's kernels.
 """
@@ -104,12 +104,19 @@ def since(before: CompileSnapshot) -> CompileDelta:
     return delta
 
 
-CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+CACHE_VARIABLES = (
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_CACHE_DIR",
+    "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED",  # flash-attn-4 keeps compiled kernels in memory only
+    "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR",  # unless its disk cache is switched on
+)
 
 
 def use_compile_cache(folder: str | os.PathLike) -> dict[str, str]:
     """Point Inductor's (``TORCHINDUCTOR_CACHE_DIR``) and Triton's (``TRITON_CACHE_DIR``) caches at
-    ``folder`` (created; Triton's under ``folder/triton``). Returns the variables set.
+    ``folder`` (created; Triton's under ``folder/triton``) and switch on flash-attn-4's disk cache of
+    CuTe DSL kernels under ``folder/cute`` (off by default: each process compiles them again).
+    Returns the variables set.
 
     Raises:
         RuntimeError: torch has already compiled something in this process (the caches are read
@@ -121,8 +128,11 @@ def use_compile_cache(folder: str | os.PathLike) -> dict[str, str]:
             "pass it on the command line (or set TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR yourself)"
         )
     root = Path(folder).expanduser().resolve()
-    (root / "triton").mkdir(parents=True, exist_ok=True)
-    values = {"TORCHINDUCTOR_CACHE_DIR": str(root), "TRITON_CACHE_DIR": str(root / "triton")}
+    for sub in ("triton", "cute"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    values = dict(
+        zip(CACHE_VARIABLES, (str(root), str(root / "triton"), "1", str(root / "cute")), strict=True)
+    )
     os.environ.update(values)
     return values
 
