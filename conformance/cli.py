@@ -101,8 +101,9 @@ def add_conformance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile-cache",
         metavar="DIR",
-        help="keep torch.compile's Inductor and Triton caches in DIR (TORCHINDUCTOR_CACHE_DIR, "
-        "TRITON_CACHE_DIR), so a second run reuses the first run's kernels",
+        help="keep torch.compile's Inductor and Triton caches and flash-attn-4's CuTe DSL cache in DIR "
+        "(TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=DIR/cute), so a "
+        "second run reuses the first run's kernels",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every case's shapes and inputs (default 0)")
     p.add_argument("--json", metavar="FILE", help="write the JSON report")
