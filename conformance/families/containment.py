@@ -154,9 +154,7 @@ def run_containment(
         head_dim=D, n_heads=H, n_kv_heads=H, scale=None, dropout_p=0.0, window_size=(-1, -1)
     )
     runner = backend_runner(backend, device, dtype, call)
-    mode = (
-        deterministic_mode() if Feature.deterministic in subject.spec.features else contextlib.nullcontext()
-    )
+    mode = deterministic_mode() if subject.spec.supports_deterministic(D) else contextlib.nullcontext()
     with mode:
         clean = runner.full(inputs)
         # (the poisoned run's inputs hold a NaN, which never compares equal to itself: only the clean

@@ -489,7 +489,7 @@ def run_checks(
     if problem.segments and len(problem.segments) > 1:
         nonempty = [i for i, s in enumerate(problem.segments) if s.q.numel() and s.k.numel()]
         which = nonempty[len(nonempty) // 2] if nonempty else 0
-        if Feature.deterministic in subject.spec.features:
+        if subject.spec.supports_deterministic(inputs["q"].shape[-1]):
             # Bit-identity across two runs is only promised by a deterministic backward (flash_4's
             # atomics reorder dK sums by an ulp otherwise: seen on an H200); compare in that mode.
             with deterministic_mode():
@@ -502,7 +502,7 @@ def run_checks(
     if edge_name is not None:
         results.append(_edge_check(edge_name, problem, runner, outs["out"], gen, edge_sides, case))
 
-    if Feature.deterministic in subject.spec.features:
+    if subject.spec.supports_deterministic(inputs["q"].shape[-1]):
         results.append(check_determinism("determinism", lambda: runner.full(inputs)))
 
     if poison:
@@ -673,6 +673,7 @@ def _kernel_call_factory(
     subject: Subject,
     device: str,
     *,
+    head_dim: int,
     scale: float,
     causal: bool,
     window: tuple[int, int],
@@ -683,7 +684,7 @@ def _kernel_call_factory(
 ) -> Callable[[], Any]:
     from olmo_attn.ops.kernel import KernelCall
 
-    deterministic = Feature.deterministic in subject.spec.features
+    deterministic = subject.spec.supports_deterministic(head_dim)
 
     def make() -> Any:
         kw: dict[str, Any] = dict(
@@ -736,7 +737,9 @@ def run_kernel(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Chec
             "dout": randn(gen, (B, Tq, Hq, D), dtype),
         }
         problem = _dense_problem(dtype, inputs, causal=causal, window=window, scale=scale)
-        make_call = _kernel_call_factory(subject, device, scale=scale, causal=causal, window=window)
+        make_call = _kernel_call_factory(
+            subject, device, head_dim=D, scale=scale, causal=causal, window=window
+        )
         info.update(B=B, Tq=Tq, Tk=Tk, causal=causal, window=window)
     else:
         total_q = B * T
@@ -758,7 +761,7 @@ def run_kernel(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Chec
             dtype, inputs, cu_q=cu_q, cu_k=cu_k, causal=True, window=window, scale=scale
         )
         make_call = _kernel_call_factory(
-            subject, device, scale=scale, causal=True, window=window, cu_q=cu_q, cu_k=cu_k
+            subject, device, head_dim=D, scale=scale, causal=True, window=window, cu_q=cu_q, cu_k=cu_k
         )
         info.update(total_q=total_q, total_k=total_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, window=window)
     backend = subject.build_backend(head_dim=D, n_heads=Hq, n_kv_heads=Hkv, scale=scale, dropout_p=0.0)
@@ -829,6 +832,7 @@ def run_dropout(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Che
         make_call = _kernel_call_factory(
             subject,
             device,
+            head_dim=D,
             scale=scale,
             causal=True,
             window=(-1, -1),
@@ -848,7 +852,14 @@ def run_dropout(case: Case, subject: Subject, ctx: RunContext) -> tuple[list[Che
         }
         problem = _dense_problem(dtype, inputs, causal=True, window=(-1, -1), scale=scale)
         make_call = _kernel_call_factory(
-            subject, device, scale=scale, causal=True, window=(-1, -1), dropout_p=p, dropout_seed=seed
+            subject,
+            device,
+            head_dim=D,
+            scale=scale,
+            causal=True,
+            window=(-1, -1),
+            dropout_p=p,
+            dropout_seed=seed,
         )
         shared_shape = (B, Hq, T, T)
     info["dropout_seed"] = seed

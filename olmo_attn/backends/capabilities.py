@@ -67,6 +67,8 @@ class BackendSpec:
     # where this project's conformance passed on real hardware: "any", or device tags ("cpu", "sm_90")
     verified_on: frozenset[str] = frozenset()
     alternative_modules: tuple[str, ...] = ()  # other import names that also provide it
+    # largest head_dim with a deterministic backward (None: every head_dim it takes)
+    deterministic_head_dim_max: int | None = None
     notes: str = ""
 
     @property
@@ -81,6 +83,11 @@ class BackendSpec:
     def supports_head_dim(self, head_dim: int) -> bool:
         """``head_dim`` is a multiple of ``head_dim_multiple`` and at most ``head_dim_max``."""
         return head_dim <= self.head_dim_max and head_dim % self.head_dim_multiple == 0
+
+    def supports_deterministic(self, head_dim: int) -> bool:
+        """A bit-reproducible backward at this ``head_dim``."""
+        limit = self.deterministic_head_dim_max
+        return Feature.deterministic in self.features and (limit is None or head_dim <= limit)
 
     def head_dim_text(self) -> str:
         """``"any"``, or ``"≤ 256"`` (``", multiple of 8"`` where it needs one)."""
@@ -169,6 +176,11 @@ TABLE: dict[str, BackendSpec] = {
             head_dim_multiple=8,
             features=_EVERYTHING - {_F.dropout},
             ring_strategies=("zig_zag", "llama3"),
+            # FA3's 256 kernel has no deterministic variant (hopper/flash_bwd_launch_template.h:
+            # ``Deterministic_ && kHeadDim < 256``) and runs head dims above 192 — and above 128 in
+            # builds without the 192 kernel, like scripts/flash3/build.sh's; asked for one, FA3 3.0.0
+            # segfaulted in the backward on the H200 (scripts/flash3/probe.py; 64 and 128 passed)
+            deterministic_head_dim_max=128,
             notes="NOT VERIFIED ON HARDWARE HERE (no FA3 wheel for the lent GPUs); Hopper only, no dropout; "
             "adapter written against flash-attn 2.8.3's hopper/flash_attn_interface.py; ring CP through our "
             "LSE ring on _flash_attn_forward/_backward",

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..exceptions import BackendUnavailableError
+from ..exceptions import BackendUnavailableError, UnsupportedFeatureError
 from ..masks import DocSegments
 from ..ops.kernel import KernelCall
 from . import capabilities as caps
@@ -89,6 +89,20 @@ def window_kwargs(fn: Callable[..., Any], window: tuple[int, int]) -> dict[str, 
     if "window_size_left" in parameter_names(fn):
         return {"window_size_left": left, "window_size_right": right}
     return {"window_size": (left, right)}
+
+
+def deterministic_for(head_dim: int, requested: bool) -> bool:
+    """``requested``, refused with :class:`UnsupportedFeatureError` where FA3 has no deterministic
+    backward (``head_dim`` above ``deterministic_head_dim_max``: there it crashed instead)."""
+    spec = caps.get_spec("flash_3")
+    if requested and not spec.supports_deterministic(head_dim):
+        raise UnsupportedFeatureError(
+            f"attention backend 'flash_3' has no deterministic backward at head_dim={head_dim} (above "
+            f"{spec.deterministic_head_dim_max} FA3 may run its 256 kernel, which has none, and crashed "
+            "when asked): turn torch.use_deterministic_algorithms off around this layer, or use "
+            "backend='flash_4' or 'torch', which have one"
+        )
+    return requested
 
 
 def _no_dropout(call: KernelCall) -> None:
@@ -183,13 +197,14 @@ class Flash3Kernel:
                 call.causal,
                 **window_kwargs(bwd, call.window),
                 softcap=0.0,
-                deterministic=call.deterministic or deterministic_requested(),
+                deterministic=deterministic_for(q.shape[-1], call.deterministic or deterministic_requested()),
             )
         return dq, dk, dv
 
 
 class FlashAttention3Backend(AttentionBackend):
-    """FlashAttention-3 (Hopper): fp16/bf16, head_dim <= 256 (multiple of 8), no dropout.
+    """FlashAttention-3 (Hopper): fp16/bf16, head_dim <= 256 (multiple of 8), no dropout; deterministic
+    backward (``torch.use_deterministic_algorithms``) up to head_dim 128.
 
     Inputs ``q [B, T, Hq, D]``, ``k, v [B, T, Hkv, D]`` or packed ``[B, T, 3, H, D]``; output
     ``[B, T, Hq, D]``.
@@ -210,7 +225,7 @@ class FlashAttention3Backend(AttentionBackend):
             "softmax_scale": self.softmax_scale,
             "causal": True,
             "window_size": self.window_size,
-            "deterministic": deterministic_requested(),
+            "deterministic": deterministic_for(self.head_dim, deterministic_requested()),
         }
 
     def _attend(

@@ -20,6 +20,7 @@ from test_flash_doubles import (
 )
 
 from olmo_attn import hardware
+from olmo_attn.backends import capabilities as caps
 from olmo_attn.backends.base import AttentionBackendName
 from olmo_attn.backends.flash3 import Flash3Kernel, FlashAttention3Backend
 from olmo_attn.exceptions import BackendUnavailableError, UnsupportedFeatureError
@@ -94,6 +95,35 @@ def test_dense_window_scale_deterministic(fa3: Recorder, monkeypatch: pytest.Mon
     assert call.kwargs["window_size"] == (6, 0) and call.kwargs["softmax_scale"] == 0.3
     assert call.kwargs["deterministic"] is True
     assert_close_bf16(out, reference_out(q, k, v, scale=0.3, window=(6, 0)))
+
+
+@pytest.mark.parametrize("D", [192, 256])
+def test_deterministic_refused_above_head_dim_128(
+    fa3: Recorder, monkeypatch: pytest.MonkeyPatch, D: int
+) -> None:
+    """Regression (H200, FA3 3.0.0): a deterministic backward at head_dim 256 segfaulted inside FA3
+    (its 256 kernel has no deterministic variant); asked for one, both entry points raise first."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    q, k, v = qkv(D=D)
+    with pytest.raises(UnsupportedFeatureError, match=rf"deterministic backward at head_dim={D}.*flash_4"):
+        build(head_dim=D)((q, k, v))
+    assert not fa3.calls
+    q, k, v = (x[0] for x in qkv(B=1, T=8, D=D))
+    call = KernelCall(scale=0.1, causal=True)
+    out, lse = Flash3Kernel().forward(q, k, v, call)  # the forward takes no such flag
+    with pytest.raises(UnsupportedFeatureError, match=rf"head_dim={D}"):
+        Flash3Kernel().backward(torch.randn_like(q), q, k, v, out, lse, call)
+    assert fa3.names() == ["_flash_attn_forward"]
+
+
+def test_deterministic_kept_at_head_dim_128(fa3: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    q, k, v = qkv(D=128)
+    build(head_dim=128)((q, k, v))
+    assert fa3.only("flash_attn_func").kwargs["deterministic"] is True
+    assert caps.get_spec("flash_3").supports_deterministic(128)
+    assert not caps.get_spec("flash_3").supports_deterministic(192)
+    assert caps.get_spec("flash_4").supports_deterministic(256)
 
 
 def test_documents_and_packed(fa3: Recorder) -> None:
