@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from olmo_attn.backends import capabilities as caps  # noqa: E402
 from olmo_attn.backends import registry  # noqa: E402
 from olmo_attn.backends.base import AttentionBackendName  # noqa: E402
 from olmo_attn.hardware import info_for, package_status  # noqa: E402
+from olmo_attn.ops.containment import fault_containment  # noqa: E402
 
 MASKS = ("causal", "sliding_window", "documents")
 
@@ -77,6 +78,9 @@ class BenchConfig:
     seed: int = 0
     smoke: bool = False
     raw: bool = True  # also time the library's own call on the same inputs
+    # fault containment (olmo_attn.fault_containment): "off", "on", or "both" (each backend twice,
+    # the contained run labelled "<backend>+contain")
+    contain_faults: str = "off"
 
 
 @dataclass
@@ -356,10 +360,24 @@ def _inputs(cfg: BenchConfig, B: int, T: int, seed: int, dtype: torch.dtype) -> 
     return q, k, v, dout
 
 
+CONTAIN = "+contain"  # backend-name suffix: the same backend with fault containment on
+
+
 def run_case(
     cfg: BenchConfig, name: str, mask: str, T: int, reference_out: dict[tuple[str, int], torch.Tensor]
 ) -> CaseResult:
-    """Time backend ``name`` on one workload; record an error instead of raising."""
+    """Time backend ``name`` (``"<backend>+contain"``: with fault containment on) on one workload;
+    record an error instead of raising."""
+    if name.endswith(CONTAIN):
+        with fault_containment(True):
+            return _run_case(replace(cfg, raw=False), name, mask, T, reference_out)
+    with fault_containment(False):
+        return _run_case(cfg, name, mask, T, reference_out)
+
+
+def _run_case(
+    cfg: BenchConfig, name: str, mask: str, T: int, reference_out: dict[tuple[str, int], torch.Tensor]
+) -> CaseResult:
     dtype = getattr(torch, cfg.dtype)
     cuda = torch.device(cfg.device).type == "cuda"
     B = max(1, cfg.tokens // T)
@@ -374,7 +392,7 @@ def run_case(
     res.pairs = allowed_pairs(mask, B, T, cfg.window, doc_lens)
     fwd_flops = 4 * cfg.n_heads * cfg.head_dim * res.pairs
     try:
-        backend = AttentionBackendName(name).build(
+        backend = AttentionBackendName(name.removesuffix(CONTAIN)).build(
             head_dim=cfg.head_dim,
             n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_kv_heads,
@@ -449,6 +467,10 @@ def run(cfg: BenchConfig, checkpoint: Path | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     names = list(cfg.backends) or [n for n in caps.TABLE if caps.unavailable_reason(n, cfg.device) is None]
     names = ["torch", *[n for n in names if n != "torch"]]  # torch first: the agreement baseline
+    if cfg.contain_faults == "on":
+        names = [f"{n}{CONTAIN}" for n in names]
+    elif cfg.contain_faults == "both":
+        names = [m for n in names for m in (n, f"{n}{CONTAIN}")]
     skipped = {
         n: caps.unavailable_reason(n, cfg.device)
         for n in caps.TABLE
@@ -573,6 +595,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smoke", action="store_true", help="CPU, tiny shapes, float32, 3 runs: checks the script"
     )
     p.add_argument(
+        "--contain-faults",
+        choices=["off", "on", "both"],
+        default="off",
+        help="fault containment (olmo_attn.fault_containment) off, on, or both side by side "
+        "('<backend>+contain' rows): its cost",
+    )
+    p.add_argument(
         "--no-raw",
         dest="raw",
         action="store_false",
@@ -600,6 +629,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             mean_doc_len=24,
             smoke=True,
             raw=args.raw,
+            contain_faults=args.contain_faults,
         )
     if not torch.cuda.is_available():
         raise SystemExit("backend_bench: no CUDA device here; run with --smoke for the CPU check")
@@ -613,11 +643,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         iters=max(20, args.iters),
         warmup=args.warmup,
         raw=args.raw,
+        contain_faults=args.contain_faults,
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.write_preference is not None and args.contain_faults != "off":
+        raise SystemExit("--write-preference measures the backends as shipped: leave --contain-faults off")
     cfg = config_from_args(args)
     unknown = [m for m in cfg.masks if m not in MASKS]
     if unknown:

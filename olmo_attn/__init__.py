@@ -51,6 +51,7 @@ from .norm import (
     RMSNorm,
     l2_normalize,
 )
+from .ops.containment import fault_containment, fault_containment_enabled, set_fault_containment
 from .recurrent import GatedDeltaNet, GatedDeltaNetConfig, GDNCache
 from .rope import (
     ABFRoPEScalingConfig,
@@ -152,6 +153,9 @@ __all__ = [
     "YaRNRoPEScalingConfig",
     "compute_inv_freqs",
     "document_position_ids",
+    "fault_containment",
+    "fault_containment_enabled",
     "l2_normalize",
+    "set_fault_containment",
     "to_olmo_core_config_dict",
 ]

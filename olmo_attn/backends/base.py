@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..config import StrEnum
 from ..exceptions import ConfigurationError
 from ..masks import DocSegments, resolve_doc_args, validate_window
+from ..ops.containment import contain_documents, fault_containment_enabled
 from . import capabilities as caps
 from .capabilities import Feature
 
@@ -301,6 +302,11 @@ class AttentionBackend(nn.Module):
             from ..cp.ulysses import ulysses_attention
 
             return ulysses_attention(self, q, k, v, docs=docs, dropout_p=dropout_p)
+        if docs is not None and docs.local_k_slice is None and fault_containment_enabled():
+            segs = docs
+            return contain_documents(
+                lambda q_, k_, v_: self._attend(q_, k_, v_, segs, dropout_p), q, k, v, docs.cu_q, docs.cu_k
+            )
         if packed:
             return self._attend_packed(qkv, docs, dropout_p)
         return self._attend(q, k, v, docs, dropout_p)
