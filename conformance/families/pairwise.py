@@ -20,7 +20,9 @@ from ..tolerances import pairwise_budget, ref_scale
 if TYPE_CHECKING:
     from ..cases import Case
 
-PAIRWISE_FAMILIES = ("attn", "kernel", "packed", "dropout", "module")
+# not dropout: each kernel draws its own keep mask (torch: counter-based, flash_2: Philox), so two
+# backends never compute the same function there; each is judged against the reference with its own
+PAIRWISE_FAMILIES = ("attn", "kernel", "packed", "module")
 
 
 def pairwise_case(a: Case, b: Case) -> Case:

@@ -455,6 +455,9 @@ def _maxlen(cu: list[int]) -> int:
 # ------------------------------------------------------------------------------------------ checks
 
 
+ISOLATION_GRAD_ULPS = 4  # other documents' gradients under a non-deterministic backward
+
+
 def run_checks(
     case: Case,
     subject: Subject,
@@ -496,8 +499,14 @@ def run_checks(
                 base = {k: v for k, v in runner.full(inputs).items() if k != "lse"}
                 results.append(check_isolation(runner.full, inputs, problem.segments, which, base, gen))
         else:
+            # no deterministic backward here (e.g. flash_3 above head_dim 128): atomics may move
+            # other documents' gradients by an ulp between any two runs
             base = {k: v for k, v in outs.items() if k != "lse"}
-            results.append(check_isolation(runner.full, inputs, problem.segments, which, base, gen))
+            results.append(
+                check_isolation(
+                    runner.full, inputs, problem.segments, which, base, gen, grad_ulps=ISOLATION_GRAD_ULPS
+                )
+            )
 
     if edge_name is not None:
         results.append(_edge_check(edge_name, problem, runner, outs["out"], gen, edge_sides, case))

@@ -279,7 +279,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 def supporting(feature: Feature | str, device: torch.device | str | None = None) -> list[str]:
     """Backends whose table entry has ``feature`` (available here or not)."""
-    f = Feature(feature)
+    f = feature if isinstance(feature, Feature) else Feature(feature)  # (no Enum call under Dynamo 2.11)
     return [n for n, s in TABLE.items() if f in s.features]
 
 
@@ -292,7 +292,7 @@ def assert_available(name: str, device: torch.device | str | None = None) -> Non
 def assert_feature(name: str, feature: Feature | str, detail: str = "") -> None:
     """Raise :class:`UnsupportedFeatureError` naming the backends that do support ``feature``."""
     spec = get_spec(name)
-    f = Feature(feature)
+    f = feature if isinstance(feature, Feature) else Feature(feature)  # (no Enum call under Dynamo 2.11)
     if f in spec.features:
         return
     others = [n for n in supporting(f) if n != name]

@@ -30,6 +30,7 @@ whichever form the installed function declares.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -93,15 +94,20 @@ def window_kwargs(fn: Callable[..., Any], window: tuple[int, int]) -> dict[str, 
 
 def deterministic_for(head_dim: int, requested: bool) -> bool:
     """``requested``, refused with :class:`UnsupportedFeatureError` where FA3 has no deterministic
-    backward (``head_dim`` above ``deterministic_head_dim_max``: there it crashed instead)."""
+    backward (``head_dim`` above ``deterministic_head_dim_max``: there it crashed instead); with
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` a warning and the usual backward."""
     spec = caps.get_spec("flash_3")
     if requested and not spec.supports_deterministic(head_dim):
-        raise UnsupportedFeatureError(
+        msg = (
             f"attention backend 'flash_3' has no deterministic backward at head_dim={head_dim} (above "
             f"{spec.deterministic_head_dim_max} FA3 may run its 256 kernel, which has none, and crashed "
             "when asked): turn torch.use_deterministic_algorithms off around this layer, or use "
             "backend='flash_4' or 'torch', which have one"
         )
+        if torch.is_deterministic_algorithms_warn_only_enabled():  # PyTorch's rule: warn, run as usual
+            warnings.warn(msg + "; running the non-deterministic backward (warn_only=True)", stacklevel=3)
+            return False
+        raise UnsupportedFeatureError(msg)
     return requested
 
 

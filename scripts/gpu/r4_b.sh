@@ -16,8 +16,8 @@ t0=$SECONDS
 budget=${BUDGET:-540}
 pack() { tar -czf "$final/r4_b.tgz" -C "$OUT" . ; echo "call: $((SECONDS - t0)) s"; }
 bash ~/fa4_p2/fa4_install.sh .carry/fa4_1 ~/fa4_site > "$OUT/fa4_install.log" 2>&1 || tail -5 "$OUT/fa4_install.log"
+source ~/fa3_site/seed_env.sh  # (its line is frozen at install time: first, then fa4's appends)
 source ~/fa4_site/env.sh
-source ~/fa3_site/seed_env.sh
 fla_site
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONFAULTHANDLER=1
 tail -n 1 ~/seed/fa2/progress.log
