@@ -272,17 +272,48 @@ def context_parallel() -> list[str]:
 
 
 def conformance() -> list[str]:
-    out = ["| report | device | cases | passed | failed | skipped |", "|---|---|---|---|---|---|"]
+    out = [
+        "| report | device | cases | passed | failed | skipped | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in sorted(REPORTS.glob("*.json")):
         d = json.loads(p.read_text())
         fp, c = d["fingerprint"], d["counts"]
         dev = f"{fp.get('device_name', '?')} ({fp.get('arch', '?')})"
         md = p.with_suffix(".md").name
+        wall = d.get("duration_s")
         out.append(
             f"| [`{md}`](conformance/reports/{md}) | {dev} | {c['total']} | {c['passed']} | {c['failed']} | "
-            f"{c['skipped']} |"
+            f"{c['skipped']} | {f'{wall:.0f}' if isinstance(wall, (int, float)) else '—'} |"
         )
     return [*out, ""]
+
+
+def compiled() -> list[str]:
+    """``benchmarks/compile_bench.py``: compiled vs eager per module and case."""
+    out = []
+    for path, d in _load("*-compile.json"):
+        env = d["env"]
+        out += [
+            f"**`torch.compile` vs eager** — {env['device']}, torch {env['torch']}, {env['dtype']}, forward+backward "
+            f"({env.get('timing', '')}); frames: graphs Dynamo made (1 = no graph break) "
+            f"([`{path.name}`](benchmarks/results/{path.name})).",
+            "",
+            "| module | case | eager ms | compiled ms | first call s | frames | top kernel |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in d["results"]:
+            if r.get("error"):
+                first = r["error"].splitlines()[0][:90]
+                out.append(f"| {r['module']} | {r['case']} | error: {first} | | | | |")
+                continue
+            top = (r.get("top_kernels") or ["—"])[0][:60]
+            out.append(
+                f"| {r['module']} | {r['case']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | "
+                f"{r['first_call_s']:.1f} | {r['frames']} | `{top}` |"
+            )
+        out.append("")
+    return out
 
 
 def capabilities() -> list[str]:
@@ -322,6 +353,7 @@ def render() -> str:
         *torch_backend(),
         *backends(),
         *module(),
+        *compiled(),
         *context_parallel(),
         *gdn(),
         *gdn_triton(),

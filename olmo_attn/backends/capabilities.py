@@ -156,10 +156,12 @@ TABLE: dict[str, BackendSpec] = {
             head_dim_multiple=8,
             features=_EVERYTHING,
             ring_strategies=("zig_zag", "llama3"),
-            notes="NOT VERIFIED ON HARDWARE HERE (no flash-attn wheel for the lent GPUs); adapter written "
-            "against flash-attn 2.8.3: flash_attn_func / varlen / qkvpacked / with_kvcache (cache_leftpad); "
-            "LSE kernel _wrapped_flash_attn_{forward,backward}; ring CP via ring-flash-attn when installed "
-            "(zig-zag without window, llama3), else our LSE ring",
+            verified_on=frozenset({"sm_90"}),  # conformance/reports/NVIDIA_H200-2026-12-03-gpu.md
+            notes="adapter written against flash-attn 2.8.3: flash_attn_func / varlen / qkvpacked / "
+            "with_kvcache (cache_leftpad); LSE kernel _wrapped_flash_attn_{forward,backward}; ring CP via "
+            "ring-flash-attn when installed (zig-zag without window, llama3), else our LSE ring; verified on "
+            "sm_90 (H200, the offline subset build of scripts/flash2/build.sh: every gpu-tier case, pairwise "
+            "with torch and flash_3, containment included), not on sm_80/sm_100; ring CP not run on GPUs",
         ),
         BackendSpec(
             name="flash_3",
@@ -181,9 +183,13 @@ TABLE: dict[str, BackendSpec] = {
             # builds without the 192 kernel, like scripts/flash3/build.sh's; asked for one, FA3 3.0.0
             # segfaulted in the backward on the H200 (scripts/flash3/probe.py; 64 and 128 passed)
             deterministic_head_dim_max=128,
-            notes="NOT VERIFIED ON HARDWARE HERE (no FA3 wheel for the lent GPUs); Hopper only, no dropout; "
-            "adapter written against flash-attn 2.8.3's hopper/flash_attn_interface.py; ring CP through our "
-            "LSE ring on _flash_attn_forward/_backward",
+            verified_on=frozenset({"sm_90"}),  # conformance/reports/NVIDIA_H200-2026-12-03-gpu.md
+            notes="Hopper only, no dropout; deterministic backward up to head_dim 128; adapter written against "
+            "flash-attn 2.8.3's hopper/flash_attn_interface.py and FA3 3.0.0's custom ops; KV cache through "
+            "the gathered visible slots (flash_attn_with_kvcache leaked NaN from unused slots on the H200); "
+            "ring CP through our LSE ring on _flash_attn_forward/_backward; verified on sm_90 (H200, the "
+            "offline subset build of scripts/flash3/build.sh: every gpu-tier case except containment, "
+            "pairwise with torch and flash_2); ring CP not run on GPUs",
         ),
         BackendSpec(
             name="flash_4",
