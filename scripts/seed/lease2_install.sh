@@ -20,7 +20,11 @@ for b in fa2 fa3; do
   mapfile -t parts < <(for d in "$@"; do ls "$d"/$b.tar.xz.part* 2>/dev/null; done | awk -F/ '{print $NF"\t"$0}' | sort -u -k1,1 | cut -f2)
   if [ "${#parts[@]}" -eq 0 ]; then echo "$b: no parts in $*" >&2; continue; fi
   t0=$(date +%s)
-  if cat "${parts[@]}" | tar -xJf - -C "$site"; then
+  keep=()
+  # flash-attn 2.8.3's wheel ships an old flash_attn/cute/ of its own: never over flash-attn-4's
+  # (extracted over it, flash-attn-4 failed to import: "cutlass.cute.core has no attribute ThrMma")
+  [ "$b" = fa2 ] && [ -d "$site/flash_attn/cute" ] && keep=(--exclude=flash_attn/cute)
+  if cat "${parts[@]}" | tar -xJf - -C "$site" "${keep[@]}"; then
     echo "$b: extracted ${#parts[@]} part(s) into $site in $(( $(date +%s) - t0 )) s" >&2
   else
     echo "$b: extraction FAILED (missing or corrupt part?): ${parts[*]}" >&2
