@@ -348,8 +348,9 @@ def derive_preferences(results: Iterable[Mapping[str, Any]]) -> dict[str, list[s
     ``seq_len``, ``fwd_bwd_ms`` (``None`` or missing when the case failed) for one architecture. A
     backend is ranked for a mask kind only if it ran every sequence length measured for that kind
     (a backend that fails a shape cannot be chosen for it); the rank is the geometric mean over
-    those lengths of its time divided by the fastest time at that length. ``torch`` always ends the
-    list.
+    those lengths of its time divided by the fastest time at that length. ``torch`` is ranked like
+    the others (a flash kernel slower than it is never preferred to it) and ends the list when it
+    was not measured (it runs everywhere: the fallback).
     """
     by_kind: dict[str, dict[str, dict[int, float]]] = {}
     for r in results:
@@ -367,9 +368,7 @@ def derive_preferences(results: Iterable[Mapping[str, Any]]) -> dict[str, list[s
             for b, times in complete.items()
         }
         order = sorted(score, key=lambda b: (score[b], b))
-        if "torch" in order:
-            order.remove("torch")
-        prefs[kind] = [*order, "torch"]
+        prefs[kind] = order if "torch" in order else [*order, "torch"]
     return prefs
 
 
