@@ -156,9 +156,8 @@ TABLE: dict[str, BackendSpec] = {
             head_dim_multiple=8,
             features=_EVERYTHING,
             ring_strategies=("zig_zag", "llama3"),
-            verified_on=frozenset(
-                {"sm_90"}
-            ),  # conformance/reports/NVIDIA_H200-2026-12-03-gpu-torch-flash_2-flash_3.md
+            # conformance/reports/NVIDIA_H200-2026-12-03-gpu-torch-flash_2-flash_3.md
+            verified_on=frozenset({"sm_90"}),
             notes="adapter written against flash-attn 2.8.3: flash_attn_func / varlen / qkvpacked / "
             "with_kvcache (cache_leftpad); LSE kernel _wrapped_flash_attn_{forward,backward}; ring CP via "
             "ring-flash-attn when installed (zig-zag without window, llama3), else our LSE ring; verified on "
@@ -185,9 +184,8 @@ TABLE: dict[str, BackendSpec] = {
             # builds without the 192 kernel, like scripts/flash3/build.sh's; asked for one, FA3 3.0.0
             # segfaulted in the backward on the H200 (scripts/flash3/probe.py; 64 and 128 passed)
             deterministic_head_dim_max=128,
-            verified_on=frozenset(
-                {"sm_90"}
-            ),  # conformance/reports/NVIDIA_H200-2026-12-03-gpu-torch-flash_2-flash_3.md
+            # conformance/reports/NVIDIA_H200-2026-12-03-gpu-torch-flash_2-flash_3.md
+            verified_on=frozenset({"sm_90"}),
             notes="Hopper only, no dropout; deterministic backward up to head_dim 128; adapter written against "
             "flash-attn 2.8.3's hopper/flash_attn_interface.py and FA3 3.0.0's custom ops; KV cache through "
             "the gathered visible slots (flash_attn_with_kvcache leaked NaN from unused slots on the H200); "
