@@ -4,6 +4,7 @@
 # ~/fa4_site overwrote flash-attn-4's files (cutlass.cute.core has no ThrMma): unzip flash-attn-4's
 # wheel again over it; then the merged gpu tier with all four backends and compile_bench.
 #   run(command="bash scripts/gpu/r4_e.sh", carry=[".carry/fa4_1/flash_attn_4-4.0.0b36-py3-none-any.whl"], timeout_s=560)
+# (Run once: the machine was taken back for other work before it finished; no result.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh

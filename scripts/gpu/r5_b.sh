@@ -6,6 +6,7 @@
 # side (adapters and raw calls; the preference order it implies), the gpu tier for all four in one
 # run from a cold compile cache (pairwise across all of them), and benchmarks/compile_bench.py.
 #   run(command="BUDGET=<s> bash scripts/gpu/r5_b.sh", carry=[".carry/fa4_1"], timeout_s=<s + 30>)
+# (Not run: no machine was lent again in that session.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh

@@ -4,6 +4,7 @@
 # .carry/wheels. The gpu tier for torch + flash_2 + flash_3 in one run from a cold compile cache
 # (pairwise across the three), then benchmarks/compile_bench.py with the time left.
 #   run(command="BUDGET=<s> bash scripts/gpu/r5_c.sh", carry=[".carry/fa2w", ".carry/fa3w", ".carry/wheels"], timeout_s=<s + 30>)
+# (Not run: no machine was lent again in that session.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh
