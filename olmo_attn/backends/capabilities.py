@@ -285,9 +285,15 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [n for n in TABLE if unavailable_reason(n, device) is None]
 
 
+def as_feature(feature: Feature | str) -> Feature:
+    """``feature`` as a :class:`Feature` (no Enum call when it already is one: Dynamo 2.11 cannot
+    trace that call inside a compiled forward)."""
+    return feature if isinstance(feature, Feature) else Feature(feature)
+
+
 def supporting(feature: Feature | str, device: torch.device | str | None = None) -> list[str]:
     """Backends whose table entry has ``feature`` (available here or not)."""
-    f = feature if isinstance(feature, Feature) else Feature(feature)  # (no Enum call under Dynamo 2.11)
+    f = as_feature(feature)
     return [n for n, s in TABLE.items() if f in s.features]
 
 
@@ -300,7 +306,7 @@ def assert_available(name: str, device: torch.device | str | None = None) -> Non
 def assert_feature(name: str, feature: Feature | str, detail: str = "") -> None:
     """Raise :class:`UnsupportedFeatureError` naming the backends that do support ``feature``."""
     spec = get_spec(name)
-    f = feature if isinstance(feature, Feature) else Feature(feature)  # (no Enum call under Dynamo 2.11)
+    f = as_feature(feature)
     if f in spec.features:
         return
     others = [n for n in supporting(f) if n != name]
