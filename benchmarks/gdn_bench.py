@@ -796,6 +796,7 @@ def _speed_shape(
             traceback.print_exc()
     with torch.no_grad():
         record("ours:triton", "fwd", ours)
+    record("ours:triton", "fwd[train]", ours)  # grad on: keeps what the backward reads
     record("ours:triton", "fwd+bwd", _fwd_bwd(ours, leaves, do))
     ok_f, why_f = fla_mod.fla_kernel_usable(device, dt, backward=False)
     ok_b, why_b = fla_mod.fla_kernel_usable(device, dt, backward=True)
@@ -917,18 +918,19 @@ def triton_stages(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
     return [row]
 
 
-TUNE_CANDIDATES = {  # largest stages first (a time budget cuts the tail)
-    "wy_bwd": [(8, 2), (4, 2), (8, 1), (16, 1), (16, 2)],
-    "dqkwg": [(8, 2), (4, 2), (8, 1), (8, 3), (16, 2)],
-    "state": [(4, 2), (4, 1), (8, 2), (8, 1), (4, 3)],
-    "dstate": [(4, 2), (4, 1), (8, 2), (8, 1), (4, 3)],
-    "out": [(4, 2), (8, 2), (4, 3)],
-    "solve": [(4, 2), (2, 2), (8, 2)],
-    "wu": [(4, 2), (8, 2), (4, 3)],
+TUNE_CANDIDATES = {  # largest stages first (a time budget cuts the tail); the default kernel choices' stages
+    "wy_bwd": [(8, 1), (4, 2), (8, 2), (16, 1)],
+    "state_out": [(4, 2), (8, 2), (4, 3), (8, 1)],
+    "dqkwg": [(8, 3), (8, 2), (4, 2), (16, 2)],
+    "dstate": [(8, 2), (4, 2), (8, 1), (4, 3)],
+    "prep": [(4, 2), (2, 2), (8, 2), (4, 1)],
     "dv_local": [(4, 2), (8, 2), (4, 3)],
-    "kkt": [(4, 2), (8, 2)],
 }
-TILE_CANDIDATES = {"state_values": [8192, 4096, 16384], "chunk_bv": [64, 128, 32]}
+TILE_CANDIDATES = {
+    "state_values": [8192, 4096, 16384],
+    "state_out_values": [8192, 4096, 2048],
+    "chunk_bv": [64, 128, 32],
+}
 
 
 def triton_tune(device: torch.device, smoke: bool, deadline: float | None) -> list[dict[str, Any]]:
@@ -981,6 +983,76 @@ def triton_tune(device: torch.device, smoke: bool, deadline: float | None) -> li
             rows.append(row)
             print(json.dumps(row))
         tc.TILES[name] = default_t
+    return rows
+
+
+CHOICES: list[tuple[str, dict[str, bool], dict[str, int]]] = [  # (label, FUSED overrides, TILES overrides)
+    ("default", {}, {}),
+    ("wy_lowp", {"wy_lowp": True}, {}),
+    ("recompute states", {"keep_states": False}, {}),
+    ("separate prep kernels", {"prep": False}, {}),
+    ("separate out kernel", {"out": False}, {}),
+    ("state+out BV32", {}, {"state_out_values": 4096}),
+    ("state/dstate BV32", {}, {"state_values": 4096}),
+    ("all separate (2026-12-03 kernels)", {"prep": False, "out": False, "keep_states": False}, {}),
+]
+
+
+def triton_choices(
+    device: torch.device, smoke: bool, iters: int, warmup: int, deadline: float | None
+) -> list[dict[str, Any]]:
+    """Each kernel choice of ``triton_chunk.FUSED`` / ``TILES`` against the defaults, on the same
+    inputs at the benchmark shape: accuracy against float64 (bf16 budgets; outputs and every
+    gradient), forward (no grad) and forward+backward milliseconds, peak memory of each."""
+    if device.type != "cuda" and not smoke:
+        return []
+    from olmo_attn.recurrent import triton_chunk as tc
+
+    B, T, H, Dk, Dv = (1, 256, 2, 32, 64) if smoke else (2, 8192, 16, 128, 256)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    inp = _gdr_inputs(B, T, H, H, Dk, Dv, device=device, dtype=dt, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(B, T, H, Dv, generator=gen).to(device)
+    dfin = torch.randn(B, H, Dk, Dv, generator=gen).to(device)
+    ro, rfin, rg = _f64_reference(inp, None, do, dfin)
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inp.items()}
+    args = [leaves[n] for n in ("q", "k", "v", "g", "beta")]
+    do_dt = do.to(dt)
+
+    def fwd() -> torch.Tensor:
+        return TRITON(*args, use_qk_l2norm=True)[0]
+
+    rows: list[dict[str, Any]] = []
+    saved = (dict(tc.FUSED), dict(tc.TILES))
+    for label, fused, tiles in CHOICES:
+        if _deadline_left(deadline) < 20:
+            rows.append({"choice": label, "skipped": "time budget"})
+            continue
+        tc.FUSED.update(fused)
+        tc.TILES.update(tiles)
+        row: dict[str, Any] = {"choice": label, "fused": dict(tc.FUSED), "tiles": dict(tc.TILES)}
+        try:
+            res = _check(TRITON, inp, None, do, dfin, True)
+            row.update(_judge(res, ro, rfin, rg, dt))
+            del res
+            with torch.no_grad():
+                row["fwd"] = _time_ms(fwd, iters=iters, warmup=warmup, device=device)
+                row["fwd_peak_mb"] = _peak_mb(fwd, device)
+            fb = _fwd_bwd(fwd, args, do_dt)
+            row["fwd+bwd"] = _time_ms(fb, iters=iters, warmup=warmup, device=device)
+            row["fwd+bwd_peak_mb"] = _peak_mb(fb, device)
+            if device.type == "cuda":
+                row["stages_ms"] = _stage_times(fb, device, reps=3)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+            traceback.print_exc()
+        finally:
+            tc.FUSED.clear()
+            tc.FUSED.update(saved[0])
+            tc.TILES.clear()
+            tc.TILES.update(saved[1])
+        rows.append(row)
+        print(json.dumps(row))
     return rows
 
 
@@ -1130,6 +1202,9 @@ def fingerprint(device: torch.device) -> dict[str, Any]:
         env[mod] = st.version if st.available else f"unavailable ({st.reason})"
     if device.type == "cuda":
         env["fla_backward_refusal"] = fla_mod.fla_backward_refusal(device.index or 0)
+    from olmo_attn.recurrent import triton_chunk as tc
+
+    env["kernel_choices"] = {"fused": dict(tc.FUSED), "tiles": dict(tc.TILES)}
     return env
 
 
@@ -1214,6 +1289,7 @@ SECTIONS = (
     "triton_correctness",
     "triton_speed",
     "triton_stages",
+    "triton_choices",
     "layer",
     "triton_tune",
     "correctness",
@@ -1221,7 +1297,33 @@ SECTIONS = (
     "scan",
     "decode",
 )
-DEFAULT_SECTIONS = ("triton_correctness", "triton_speed", "triton_stages", "correctness", "decode")
+DEFAULT_SECTIONS = (
+    "triton_correctness",
+    "triton_speed",
+    "triton_stages",
+    "triton_choices",
+    "correctness",
+    "decode",
+)
+
+
+def _apply_settings(items: list[str]) -> None:
+    """``--set``: override ``triton_chunk.FUSED`` / ``TILES`` / ``LAUNCH`` entries for this run."""
+    from olmo_attn.recurrent import triton_chunk as tc
+
+    for item in items:
+        key, _, val = item.partition("=")
+        if key in tc.FUSED:
+            tc.FUSED[key] = val.lower() in ("1", "true", "on", "yes")
+        elif key in tc.TILES:
+            tc.TILES[key] = int(val)
+        elif "." in key and key.split(".")[0] in tc.LAUNCH:
+            name, opt = key.split(".", 1)
+            tc.LAUNCH[name][opt] = int(val)
+        else:
+            raise SystemExit(
+                f"--set {item}: unknown key {key!r} (FUSED {list(tc.FUSED)}, TILES {list(tc.TILES)})"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1236,7 +1338,16 @@ def main(argv: list[str] | None = None) -> int:
         "--shapes", nargs="*", default=None, help="substrings of the shape labels to run (triton_speed)"
     )
     ap.add_argument("--budget", type=float, default=None, help="seconds; later sections stop early past it")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="kernel choices for the whole run: FUSED keys (prep, out, keep_states, wy_lowp) =0/1, "
+        "TILES keys (state_values, state_out_values, chunk_bv) = int, LAUNCH: kernel.num_warps=N",
+    )
     args = ap.parse_args(argv)
+    _apply_settings(args.set)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     iters = 3 if args.smoke else max(10, args.iters)
     warmup = 1 if args.smoke else args.warmup
@@ -1250,6 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_speed": lambda: triton_speed(device, args.smoke, iters, warmup, deadline, args.shapes),
         "triton_stages": lambda: triton_stages(device, args.smoke),
         "triton_tune": lambda: triton_tune(device, args.smoke, deadline),
+        "triton_choices": lambda: triton_choices(device, args.smoke, iters, warmup, deadline),
         "layer": lambda: layer_speed(device, args.smoke, iters, warmup),
         "correctness": lambda: correctness(device, args.smoke),
         "speed": lambda: speed(device, args.smoke, iters, warmup),

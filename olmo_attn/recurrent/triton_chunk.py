@@ -267,6 +267,202 @@ def _kernels() -> SimpleNamespace:
         _put(t_ptr, t33, t0, 48, 48, L, HV, i_hv, BT)
 
     @triton.jit
+    def _piece(k_ptr, g_ptr, b_ptr, t0, o: tl.constexpr, L, H, HV, i_hv, i_h, DK, BK: tl.constexpr):
+        """Rows ``[o, o + 16)`` of a chunk: ``k [16, BK]`` (input dtype), raw ``g`` and ``beta``
+        ``[16]`` float32 (zero past the chunk's length)."""
+        r = tl.arange(0, 16)
+        ok = tl.arange(0, BK)
+        m = (o + r) < L
+        tok = t0 + o + r
+        k = tl.load(
+            k_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :],
+            mask=m[:, None] & (ok[None, :] < DK),
+            other=0.0,
+        )
+        g = tl.load(g_ptr + tok * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + tok * HV + i_hv, mask=m, other=0.0).to(tl.float32)
+        return k, g, b
+
+    @triton.jit
+    def _a_blk(ki, kj, bi, Gi, Gj, DIAG: tl.constexpr, PREC: tl.constexpr):
+        """The 16x16 block ``diag(b_i) K_i K_j^T * exp(G_i - G_j)`` of ``A`` (strictly lower on the diagonal)."""
+        a = tl.dot(ki, tl.trans(kj), input_precision=PREC) * bi[:, None]
+        if DIAG:
+            r = tl.arange(0, 16)
+            low = r[:, None] > r[None, :]
+            a = a * tl.exp(tl.where(low, Gi[:, None] - Gj[None, :], float("-inf")))
+            a = tl.where(low, a, 0.0)
+        else:
+            a = a * tl.exp(Gi[:, None] - Gj[None, :])
+        return a
+
+    @triton.jit
+    def _subst_row(a, t, i: tl.constexpr):
+        """Row ``i`` of ``T = (I + A)^-1`` (no diagonal) from the rows above it (forward substitution)."""
+        r = tl.arange(0, 16)
+        sel = r[:, None] == i
+        x = -tl.sum(tl.where(sel, a, 0.0), axis=0)
+        x = x + tl.sum(x[:, None] * t, axis=0)
+        return tl.where(sel, x[None, :], t)
+
+    @triton.jit
+    def _wu_row(t_i0, t_i1, t_i2, t_i3, x0, x1, x2, x3, N: tl.constexpr, PREC: tl.constexpr):
+        """``sum_{j < N} T_ij X_j`` for one 16-row block ``i`` (``N = i + 1`` blocks)."""
+        acc = tl.dot(t_i0.to(x0.dtype), x0, input_precision=PREC)
+        if N > 1:
+            acc += tl.dot(t_i1.to(x1.dtype), x1, input_precision=PREC)
+        if N > 2:
+            acc += tl.dot(t_i2.to(x2.dtype), x2, input_precision=PREC)
+        if N > 3:
+            acc += tl.dot(t_i3.to(x3.dtype), x3, input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _put_rows(ptr, x, t0, o: tl.constexpr, L, HV, i_hv, D, BD: tl.constexpr, col0):
+        """Store ``x [16, BD]`` at rows ``[o, o + 16)`` of a chunk, columns ``col0 + [0, BD)`` of ``[NT, HV, D]``."""
+        r = tl.arange(0, 16)
+        oc = col0 + tl.arange(0, BD)
+        tl.store(
+            ptr + ((t0 + o + r)[:, None] * HV + i_hv) * D + oc[None, :],
+            x.to(ptr.dtype.element_ty),
+            mask=((o + r) < L)[:, None] & (oc[None, :] < D),
+        )
+
+    @triton.jit
+    def _prep(
+        k_ptr, v_ptr, g_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
+        H, HV, REP, DK, DV,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """``_kkt``, ``_solve`` and ``_wu`` in one program per chunk and value head, ``A`` and ``T``
+        held in registers as 16x16 blocks (``BT = 64``): the four diagonal blocks are inverted by
+        one forward-substitution loop (four independent chains per step), ``W`` and ``U`` are
+        block-row sums ``W_i = sum_j T_ij X_j``. Stores ``G``, ``T`` (for the backward), ``W``, ``U``."""
+        i_c = tl.program_id(0)
+        i_hv = tl.program_id(1)
+        L = tl.load(cl_ptr + i_c)
+        if L == 0:
+            return
+        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
+        i_h = i_hv // REP
+        r = tl.arange(0, 16)
+        k0, g0, b0 = _piece(k_ptr, g_ptr, b_ptr, t0, 0, L, H, HV, i_hv, i_h, DK, BK)
+        k1, g1, b1 = _piece(k_ptr, g_ptr, b_ptr, t0, 16, L, H, HV, i_hv, i_h, DK, BK)
+        k2, g2, b2 = _piece(k_ptr, g_ptr, b_ptr, t0, 32, L, H, HV, i_hv, i_h, DK, BK)
+        k3, g3, b3 = _piece(k_ptr, g_ptr, b_ptr, t0, 48, L, H, HV, i_hv, i_h, DK, BK)
+        # chunk-local cumulative decay, piece by piece
+        G0 = tl.cumsum(g0, axis=0)
+        G1 = tl.cumsum(g1, axis=0) + tl.sum(g0, axis=0)
+        G2 = tl.cumsum(g2, axis=0) + tl.sum(g0, axis=0) + tl.sum(g1, axis=0)
+        G3 = tl.cumsum(g3, axis=0) + tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.sum(g2, axis=0)
+        tl.store(gc_ptr + (t0 + r) * HV + i_hv, G0, mask=r < L)
+        tl.store(gc_ptr + (t0 + 16 + r) * HV + i_hv, G1, mask=(16 + r) < L)
+        tl.store(gc_ptr + (t0 + 32 + r) * HV + i_hv, G2, mask=(32 + r) < L)
+        tl.store(gc_ptr + (t0 + 48 + r) * HV + i_hv, G3, mask=(48 + r) < L)
+        a00 = _a_blk(k0, k0, b0, G0, G0, True, PREC)
+        a11 = _a_blk(k1, k1, b1, G1, G1, True, PREC)
+        a22 = _a_blk(k2, k2, b2, G2, G2, True, PREC)
+        a33 = _a_blk(k3, k3, b3, G3, G3, True, PREC)
+        # (I + A_bb)^-1 of the four diagonal blocks, one substitution step of each per row
+        t00 = -a00
+        t11 = -a11
+        t22 = -a22
+        t33 = -a33
+        for i in tl.static_range(2, 16):
+            t00 = _subst_row(a00, t00, i)
+            t11 = _subst_row(a11, t11, i)
+            t22 = _subst_row(a22, t22, i)
+            t33 = _subst_row(a33, t33, i)
+        eye = (r[:, None] == r[None, :]).to(tl.float32)
+        t00 += eye
+        t11 += eye
+        t22 += eye
+        t33 += eye
+        a10 = _a_blk(k1, k0, b1, G1, G0, False, PREC)
+        a20 = _a_blk(k2, k0, b2, G2, G0, False, PREC)
+        a21 = _a_blk(k2, k1, b2, G2, G1, False, PREC)
+        a30 = _a_blk(k3, k0, b3, G3, G0, False, PREC)
+        a31 = _a_blk(k3, k1, b3, G3, G1, False, PREC)
+        a32 = _a_blk(k3, k2, b3, G3, G2, False, PREC)
+        # T_ij = -T_ii sum_{k=j}^{i-1} A_ik T_kj   (block rows of (I + A) T = I)
+        t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision="ieee"), input_precision="ieee")
+        t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision="ieee"), input_precision="ieee")
+        t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision="ieee"), input_precision="ieee")
+        t20 = -tl.dot(
+            t22,
+            tl.dot(a20, t00, input_precision="ieee") + tl.dot(a21, t10, input_precision="ieee"),
+            input_precision="ieee",
+        )
+        t31 = -tl.dot(
+            t33,
+            tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee"),
+            input_precision="ieee",
+        )
+        t30 = -tl.dot(
+            t33,
+            tl.dot(a30, t00, input_precision="ieee")
+            + tl.dot(a31, t10, input_precision="ieee")
+            + tl.dot(a32, t20, input_precision="ieee"),
+            input_precision="ieee",
+        )
+        z = tl.zeros([16, 16], dtype=tl.float32)
+        _put(t_ptr, t00, t0, 0, 0, L, HV, i_hv, BT)
+        _put(t_ptr, z, t0, 0, 16, L, HV, i_hv, BT)
+        _put(t_ptr, z, t0, 0, 32, L, HV, i_hv, BT)
+        _put(t_ptr, z, t0, 0, 48, L, HV, i_hv, BT)
+        _put(t_ptr, t10, t0, 16, 0, L, HV, i_hv, BT)
+        _put(t_ptr, t11, t0, 16, 16, L, HV, i_hv, BT)
+        _put(t_ptr, z, t0, 16, 32, L, HV, i_hv, BT)
+        _put(t_ptr, z, t0, 16, 48, L, HV, i_hv, BT)
+        _put(t_ptr, t20, t0, 32, 0, L, HV, i_hv, BT)
+        _put(t_ptr, t21, t0, 32, 16, L, HV, i_hv, BT)
+        _put(t_ptr, t22, t0, 32, 32, L, HV, i_hv, BT)
+        _put(t_ptr, z, t0, 32, 48, L, HV, i_hv, BT)
+        _put(t_ptr, t30, t0, 48, 0, L, HV, i_hv, BT)
+        _put(t_ptr, t31, t0, 48, 16, L, HV, i_hv, BT)
+        _put(t_ptr, t32, t0, 48, 32, L, HV, i_hv, BT)
+        _put(t_ptr, t33, t0, 48, 48, L, HV, i_hv, BT)
+        # W_i = sum_j T_ij (b exp(G) K)_j
+        dt = w_ptr.dtype.element_ty
+        x0 = (k0.to(tl.float32) * (b0 * tl.exp(G0))[:, None]).to(dt)
+        x1 = (k1.to(tl.float32) * (b1 * tl.exp(G1))[:, None]).to(dt)
+        x2 = (k2.to(tl.float32) * (b2 * tl.exp(G2))[:, None]).to(dt)
+        x3 = (k3.to(tl.float32) * (b3 * tl.exp(G3))[:, None]).to(dt)
+        _put_rows(w_ptr, _wu_row(t00, z, z, z, x0, x0, x0, x0, 1, PREC), t0, 0, L, HV, i_hv, DK, BK, 0)
+        _put_rows(w_ptr, _wu_row(t10, t11, z, z, x0, x1, x1, x1, 2, PREC), t0, 16, L, HV, i_hv, DK, BK, 0)
+        _put_rows(w_ptr, _wu_row(t20, t21, t22, z, x0, x1, x2, x2, 3, PREC), t0, 32, L, HV, i_hv, DK, BK, 0)
+        _put_rows(w_ptr, _wu_row(t30, t31, t32, t33, x0, x1, x2, x3, 4, PREC), t0, 48, L, HV, i_hv, DK, BK, 0)
+        # U_i = sum_j T_ij (b V)_j, one value tile at a time
+        for iv in range(0, NV):
+            col0 = iv * BV
+            ov = col0 + tl.arange(0, BV)
+            mv = ov[None, :] < DV
+            vb = v_ptr + ((t0 + r)[:, None] * HV + i_hv) * DV + ov[None, :]
+            y0 = (tl.load(vb, mask=(r < L)[:, None] & mv, other=0.0).to(tl.float32) * b0[:, None]).to(dt)
+            y1 = (
+                tl.load(vb + 16 * HV * DV, mask=((16 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
+                * b1[:, None]
+            ).to(dt)
+            y2 = (
+                tl.load(vb + 32 * HV * DV, mask=((32 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
+                * b2[:, None]
+            ).to(dt)
+            y3 = (
+                tl.load(vb + 48 * HV * DV, mask=((48 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
+                * b3[:, None]
+            ).to(dt)
+            _put_rows(u_ptr, _wu_row(t00, z, z, z, y0, y0, y0, y0, 1, PREC), t0, 0, L, HV, i_hv, DV, BV, col0)
+            _put_rows(
+                u_ptr, _wu_row(t10, t11, z, z, y0, y1, y1, y1, 2, PREC), t0, 16, L, HV, i_hv, DV, BV, col0
+            )
+            _put_rows(
+                u_ptr, _wu_row(t20, t21, t22, z, y0, y1, y2, y2, 3, PREC), t0, 32, L, HV, i_hv, DV, BV, col0
+            )
+            _put_rows(
+                u_ptr, _wu_row(t30, t31, t32, t33, y0, y1, y2, y3, 4, PREC), t0, 48, L, HV, i_hv, DV, BV, col0
+            )
+
+    @triton.jit
     def _wu(
         k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
         H, HV, REP, DK, DV,
@@ -312,44 +508,64 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _state_chunk(
-        s, c, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, cs_ptr, cl_ptr, i_hv, i_h, ok, ov, mk, mv,
-        H, HV, DK, DV, BT: tl.constexpr, PREC: tl.constexpr,
+        s, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, cs_ptr, cl_ptr,
+        i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV,
+        BT: tl.constexpr, PREC: tl.constexpr, STORE_H: tl.constexpr, FUSE_OUT: tl.constexpr,
     ):  # fmt: skip
-        """One chunk of the forward recurrence: store ``h_c = s`` and ``V'``, return ``S_out``."""
+        """One chunk of the forward recurrence: store ``h_c = s`` and ``V'`` (``STORE_H``) or the
+        chunk's output (``FUSE_OUT``, what ``_out`` computes, from the registers), return ``S_out``."""
         r = tl.arange(0, BT)
         t0 = tl.load(cs_ptr + c).to(tl.int64)
         L = tl.load(cl_ptr + c)
         mt = r < L
         tok = t0 + r
-        h_off = ((c.to(tl.int64) * HV + i_hv) * DK + ok[:, None]) * DV + ov[None, :]
-        tl.store(h_ptr + h_off, s.to(h_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+        if STORE_H:
+            h_off = ((c.to(tl.int64) * HV + i_hv) * DK + ok[:, None]) * DV + ov[None, :]
+            tl.store(h_ptr + h_off, s.to(h_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
         w = tl.load(
             w_ptr + (tok[:, None] * HV + i_hv) * DK + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.0
         )
         tv = (tok[:, None] * HV + i_hv) * DV + ov[None, :]
         m_tv = mt[:, None] & mv[None, :]
         u = tl.load(u_ptr + tv, mask=m_tv, other=0.0).to(tl.float32)
-        vn = u - tl.dot(w, s.to(w.dtype), input_precision=PREC)  # [BT, BV]
-        tl.store(vn_ptr + tv, vn.to(vn_ptr.dtype.element_ty), mask=m_tv)
+        sd = s.to(w.dtype)
+        vn = (u - tl.dot(w, sd, input_precision=PREC)).to(w.dtype)  # [BT, BV]
+        if STORE_H:
+            tl.store(vn_ptr + tv, vn, mask=m_tv)
         G = tl.load(gc_ptr + tok * HV + i_hv, mask=mt, other=0.0)
         g_last = tl.load(gc_ptr + (t0 + L - 1) * HV + i_hv)
         kt = tl.load(
             k_ptr + tok[None, :] * (H * DK) + i_h * DK + ok[:, None],
             mask=mk[:, None] & mt[None, :],
             other=0.0,
-        ).to(tl.float32)  # [BK, BT]
-        kt = (kt * tl.exp(g_last - G)[None, :]).to(w.dtype)
-        return s * tl.exp(g_last) + tl.dot(kt, vn.to(w.dtype), input_precision=PREC)
+        )  # [BK, BT]
+        if FUSE_OUT:
+            q = tl.load(
+                q_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :],
+                mask=mt[:, None] & mk[None, :],
+                other=0.0,
+            )
+            o = tl.dot(q, sd, input_precision=PREC) * (scale * tl.exp(G))[:, None]
+            incl = r[:, None] >= r[None, :]
+            p = tl.dot(q, kt, input_precision=PREC)
+            p = p * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+            p = tl.where(incl, p, 0.0)
+            o += tl.dot(p.to(vn.dtype), vn, input_precision=PREC)
+            tl.store(o_ptr + tv, o.to(o_ptr.dtype.element_ty), mask=m_tv)
+        kd = (kt.to(tl.float32) * tl.exp(g_last - G)[None, :]).to(w.dtype)
+        return s * tl.exp(g_last) + tl.dot(kd, vn, input_precision=PREC)
 
     @triton.jit
     def _state(
-        k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, h0_ptr, ht_ptr, so_ptr, cs_ptr, cl_ptr,
-        H, HV, REP, DK, DV,
+        q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, h0_ptr, ht_ptr, so_ptr, cs_ptr, cl_ptr,
+        scale, H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+        HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr, FUSE_OUT: tl.constexpr,
+        PREC: tl.constexpr, INTERP: tl.constexpr,
     ):  # fmt: skip
         """State recurrence of sequence ``n`` / value head / value tile: stores ``h [NC, HV, DK, DV]``
-        (state entering each chunk), ``V' [NT, HV, DV]`` and the final state ``[N, HV, DK, DV]``."""
+        (state entering each chunk) and ``V' [NT, HV, DV]`` (``STORE_H``: for the backward) or the
+        output ``O [NT, HV, DV]`` (``FUSE_OUT``: the forward), and the final state ``[N, HV, DK, DV]``."""
         i_nh = tl.program_id(0)
         i_v = tl.program_id(1)
         i_n = i_nh // HV
@@ -370,15 +586,15 @@ def _kernels() -> SimpleNamespace:
             c = c0
             while c < c1:
                 s = _state_chunk(
-                    s, c, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, cs_ptr, cl_ptr, i_hv, i_h, ok, ov, mk, mv,
-                    H, HV, DK, DV, BT, PREC,
+                    s, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, cs_ptr, cl_ptr,
+                    i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC, STORE_H, FUSE_OUT,
                 )  # fmt: skip
                 c += 1
         else:
             for c in range(c0, c1):
                 s = _state_chunk(
-                    s, c, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, cs_ptr, cl_ptr, i_hv, i_h, ok, ov, mk, mv,
-                    H, HV, DK, DV, BT, PREC,
+                    s, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, cs_ptr, cl_ptr,
+                    i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC, STORE_H, FUSE_OUT,
                 )  # fmt: skip
         if STORE_HT:
             tl.store(ht_ptr + s_off, s, mask=mk[:, None] & mv[None, :])
@@ -536,14 +752,27 @@ def _kernels() -> SimpleNamespace:
             tl.store(dh0_ptr + s_off, ds, mask=mk[:, None] & mv[None, :])
 
     @triton.jit
+    def _l2_tile_bwd(x_ptr, r_ptr, dy, tok, i_h, H, DK, ok, mt, m_qk):
+        """``dx = r (dy - y (y . dy))``, ``y = x r``, for the rows ``tok`` of head ``i_h`` (``x`` raw)."""
+        x = tl.load(x_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :], mask=m_qk, other=0.0).to(
+            tl.float32
+        )
+        rr = tl.load(r_ptr + tok * H + i_h, mask=mt, other=0.0)
+        y = x * rr[:, None]
+        return rr[:, None] * (dy - y * tl.sum(y * dy, axis=1)[:, None])
+
+    @triton.jit
     def _dqkwg(
         q_ptr, k_ptr, gc_ptr, h_ptr, dh_ptr, vn_ptr, dv_ptr, do_ptr,
-        dq_ptr, dk_ptr, dw_ptr, dg_ptr, cs_ptr, cl_ptr,
+        dq_ptr, dk_ptr, dw_ptr, dg_ptr, cs_ptr, cl_ptr, xq_ptr, rq_ptr,
         scale, H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+        L2_BWD: tl.constexpr,
     ):  # fmt: skip
         """Per chunk: ``dQ``, the read-out and transition parts of ``dK`` (float32, per value head
-        ``[NT, HV, DK]``), ``dW = -dV' h^T`` and the decay gradient w.r.t. the cumulative ``G``."""
+        ``[NT, HV, DK]``), ``dW = -dV' h^T`` and the decay gradient w.r.t. the cumulative ``G``.
+        ``L2_BWD`` (one value head per q/k head): ``dQ`` through the L2 norm of the raw ``xq``,
+        stored in ``dq``'s dtype."""
         i_c = tl.program_id(0)
         i_hv = tl.program_id(1)
         L = tl.load(cl_ptr + i_c)
@@ -604,7 +833,9 @@ def _kernels() -> SimpleNamespace:
         dg += tl.sum(e, axis=1) - tl.sum(e, axis=0)
         dg += tl.where(r == L - 1, dg_last, 0.0)
         o_k = (tok[:, None] * HV + i_hv) * DK + ok[None, :]
-        tl.store(dq_ptr + o_k, dq, mask=m_qk)
+        if L2_BWD:
+            dq = _l2_tile_bwd(xq_ptr, rq_ptr, dq, tok, i_h, H, DK, ok, mt, m_qk)
+        tl.store(dq_ptr + o_k, dq.to(dq_ptr.dtype.element_ty), mask=m_qk)
         tl.store(dk_ptr + o_k, dk, mask=m_qk)
         tl.store(dw_ptr + o_k, -b_dw, mask=m_qk)
         tl.store(dg_ptr + tok * HV + i_hv, dg, mask=mt)
@@ -612,13 +843,17 @@ def _kernels() -> SimpleNamespace:
     @triton.jit
     def _wy_bwd(
         k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, dw_ptr, du_ptr, dk_ptr, dv_ptr, db_ptr, dg_ptr,
-        cs_ptr, cl_ptr,
+        cs_ptr, cl_ptr, xk_ptr, rk_ptr, dko_ptr,
         H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+        L2_BWD: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
         """Backward of ``W, U`` through ``T = (I + A)^-1``, ``beta``, ``V`` and ``A``: adds to
         ``dk`` (float32 in place), writes ``dv``, ``dbeta`` and ``dg`` (w.r.t. the raw ``g``:
-        reverse cumsum of the gradient w.r.t. ``G`` read from ``dg`` in place)."""
+        reverse cumsum of the gradient w.r.t. ``G`` read from ``dg`` in place). ``L2_BWD``: the
+        finished ``dk`` goes through the L2 norm of the raw ``xk`` into ``dko`` (its dtype) instead.
+        ``LOWP``: the value-tile products take ``T`` and ``beta V`` in the input dtype, as the
+        forward's ``U = T (beta V)`` does (else float32 / TF32)."""
         i_c = tl.program_id(0)
         i_hv = tl.program_id(1)
         L = tl.load(cl_ptr + i_c)
@@ -646,14 +881,21 @@ def _kernels() -> SimpleNamespace:
         db = tl.sum(dxw * kf * eg[:, None], axis=1)
         dgc = tl.sum(dxw * xw, axis=1)
         dk = dxw * (beta * eg)[:, None]
+        if LOWP:
+            ttl = tl.trans(tt.to(du_ptr.dtype.element_ty))
         for iv in range(0, NV):
             ov = iv * BV + tl.arange(0, BV)
             mv = mt[:, None] & (ov[None, :] < DV)
             tv = (tok[:, None] * HV + i_hv) * DV + ov[None, :]
             v = tl.load(v_ptr + tv, mask=mv, other=0.0).to(tl.float32)
-            du = tl.load(du_ptr + tv, mask=mv, other=0.0).to(tl.float32)
-            dxu = tl.dot(tl.trans(tt), du, input_precision=PREC)
-            dt += tl.dot(du, tl.trans(v * beta[:, None]), input_precision=PREC)
+            if LOWP:
+                du = tl.load(du_ptr + tv, mask=mv, other=0.0)
+                dxu = tl.dot(ttl, du, input_precision=PREC)
+                dt += tl.dot(du, tl.trans((v * beta[:, None]).to(du.dtype)), input_precision=PREC)
+            else:
+                du = tl.load(du_ptr + tv, mask=mv, other=0.0).to(tl.float32)
+                dxu = tl.dot(tl.trans(tt), du, input_precision=PREC)
+                dt += tl.dot(du, tl.trans(v * beta[:, None]), input_precision=PREC)
             db += tl.sum(dxu * v, axis=1)
             tl.store(dv_ptr + tv, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=mv)
         # T = (I + A)^-1  ->  dA = -T^T dT T^T on the strict lower triangle
@@ -670,7 +912,11 @@ def _kernels() -> SimpleNamespace:
         m = tl.where(low, m, 0.0)
         dk += tl.dot(m, kf, input_precision=PREC) + tl.dot(tl.trans(m), kf, input_precision=PREC)
         dk += tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
-        tl.store(dk_ptr + o_k, dk, mask=m_qk)
+        if L2_BWD:
+            dk = _l2_tile_bwd(xk_ptr, rk_ptr, dk, tok, i_h, H, DK, ok, mt, m_qk)
+            tl.store(dko_ptr + o_k, dk.to(dko_ptr.dtype.element_ty), mask=m_qk)
+        else:
+            tl.store(dk_ptr + o_k, dk, mask=m_qk)
         tl.store(db_ptr + tok * HV + i_hv, db.to(db_ptr.dtype.element_ty), mask=mt)
         dgc += tl.load(dg_ptr + tok * HV + i_hv, mask=mt, other=0.0)
         dgc = tl.where(mt, dgc, 0.0)
@@ -680,10 +926,12 @@ def _kernels() -> SimpleNamespace:
 
     # the kernels resolve the helpers they call through the module's globals
     globals().update(
-        _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk
-    )
+        _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk,
+        _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
+        _l2_tile_bwd=_l2_tile_bwd,
+    )  # fmt: skip
     return SimpleNamespace(
-        l2norm_fwd=_l2norm_fwd, l2norm_bwd=_l2norm_bwd, kkt=_kkt, solve=_solve, wu=_wu, state=_state,
+        l2norm_fwd=_l2norm_fwd, l2norm_bwd=_l2norm_bwd, kkt=_kkt, solve=_solve, prep=_prep, wu=_wu, state=_state,
         out=_out, dv_local=_dv_local, dstate=_dstate, dqkwg=_dqkwg, wy_bwd=_wy_bwd,
     )  # fmt: skip
 
@@ -703,15 +951,25 @@ LAUNCH: dict[str, dict[str, int]] = {
     "l2norm_bwd": {"num_warps": 4, "num_stages": 1},
     "kkt": {"num_warps": 4, "num_stages": 2},
     "solve": {"num_warps": 4, "num_stages": 2},
+    "prep": {"num_warps": 4, "num_stages": 2},
     "wu": {"num_warps": 4, "num_stages": 2},
     "state": {"num_warps": 4, "num_stages": 2},
+    "state_out": {"num_warps": 4, "num_stages": 2},
     "out": {"num_warps": 4, "num_stages": 2},
     "dv_local": {"num_warps": 4, "num_stages": 2},
     "dstate": {"num_warps": 8, "num_stages": 2},
     "dqkwg": {"num_warps": 8, "num_stages": 3},
     "wy_bwd": {"num_warps": 8, "num_stages": 1},
 }
-TILES: dict[str, int] = {"state_values": 8192, "chunk_bv": 64}
+TILES: dict[str, int] = {"state_values": 8192, "state_out_values": 8192, "chunk_bv": 64}
+# Kernel choices (the benchmark times each both ways on the same inputs):
+# ``prep``: one kernel for ``_kkt``, ``_solve`` and ``_wu`` (off: the three); ``out``: the output
+# written by the sequential kernel from its registers (off: ``_out`` reading the stored ``h``);
+# ``keep_states``: a forward that needs a backward keeps ``W``, ``h`` and ``V'`` for it (``h`` is
+# ``[n_chunks, HV, Dk, Dv]`` in the input dtype: as large as q, k and v together at Dk = 128,
+# Dv = 256) instead of recomputing them there; ``wy_lowp``: the value-tile products of ``_wy_bwd``
+# in the input dtype, as the forward's ``U = T (beta V)`` (off: TF32 on float32 operands).
+FUSED: dict[str, bool] = {"prep": True, "out": True, "keep_states": True, "wy_lowp": False}
 _STAGE_HOOK: list[Any] = []
 
 
@@ -810,41 +1068,51 @@ def _l2_bwd(x: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, dtype: torch.dty
     return dx
 
 
-def _state_pass(
-    kn: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    gc: torch.Tensor,
-    tm: torch.Tensor,
-    h0: torch.Tensor | None,
-    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    n_slots: int,
-    H: int,
-    store_final: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``W``, ``U`` (from the saved ``T``), then the recurrence: ``(w, h, vn, final)``."""
-    kern = _kernels()
+def _wu_pass(
+    kn: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gc: torch.Tensor, tm: torch.Tensor,
+    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_slots: int, H: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``W``, ``U`` from the saved ``T`` (the backward's recomputation)."""
     NT, HV = gc.shape
     Dk, Dv = kn.shape[-1], v.shape[-1]
-    dt = kn.dtype
-    cs, cl, so = plan
-    BK, BVs, BVc = _blocks(Dk, Dv)
-    prec = _prec(dt)
-    w = torch.empty(NT, HV, Dk, dtype=dt, device=kn.device)
-    u = torch.empty(NT, HV, Dv, dtype=dt, device=kn.device)
-    kern.wu[(n_slots, HV)](
+    cs, cl, _ = plan
+    BK, _, BVc = _blocks(Dk, Dv)
+    w = torch.empty(NT, HV, Dk, dtype=kn.dtype, device=kn.device)
+    u = torch.empty(NT, HV, Dv, dtype=kn.dtype, device=kn.device)
+    _kernels().wu[(n_slots, HV)](
         kn, v, beta, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("wu"),
+        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=_prec(kn.dtype), **_cfg("wu"),
     )  # fmt: skip
+    return w, u
+
+
+def _recurrence(
+    qn: torch.Tensor, kn: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gc: torch.Tensor,
+    h0: torch.Tensor | None, plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_slots: int, H: int,
+    scale: float, *, fuse_out: bool, store_final: bool, store_h: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The sequential kernel: ``(h, vn, o, final)``. ``fuse_out``: write the output from the
+    registers (the forward); ``store_h``: store each chunk's entering state ``h`` and ``V'``
+    (what the backward reads; else ``[0]``-sized)."""
+    NT, HV = gc.shape
+    Dk, Dv = kn.shape[-1], u.shape[-1]
+    dt, dev = kn.dtype, kn.device
+    cs, cl, so = plan
     n_seq = so.shape[0] - 1
-    h = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=kn.device)
-    vn = torch.empty(NT, HV, Dv, dtype=dt, device=kn.device)
-    final = torch.empty(n_seq if store_final else 0, HV, Dk, Dv, dtype=torch.float32, device=kn.device)
-    kern.state[(n_seq * HV, -(-Dv // BVs))](
-        kn, w, u, gc, h, vn, h0 if h0 is not None else final, final, so, cs, cl, H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=h0 is not None, STORE_HT=store_final, PREC=prec, INTERP=_interpreting(), **_cfg("state"),
+    BK, BVs, _ = _blocks(Dk, Dv)
+    if fuse_out:
+        BVs = max(16, min(_next_pow2(Dv), TILES["state_out_values"] // BK))
+    o = torch.empty(NT, HV, Dv, dtype=dt, device=dev) if fuse_out else kn.new_empty(0)
+    h = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=dev) if store_h else kn.new_empty(0)
+    vn = torch.empty(NT, HV, Dv, dtype=dt, device=dev) if store_h else kn.new_empty(0)
+    final = torch.empty(n_seq if store_final else 0, HV, Dk, Dv, dtype=torch.float32, device=dev)
+    _kernels().state[(n_seq * HV, -(-Dv // BVs))](
+        qn, kn, w, u, gc, h, vn, o, h0 if h0 is not None else final, final, so, cs, cl,
+        float(scale), H, HV, HV // H, Dk, Dv,
+        BT=CHUNK, BK=BK, BV=BVs, HAS_H0=h0 is not None, STORE_HT=store_final, STORE_H=store_h,
+        FUSE_OUT=fuse_out, PREC=_prec(dt), INTERP=_interpreting(), **_cfg("state_out" if fuse_out else "state"),
     )  # fmt: skip
-    return w, h, vn, final
+    return h, vn, o, final
 
 
 def _fwd_impl(
@@ -858,6 +1126,7 @@ def _fwd_impl(
     n_slots: int,
     scale: float,
     use_l2: bool,
+    keep: bool,
 ) -> tuple[torch.Tensor, ...]:
     kern = _kernels()
     B, T, H, Dk = q.shape
@@ -881,23 +1150,39 @@ def _fwd_impl(
     BK, _, BVc = _blocks(Dk, Dv)
     prec = _prec(dt)
     gc = torch.empty(NT, HV, dtype=torch.float32, device=q.device)
-    a = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
-    kern.kkt[(n_slots, HV)](
-        kn, g2, b2, gc, a, cs, cl, H, HV, HV // H, Dk, BT=CHUNK, BK=BK, PREC=prec, **_cfg("kkt")
-    )
-    tm = torch.empty_like(a)
-    kern.solve[(n_slots, HV)](a, tm, cs, cl, HV, BT=CHUNK, **_cfg("solve"))
-    del a
+    tm = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
+    if FUSED["prep"]:
+        w = torch.empty(NT, HV, Dk, dtype=dt, device=q.device)
+        u = torch.empty(NT, HV, Dv, dtype=dt, device=q.device)
+        kern.prep[(n_slots, HV)](
+            kn, v2, g2, b2, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
+            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("prep"),
+        )  # fmt: skip
+    else:
+        a = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
+        kern.kkt[(n_slots, HV)](
+            kn, g2, b2, gc, a, cs, cl, H, HV, HV // H, Dk, BT=CHUNK, BK=BK, PREC=prec, **_cfg("kkt")
+        )
+        kern.solve[(n_slots, HV)](a, tm, cs, cl, HV, BT=CHUNK, **_cfg("solve"))
+        del a
+        w, u = _wu_pass(kn, v2, b2, gc, tm, plan, n_slots, H)
     h0c = None if h0 is None else h0.float().contiguous()
-    _, h, vn, final = _state_pass(kn, v2, b2, gc, tm, h0c, plan, n_slots, H, True)
-    o = torch.empty(NT, HV, Dv, dtype=v.dtype, device=q.device)
-    kern.out[(n_slots, HV, -(-Dv // BVc))](
-        qn, kn, gc, h, vn, o, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, PREC=prec, **_cfg("out"),
+    fuse = FUSED["out"]
+    h, vn, o, final = _recurrence(
+        qn, kn, w, u, gc, h0c, plan, n_slots, H, scale, fuse_out=fuse, store_final=True, store_h=keep or not fuse
     )  # fmt: skip
-    if use_l2:
-        return o.view(B, T, HV, Dv), final, qn, kn, rq, rk, tm, gc
-    return o.view(B, T, HV, Dv), final, q2.new_empty(0), q2.new_empty(0), rq, rk, tm, gc
+    del u
+    if not fuse:
+        o = torch.empty(NT, HV, Dv, dtype=v.dtype, device=q.device)
+        kern.out[(n_slots, HV, -(-Dv // BVc))](
+            qn, kn, gc, h, vn, o, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
+            BT=CHUNK, BK=BK, BV=BVc, PREC=prec, **_cfg("out"),
+        )  # fmt: skip
+    if not keep:
+        w, h, vn = (q2.new_empty(0) for _ in range(3))
+    if not use_l2:
+        qn, kn = q2.new_empty(0), q2.new_empty(0)
+    return o.view(B, T, HV, Dv), final, qn, kn, rq, rk, tm, gc, w, h, vn
 
 
 def _bwd_impl(
@@ -914,6 +1199,9 @@ def _bwd_impl(
     rk: torch.Tensor,
     tm: torch.Tensor,
     gc: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    vn: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     n_slots: int,
@@ -925,7 +1213,8 @@ def _bwd_impl(
     B, T, H, Dk = q.shape
     HV, Dv = v.shape[2], v.shape[3]
     NT = B * T
-    dt = v.dtype
+    dt, dev = v.dtype, q.device
+    rep = HV // H
     v2 = v.reshape(NT, HV, Dv).contiguous()
     b2 = beta.reshape(NT, HV).contiguous()
     if not use_l2:
@@ -935,45 +1224,60 @@ def _bwd_impl(
     cs, cl, so = plan
     n_seq = so.shape[0] - 1
     BK, BVs, BVc = _blocks(Dk, Dv)
+    NV = -(-Dv // BVc)
     prec = _prec(dt)
-    h0c = None if h0 is None else h0.float().contiguous()
-    w, h, vn, _ = _state_pass(kn, v2, b2, gc, tm, h0c, plan, n_slots, H, False)
+    if h.numel() == 0:  # the forward kept no states: recompute W, U, h and V'
+        h0c = None if h0 is None else h0.float().contiguous()
+        w, u = _wu_pass(kn, v2, b2, gc, tm, plan, n_slots, H)
+        h, vn, _, _ = _recurrence(
+            qn, kn, w, u, gc, h0c, plan, n_slots, H, scale, fuse_out=False, store_final=False
+        )
+        del u
     do2 = do.reshape(NT, HV, Dv).to(dt).contiguous()
-    dvb = torch.empty(NT, HV, Dv, dtype=dt, device=q.device)
+    dvb = torch.empty(NT, HV, Dv, dtype=dt, device=dev)
     kern.dv_local[(n_slots, HV)](
-        qn, kn, gc, do2, dvb, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("dv_local"),
+        qn, kn, gc, do2, dvb, cs, cl, float(scale), H, HV, rep, Dk, Dv,
+        BT=CHUNK, BK=BK, BV=BVc, NV=NV, PREC=prec, **_cfg("dv_local"),
     )  # fmt: skip
-    dh = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=q.device)
-    dh0 = torch.empty(n_seq if need_dh0 else 0, HV, Dk, Dv, dtype=torch.float32, device=q.device)
+    dh = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=dev)
+    dh0 = torch.empty(n_seq if need_dh0 else 0, HV, Dk, Dv, dtype=torch.float32, device=dev)
     dhtc = None if dht is None else dht.float().contiguous()
     kern.dstate[(n_seq * HV, -(-Dv // BVs))](
         qn, kn, w, gc, do2, dvb, dh, dhtc if dhtc is not None else dh0, dh0, so, cs, cl,
-        float(scale), H, HV, HV // H, Dk, Dv,
+        float(scale), H, HV, rep, Dk, Dv,
         BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dhtc is not None, STORE_DH0=need_dh0, PREC=prec, INTERP=_interpreting(), **_cfg("dstate"),
     )  # fmt: skip
     del w
-    dqh = torch.empty(NT, HV, Dk, dtype=torch.float32, device=q.device)
-    dkh = torch.empty_like(dqh)
-    dw = torch.empty_like(dqh)
-    dg = torch.empty(NT, HV, dtype=torch.float32, device=q.device)
+    # one value head per q/k head: the L2-norm backward happens inside _dqkwg / _wy_bwd
+    l2_in = use_l2 and rep == 1
+    xq = q.reshape(NT, H, Dk).contiguous() if l2_in else gc
+    xk = k.reshape(NT, H, Dk).contiguous() if l2_in else gc
+    dqh = torch.empty(NT, HV, Dk, dtype=q.dtype if l2_in else torch.float32, device=dev)
+    dkh = torch.empty(NT, HV, Dk, dtype=torch.float32, device=dev)
+    dw = torch.empty_like(dkh)
+    dg = torch.empty(NT, HV, dtype=torch.float32, device=dev)
     kern.dqkwg[(n_slots, HV)](
-        qn, kn, gc, h, dh, vn, dvb, do2, dqh, dkh, dw, dg, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("dqkwg"),
+        qn, kn, gc, h, dh, vn, dvb, do2, dqh, dkh, dw, dg, cs, cl, xq, rq if l2_in else gc,
+        float(scale), H, HV, rep, Dk, Dv,
+        BT=CHUNK, BK=BK, BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in, **_cfg("dqkwg"),
     )  # fmt: skip
     del h, dh, vn
-    dv = torch.empty(NT, HV, Dv, dtype=v.dtype, device=q.device)
-    db = torch.empty(NT, HV, dtype=beta.dtype, device=q.device)
+    dv = torch.empty(NT, HV, Dv, dtype=v.dtype, device=dev)
+    db = torch.empty(NT, HV, dtype=beta.dtype, device=dev)
+    dko = torch.empty(NT, H, Dk, dtype=k.dtype, device=dev) if l2_in else dkh
     kern.wy_bwd[(n_slots, HV)](
-        kn, v2, b2, gc, tm, dw, dvb, dkh, dv, db, dg, cs, cl, H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("wy_bwd"),
+        kn, v2, b2, gc, tm, dw, dvb, dkh, dv, db, dg, cs, cl, xk, rk if l2_in else gc, dko, H, HV, rep, Dk, Dv,
+        BT=CHUNK, BK=BK, BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in, LOWP=FUSED["wy_lowp"] and dt != torch.float32,
+        **_cfg("wy_bwd"),
     )  # fmt: skip
-    rep = HV // H
-    dq = dqh.view(NT, H, rep, Dk).sum(2) if rep > 1 else dqh.view(NT, H, Dk)
-    dk = dkh.view(NT, H, rep, Dk).sum(2) if rep > 1 else dkh.view(NT, H, Dk)
-    if use_l2:
-        dq = _l2_bwd(q.reshape(NT * H, Dk).contiguous(), rq, dq.reshape(NT * H, Dk), q.dtype)
-        dk = _l2_bwd(k.reshape(NT * H, Dk).contiguous(), rk, dk.reshape(NT * H, Dk), k.dtype)
+    if l2_in:
+        dq, dk = dqh, dko
+    else:
+        dq = dqh.view(NT, H, rep, Dk).sum(2) if rep > 1 else dqh.view(NT, H, Dk)
+        dk = dkh.view(NT, H, rep, Dk).sum(2) if rep > 1 else dkh.view(NT, H, Dk)
+        if use_l2:
+            dq = _l2_bwd(q.reshape(NT * H, Dk).contiguous(), rq, dq.reshape(NT * H, Dk), q.dtype)
+            dk = _l2_bwd(k.reshape(NT * H, Dk).contiguous(), rk, dk.reshape(NT * H, Dk), k.dtype)
     return (
         dq.reshape(B, T, H, Dk).to(q.dtype),
         dk.reshape(B, T, H, Dk).to(k.dtype),
@@ -1001,29 +1305,22 @@ def _fwd_op(
     n_slots: int,
     scale: float,
     use_l2: bool,
-) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
-    """Forward: ``(o, final, q_hat, k_hat, 1/|q|, 1/|k|, T, G)`` (see :func:`_fwd_impl`)."""
-    return _fwd_impl(q, k, v, g, beta, h0, cu, n_slots, scale, use_l2)
+    keep: bool,
+) -> list[torch.Tensor]:
+    """Forward: ``[o, final, q_hat, k_hat, 1/|q|, 1/|k|, T, G, W, h, V']`` (see :func:`_fwd_impl`;
+    the last three ``[0]``-sized unless ``keep``)."""
+    return list(_fwd_impl(q, k, v, g, beta, h0, cu, n_slots, scale, use_l2, keep))
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, g, beta, h0, cu, n_slots, scale, use_l2):  # type: ignore[no-untyped-def]
+def _fwd_fake(q, k, v, g, beta, h0, cu, n_slots, scale, use_l2, keep):  # type: ignore[no-untyped-def]
     B, T, H, Dk = q.shape
     HV, Dv = v.shape[2], v.shape[3]
     NT = B * T
     n_seq = cu.shape[0] - 1
     f32 = torch.float32
     nl = NT if use_l2 else 0
-    return (
+    return [
         v.new_empty(B, T, HV, Dv),
         v.new_empty(n_seq, HV, Dk, Dv, dtype=f32),
         v.new_empty(nl, H, Dk) if use_l2 else v.new_empty(0),
@@ -1032,7 +1329,10 @@ def _fwd_fake(q, k, v, g, beta, h0, cu, n_slots, scale, use_l2):  # type: ignore
         v.new_empty(nl * H, dtype=f32),
         v.new_empty(NT, HV, CHUNK, dtype=f32),
         v.new_empty(NT, HV, dtype=f32),
-    )
+        v.new_empty(NT, HV, Dk) if keep else v.new_empty(0),
+        v.new_empty(n_slots, HV, Dk, Dv) if keep else v.new_empty(0),
+        v.new_empty(NT, HV, Dv) if keep else v.new_empty(0),
+    ]
 
 
 @torch.library.custom_op("olmo_attn::gdn_chunk_bwd", mutates_args=())
@@ -1050,6 +1350,9 @@ def _bwd_op(
     rk: torch.Tensor,
     tm: torch.Tensor,
     gc: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    vn: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
     n_slots: int,
@@ -1059,12 +1362,14 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv, dg, dbeta, d_initial_state)`` (see :func:`_bwd_impl`)."""
     return _bwd_impl(
-        q, k, v, g, beta, h0, cu, qn, kn, rq, rk, tm, gc, do, dht, n_slots, scale, use_l2, need_dh0
+        q, k, v, g, beta, h0, cu, qn, kn, rq, rk, tm, gc, w, h, vn, do, dht, n_slots, scale, use_l2, need_dh0
     )
 
 
 @_bwd_op.register_fake
-def _bwd_fake(q, k, v, g, beta, h0, cu, qn, kn, rq, rk, tm, gc, do, dht, n_slots, scale, use_l2, need_dh0):  # type: ignore[no-untyped-def]
+def _bwd_fake(
+    q, k, v, g, beta, h0, cu, qn, kn, rq, rk, tm, gc, w, h, vn, do, dht, n_slots, scale, use_l2, need_dh0
+):  # type: ignore[no-untyped-def]
     n_seq = cu.shape[0] - 1
     HV, Dk, Dv = v.shape[2], q.shape[3], v.shape[3]
     return (
@@ -1091,11 +1396,12 @@ class _ChunkFn(torch.autograd.Function):
         n_slots: int,
         scale: float,
         use_l2: bool,
+        keep: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o, final, qn, kn, rq, rk, tm, gc = torch.ops.olmo_attn.gdn_chunk_fwd(
-            q, k, v, g, beta, h0, cu, n_slots, scale, use_l2
+        o, final, *saved = torch.ops.olmo_attn.gdn_chunk_fwd(
+            q, k, v, g, beta, h0, cu, n_slots, scale, use_l2, keep
         )
-        ctx.save_for_backward(q, k, v, g, beta, h0, cu, qn, kn, rq, rk, tm, gc)
+        ctx.save_for_backward(q, k, v, g, beta, h0, cu, *saved)
         ctx.args = (n_slots, scale, use_l2)
         ctx.set_materialize_grads(False)
         return o, final
@@ -1104,15 +1410,15 @@ class _ChunkFn(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, do: torch.Tensor | None, dfinal: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, g, beta, h0, cu, qn, kn, rq, rk, tm, gc = ctx.saved_tensors
+        q, k, v, g, beta, h0, cu, *saved = ctx.saved_tensors
         n_slots, scale, use_l2 = ctx.args
         if do is None:
             do = torch.zeros_like(v)
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
         dq, dk, dv, dg, db, dh0 = torch.ops.olmo_attn.gdn_chunk_bwd(
-            q, k, v, g, beta, h0, cu, qn, kn, rq, rk, tm, gc, do, dfinal, n_slots, scale, use_l2, need_dh0
+            q, k, v, g, beta, h0, cu, *saved, do, dfinal, n_slots, scale, use_l2, need_dh0
         )
-        return dq, dk, dv, dg, db, (dh0.to(h0.dtype) if need_dh0 else None), None, None, None, None
+        return dq, dk, dv, dg, db, (dh0.to(h0.dtype) if need_dh0 else None), None, None, None, None, None
 
 
 def triton_chunk_gated_delta_rule(
@@ -1149,5 +1455,9 @@ def triton_chunk_gated_delta_rule(
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         n_slots = n_slots_for(NT, cu.shape[0] - 1, True, T)
     scale = float(Dk**-0.5 if scale is None else scale)
-    o, final = _ChunkFn.apply(q, k, v, g, beta, initial_state, cu, n_slots, scale, bool(use_qk_l2norm))
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)
+    )
+    keep = FUSED["keep_states"] and grads
+    o, final = _ChunkFn.apply(q, k, v, g, beta, initial_state, cu, n_slots, scale, bool(use_qk_l2norm), keep)
     return o, (final if output_final_state else None)

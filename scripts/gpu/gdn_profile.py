@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -35,11 +36,15 @@ def main() -> None:
     def fwd() -> torch.Tensor:
         return triton_chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True)[0]
 
+    def fwd_nograd() -> None:
+        with torch.no_grad():
+            fwd()
+
     def fwd_bwd() -> None:
         torch.autograd.grad(fwd(), (q, k, v, g, beta), do)
 
     result = {}
-    for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+    for label, fn in (("fwd", fwd_nograd), ("fwd[train]", fwd), ("fwd+bwd", fwd_bwd)):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -50,6 +55,13 @@ def main() -> None:
         end.record()
         end.synchronize()
         wall = start.elapsed_time(end) / a.iters
+        # host time per call: launches queued without waiting (the GPU is idle-bound when host > wall)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(a.iters):
+            fn()
+        host = (time.perf_counter() - t0) * 1e3 / a.iters
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(a.iters):
                 fn()
@@ -61,9 +73,10 @@ def main() -> None:
                 rows.append((e.key, dev_us / a.iters / 1e3, e.count // a.iters))
         rows.sort(key=lambda r: -r[1])
         busy = sum(r[1] for r in rows)
-        result[label] = {"wall_ms": wall, "kernel_ms": busy, "kernels": rows}
+        result[label] = {"wall_ms": wall, "kernel_ms": busy, "host_ms": host, "kernels": rows}
         print(
-            f"== {label}: wall {wall:.3f} ms/iter, device busy {busy:.3f} ms/iter ({100 * busy / wall:.0f}%)"
+            f"== {label}: wall {wall:.3f} ms/iter, device busy {busy:.3f} ms/iter ({100 * busy / wall:.0f}%),"
+            f" host {host:.3f} ms/call"
         )
         for key, ms, n in rows[:25]:
             print(f"  {ms:8.3f} ms  x{n:<3d} {key[:100]}")

@@ -72,6 +72,41 @@ print("OK")
 """
 )
 
+# every kernel choice of ``FUSED`` (and a narrower value tile) against float64: documents, GVA,
+# float32 and float16
+SPLIT = (
+    PRELUDE
+    + r"""
+from olmo_attn.recurrent import triton_chunk as tc
+lens = [37, 64, 65, 20]
+inp = gdr_inputs(1, sum(lens), 1, 2, 16, 32, n_seq=len(lens), seed=7)
+fused = compare(inp, lengths_to_cu(lens), torch.float32, 1e-5)
+tc.FUSED.update(prep=False, out=False)
+split = compare(inp, lengths_to_cu(lens), torch.float32, 1e-5)
+tc.FUSED.update(prep=True, out=True)
+tc.TILES["state_out_values"] = 256  # value tiles of 16: two programs per head
+narrow = compare(inp, lengths_to_cu(lens), torch.float32, 1e-5)
+for n in fused:
+    assert rel_rms(split[n], fused[n]) < 1e-5 and rel_rms(narrow[n], fused[n]) < 1e-5, n
+BUD = {"o": 5e-3, "final": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3, "g": 2e-2, "beta": 2e-2}
+compare(inp, lengths_to_cu(lens), torch.float16, BUD)
+# one value head per q/k head: the L2-norm backward inside _dqkwg / _wy_bwd; states recomputed in
+# the backward instead of kept; _wy_bwd's value products in the input dtype
+inp = gdr_inputs(2, 100, 2, 2, 16, 32, seed=8)
+kept = compare(inp, None, torch.float32, 1e-5)
+tc.FUSED["keep_states"] = False
+again = compare(inp, None, torch.float32, 1e-5)
+tc.FUSED["keep_states"] = True
+for n in kept:
+    assert rel_rms(again[n], kept[n]) < 1e-5, n
+compare(inp, None, torch.float16, BUD)
+tc.FUSED["wy_lowp"] = True
+compare(inp, None, torch.float16, BUD)
+compare(gdr_inputs(1, 200, 2, 2, 16, 32, n_seq=3, seed=9), lengths_to_cu([30, 70, 100]), torch.float16, BUD)
+print("OK")
+"""
+)
+
 FULL = (
     PRELUDE
     + r"""
@@ -130,6 +165,11 @@ def _run(script: str, timeout: int) -> None:
 @needs_triton
 def test_triton_chunk_matches_float64_under_the_interpreter():
     _run(QUICK, 300)
+
+
+@needs_triton
+def test_triton_chunk_fused_and_split_forward_kernels_agree():
+    _run(SPLIT, 600)
 
 
 @needs_triton
