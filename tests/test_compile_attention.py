@@ -14,6 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from olmo_attn.attention import Attention, FusedAttention, NormalizedAttention
 from olmo_attn.kv_cache import KVCacheOverflowError
+from olmo_attn.ops import flex as flex_ops
 from olmo_attn.ops.torch_kernel import clear_plan_cache
 from olmo_attn.rope import RoPEConfig
 
@@ -135,6 +136,31 @@ def test_sliding_window_one_graph() -> None:
         _assert_same(out, _fwd_bwd(eager, x, **kw))
         torch.testing.assert_close(out[0].double(), _reference(m, x, layout, 5), rtol=1e-4, atol=1e-5)
     assert counter.frame_count == 2  # one graph without documents, one with
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_flex_window_first_compiled_call(monkeypatch: pytest.MonkeyPatch, decode: bool) -> None:
+    # AOTAutograd runs a compiled graph's first call under a TorchDispatchMode (its custom-op
+    # aliasing check), so our ops' kernels ran with functorch's dispatch keys excluded, and the vmap
+    # in FlexAttention's BlockMask (and its eager mask_mod) failed: "Cannot access storage of
+    # BatchedTensorImpl" on an H200. CUDA's FlexAttention path, forced on the CPU (uncompiled
+    # flex_attention, which has no CPU backward: forward only), from an empty mask cache.
+    monkeypatch.setattr(flex_ops, "flex_supported", lambda q, dropout_p: dropout_p == 0.0)
+    clear_plan_cache()
+    eager, m = _pair("attention", window=5)
+    if decode:
+        for mod in (eager, m):
+            mod.init_kv_cache_manager(B, 8)
+    cm, counter = _compile(m)
+    with torch.no_grad():
+        for n in (4, 1, 1) if decode else (T, T):
+            x = torch.randn(B, n, D_MODEL)
+            y = cm(x)
+            torch.testing.assert_close(y, eager(x), **TOL)
+            if not decode:
+                torch.testing.assert_close(y.double(), _reference(m, x, None, 5), rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == (2 if decode else 1)
+    clear_plan_cache()
 
 
 def test_compiled_documents_still_reject_bad_metadata() -> None:

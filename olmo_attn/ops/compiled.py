@@ -45,6 +45,43 @@ def _autograd_on() -> Iterator[None]:
         yield
 
 
+_PLAIN_EXCLUDE: dict[int, Any] = {}
+
+
+def _plain_exclude_set(ex: Any) -> Any:
+    """``ex`` less every key Python can name except the autograd and autocast ones, which is what a
+    plain call of a custom op excludes (cached per set; few distinct ones occur)."""
+    raw = ex.raw_repr()
+    plain = _PLAIN_EXCLUDE.get(raw)
+    if plain is None:
+        plain = ex
+        for name, key in torch._C.DispatchKey.__members__.items():
+            if not name.startswith(("Autograd", "Autocast")):
+                plain = plain.remove(key)  # a functionality bit (alias keys: none)
+        _PLAIN_EXCLUDE[raw] = plain
+    return plain
+
+
+@contextlib.contextmanager
+def _plain_dispatch() -> Iterator[None]:
+    """Run a custom op's kernels with the dispatch keys of a plain eager call.
+
+    An op entered through a ``TorchDispatchMode`` runs with every key above ``Python`` excluded,
+    functorch's too. AOTAutograd runs a compiled graph's first call under one (its custom-op
+    aliasing check), so this is every compiled model's first step. ``torch.vmap`` then hands
+    ``BatchedTensor`` objects straight to the device kernels ("Cannot access storage of
+    BatchedTensorImpl": ``BlockMask.from_kv_blocks`` and eager FlexAttention's ``mask_mod`` are
+    vmapped), and the nested ``torch.compile`` of FlexAttention falls back to that eager path.
+    Autograd and autocast stay excluded as they were."""
+    ex = torch._C._dispatch_tls_local_exclude_set()
+    plain = _plain_exclude_set(ex)
+    if plain.raw_repr() == ex.raw_repr():
+        yield
+        return
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), plain):
+        yield
+
+
 def _dense(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Contiguous copies where needed: the fakes promise contiguous outputs (same values)."""
     return tuple(t.contiguous() for t in ts)
@@ -108,20 +145,21 @@ def _run_forward(
     q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, call: KernelCall, **geometry: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _impl(q4, call.dropout_p)
-    index, plan = _plan(q4, k4, call, impl, **geometry)
-    with torch.no_grad():
-        if impl == "flex":
-            return flex_ops.flex_forward(q4, k4, v4, plan, scale=call.scale)
-        return blockwise_forward(
-            q4,
-            k4,
-            v4,
-            index,
-            plan,
-            scale=call.scale,
-            dropout_p=call.dropout_p,
-            dropout_seed=call.dropout_seed,
-        )
+    with _plain_dispatch():
+        index, plan = _plan(q4, k4, call, impl, **geometry)
+        with torch.no_grad():
+            if impl == "flex":
+                return flex_ops.flex_forward(q4, k4, v4, plan, scale=call.scale)
+            return blockwise_forward(
+                q4,
+                k4,
+                v4,
+                index,
+                plan,
+                scale=call.scale,
+                dropout_p=call.dropout_p,
+                dropout_seed=call.dropout_seed,
+            )
 
 
 def _run_backward(
@@ -135,24 +173,25 @@ def _run_backward(
     **geometry: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _impl(q4, call.dropout_p)
-    index, plan = _plan(q4, k4, call, impl, **geometry)
-    if impl == "flex":  # recomputes with autograd: record it also inside a compiled backward
-        with _autograd_on():
-            return flex_ops.flex_kernel_backward(dout, q4, k4, v4, out, lse, plan, scale=call.scale)
-    with torch.no_grad():
-        return blockwise_backward(
-            dout,
-            q4,
-            k4,
-            v4,
-            out,
-            lse,
-            index,
-            plan,
-            scale=call.scale,
-            dropout_p=call.dropout_p,
-            dropout_seed=call.dropout_seed,
-        )
+    with _plain_dispatch():
+        index, plan = _plan(q4, k4, call, impl, **geometry)
+        if impl == "flex":  # recomputes with autograd: record it also inside a compiled backward
+            with _autograd_on():
+                return flex_ops.flex_kernel_backward(dout, q4, k4, v4, out, lse, plan, scale=call.scale)
+        with torch.no_grad():
+            return blockwise_backward(
+                dout,
+                q4,
+                k4,
+                v4,
+                out,
+                lse,
+                index,
+                plan,
+                scale=call.scale,
+                dropout_p=call.dropout_p,
+                dropout_seed=call.dropout_seed,
+            )
 
 
 # ----- dense / varlen -------------------------------------------------------------------------
