@@ -89,9 +89,9 @@ def document_position_ids(cu_doc_lens: torch.Tensor, total: int) -> torch.Tensor
         raise TypeError(f"cu_doc_lens must be an integer tensor (int32), got {cu_doc_lens.dtype}")
     cu = cu_doc_lens.to(torch.int64)
     flat = torch.arange(total, device=cu.device, dtype=torch.int64)
-    doc = torch.bucketize(
-        flat, cu[1:].contiguous(), right=True
-    )  # [total] document of each token (Inductor: no SliceView)
+    # [total] document of each token: bucketize(flat, cu[1:]) for sorted cu, without the slice
+    # (Inductor's CUDA lowering of bucketize rejects a sliced boundaries tensor: "SliceView")
+    doc = (torch.bucketize(flat, cu, right=True) - 1).clamp(min=0)
     return flat - cu[doc]
 
 

@@ -106,7 +106,8 @@ def pairwise_results(ctx: RunContext, cases_by_key: dict[str, dict[str, Case]]) 
     """Pairwise results for every problem two or more backends ran in this run (runner post-pass)."""
     results = []
     for key, stored in ctx.store.items():
-        names = [n for n in stored if n in cases_by_key.get(key, {})]
+        cases = cases_by_key.get(key, {})
+        names = [n for n in stored if n in cases and cases[n].family in PAIRWISE_FAMILIES]
         for i in range(len(names)):
             for j in range(i + 1, len(names)):
                 a, b = cases_by_key[key][names[i]], cases_by_key[key][names[j]]

@@ -72,7 +72,8 @@ class _NanGradAt(torch.autograd.Function):
 def _segment_ids(cu: torch.Tensor, n: int) -> torch.Tensor:
     """``[n]`` segment of each flat token (``n_seg`` for tokens past ``cu[-1]``)."""
     pos = torch.arange(n, device=cu.device, dtype=cu.dtype)
-    return torch.searchsorted(cu[1:].contiguous(), pos, right=True)
+    # = searchsorted(cu[1:], ...) for sorted cu; a slice here broke Inductor's CUDA lowering (SliceView)
+    return (torch.searchsorted(cu, pos, right=True) - 1).clamp(min=0)
 
 
 def _bad_tokens(*xs: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ def doc_positions(cu_seqlens: torch.Tensor, cu_host: tuple[int, ...] | None, tot
     del cu_host
     cu = cu_seqlens.to(torch.int64)
     tok = torch.arange(total, device=cu.device)
-    doc = torch.searchsorted(cu[1:].contiguous(), tok, right=True).clamp(max=cu.shape[0] - 2)
+    # = searchsorted(cu[1:], ...) for sorted cu, without the slice Inductor's CUDA lowering rejects
+    doc = (torch.searchsorted(cu, tok, right=True) - 1).clamp(0, cu.shape[0] - 2)
     return tok - cu[doc]
 
 

@@ -961,15 +961,21 @@ LAUNCH: dict[str, dict[str, int]] = {
     "dqkwg": {"num_warps": 8, "num_stages": 3},
     "wy_bwd": {"num_warps": 8, "num_stages": 1},
 }
-TILES: dict[str, int] = {"state_values": 8192, "state_out_values": 8192, "chunk_bv": 64}
-# Kernel choices (the benchmark times each both ways on the same inputs):
-# ``prep``: one kernel for ``_kkt``, ``_solve`` and ``_wu`` (off: the three); ``out``: the output
-# written by the sequential kernel from its registers (off: ``_out`` reading the stored ``h``);
-# ``keep_states``: a forward that needs a backward keeps ``W``, ``h`` and ``V'`` for it (``h`` is
-# ``[n_chunks, HV, Dk, Dv]`` in the input dtype: as large as q, k and v together at Dk = 128,
-# Dv = 256) instead of recomputing them there; ``wy_lowp``: the value-tile products of ``_wy_bwd``
-# in the input dtype, as the forward's ``U = T (beta V)`` (off: TF32 on float32 operands).
-FUSED: dict[str, bool] = {"prep": True, "out": True, "keep_states": True, "wy_lowp": False}
+TILES: dict[str, int] = {"state_values": 8192, "state_out_values": 4096, "chunk_bv": 64}
+# Kernel choices, each timed both ways on the same inputs by ``benchmarks/gdn_bench.py``
+# (section ``triton_choices``); H200, B2 T8192 H16 Dk128 Dv256 bf16, 2026-12-03:
+# ``prep``: one kernel for ``_kkt``, ``_solve`` and ``_wu`` (0.47-0.53 ms against 0.50 for the
+#   three: a wash; two launches fewer);
+# ``out``: a forward that keeps no states (no grad) writes the output from the recurrence's
+#   registers instead of storing ``h`` for ``_out`` (forward 1.16 against 1.19 ms at 32 value
+#   columns per program); a training forward stores ``h`` anyway and runs ``_out`` (the fused
+#   kernel with stores: fwd+bwd 3.57-3.69 against 3.53 ms);
+# ``keep_states``: a forward that needs a backward keeps ``W``, ``h`` and ``V'`` for it instead of
+#   recomputing them there (fwd+bwd 4.09 -> 3.69 ms; ``h`` is ``[n_chunks, HV, Dk, Dv]`` in the
+#   input dtype, as large as q, k and v together at Dk = 128, Dv = 256);
+# ``wy_lowp``: ``_wy_bwd``'s value-tile products in the input dtype, as the forward's
+#   ``U = T (beta V)`` (1.10 -> 1.00 ms; largest error against float64 4.13e-3 against 4.11e-3).
+FUSED: dict[str, bool] = {"prep": True, "out": True, "keep_states": True, "wy_lowp": True}
 _STAGE_HOOK: list[Any] = []
 
 
@@ -1013,7 +1019,7 @@ def chunk_plan(cu: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tens
     nch = torch.div(lens + (CHUNK - 1), CHUNK, rounding_mode="floor")
     so = torch.cat([cu64.new_zeros(1), torch.cumsum(nch, 0)])
     slot = torch.arange(n_slots, device=cu.device, dtype=torch.int64)
-    seq = torch.searchsorted(so[1:].contiguous(), slot, right=True)
+    seq = torch.searchsorted(so, slot, right=True) - 1  # = searchsorted(so[1:], ...): so[0] = 0 <= slot
     valid = seq < N
     seqc = seq.clamp(max=max(N - 1, 0))
     start = cu64[seqc] + (slot - so[seqc]) * CHUNK
@@ -1167,7 +1173,7 @@ def _fwd_impl(
         del a
         w, u = _wu_pass(kn, v2, b2, gc, tm, plan, n_slots, H)
     h0c = None if h0 is None else h0.float().contiguous()
-    fuse = FUSED["out"]
+    fuse = FUSED["out"] and not keep
     h, vn, o, final = _recurrence(
         qn, kn, w, u, gc, h0c, plan, n_slots, H, scale, fuse_out=fuse, store_final=True, store_h=keep or not fuse
     )  # fmt: skip

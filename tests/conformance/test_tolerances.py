@@ -264,3 +264,23 @@ def test_pairwise_gradients_share_the_floor_scale():
     )  # no scale: 0
     sb_far = Stored({**exact, "dq": zero.half() + 1e-2}, refs, lows, torch.float16)
     assert judge_pair(pairwise_case(a, b), sa, sb_far).status == "failed"
+
+
+def test_runner_pairwise_pass_skips_dropout_problems():
+    """Each kernel draws its own dropout mask: the runner's pairwise post-pass compares two backends'
+    stored tensors for the pairwise families only (a torch~flash_2 dropout pair always differed)."""
+    from conformance.cases import Case
+    from conformance.families.pairwise import pairwise_results
+    from conformance.results import RunContext, Stored
+
+    t = torch.zeros(3, dtype=torch.float64)
+    stored = Stored({"out": t.float()}, {"out": t}, {"out": t.float()}, torch.float32)
+    ctx, by_key = RunContext(), {}
+    for family, variant in (("attn", "causal"), ("dropout", "keep_mask")):
+        for backend in ("torch", "flash_2"):
+            case = Case("gpu", family, backend, variant, "float32")
+            ctx.remember(case, stored)
+            by_key.setdefault(case.problem_key, {})[backend] = case
+    got = pairwise_results(ctx, by_key)
+    assert [r.case.variant for r in got] == ["attn/causal"]
+    assert got[0].case.backend == "torch~flash_2"
