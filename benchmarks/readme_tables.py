@@ -171,12 +171,20 @@ def gdn_triton() -> list[str]:
             rows.setdefault(shape, {})[f"{r['subject']} {r['pass']}"] = cell
         if not rows:
             continue
-        cols = ["ours:triton fwd", "ours:triton fwd+bwd", "fla fwd", "sdpa[cudnn] fwd", "sdpa[cudnn] fwd+bwd"]
+        cols = [
+            "ours:triton fwd",
+            "ours:triton fwd[train]",
+            "ours:triton fwd+bwd",
+            "fla fwd",
+            "sdpa[cudnn] fwd",
+            "sdpa[cudnn] fwd+bwd",
+        ]
         out += [
             f"**Gated DeltaNet, our Triton kernels** — {_gpu(env)}, Triton {env.get('triton')}, fla {env.get('fla')}, "
             f"bf16; ms (peak MB above the inputs); timing: {_timing(env)} "
             f"([`{path.name}`](benchmarks/results/{path.name})). fla's backward refuses this GPU + Triton; "
-            "`sdpa[cudnn]` is causal softmax attention at the same shape, for scale.",
+            "`sdpa[cudnn]` is causal softmax attention at the same shape, for scale; `fwd` runs without grad, "
+            "`fwd[train]` with it (keeping what the backward reads).",
             "",
             "| shape | " + " | ".join(cols) + " | ours first call (fwd / fwd+bwd, compile) |",
             "|---|" + "---|" * (len(cols) + 1),
@@ -188,7 +196,7 @@ def gdn_triton() -> list[str]:
                 + f" | {first.get(shape, '—')} |"
             )
         out.append("")
-    for path, d in _load("*-gdn-layer.json"):
+    for path, d in _load("*-gdn-layer.json") + _load("*-gdn-speed.json"):
         layer = [r for r in d.get("layer", []) if "median_ms" in r]
         if not layer:
             continue
@@ -210,8 +218,9 @@ def gdn_triton() -> list[str]:
             f"**Where our kernels' time goes** (torch.profiler, back-to-back runs; "
             f"[`{path.name}`](benchmarks/results/{path.name})): "
             + "; ".join(
-                f"{label} {v['wall_ms']:.2f} ms wall, {v['kernel_ms']:.2f} ms in kernels "
-                f"(largest: {', '.join(f'{k[0].lstrip(chr(95))} {k[1]:.2f}' for k in v['kernels'][:3])})"
+                f"{label} {v['wall_ms']:.2f} ms wall, {v['kernel_ms']:.2f} ms in kernels"
+                + (f", {v['host_ms']:.2f} ms of host time per call " if "host_ms" in v else " ")
+                + f"(largest: {', '.join(f'{k[0].lstrip(chr(95))} {k[1]:.2f}' for k in v['kernels'][:3])})"
                 for label, v in d.items()
             )
             + ".",

@@ -3,6 +3,7 @@
 # are installed in ~/fa4_site). The gpu conformance tier for torch, flash_2, flash_3 and flash_4 in
 # one run (pairwise across all four) from a cold compile cache, with the wall time in the report.
 #   run(command="BUDGET=<s> bash scripts/gpu/r6_c.sh", timeout_s=<s + 20>)
+# Ran with BUDGET=470: 921 cases in 384 s, 403 s of call; conformance/reports/NVIDIA_H200-2026-12-03-cold-all-backends.*
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh
