@@ -209,24 +209,12 @@ def _kernels() -> SimpleNamespace:
         )
 
     @triton.jit
-    def _solve(a_ptr, t_ptr, cs_ptr, cl_ptr, HV, BT: tl.constexpr):
-        """``T = (I + A)^-1`` ``[NT, HV, 64]`` float32 for one chunk and value head (``BT = 64``)."""
-        i_c = tl.program_id(0)
-        i_hv = tl.program_id(1)
-        L = tl.load(cl_ptr + i_c)
-        if L == 0:
-            return
-        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
-        t00 = _diag_inv(a_ptr, t0, 0, L, HV, i_hv, BT)
-        t11 = _diag_inv(a_ptr, t0, 16, L, HV, i_hv, BT)
-        t22 = _diag_inv(a_ptr, t0, 32, L, HV, i_hv, BT)
-        t33 = _diag_inv(a_ptr, t0, 48, L, HV, i_hv, BT)
-        a10 = _blk(a_ptr, t0, 16, 0, L, HV, i_hv, BT)
-        a20 = _blk(a_ptr, t0, 32, 0, L, HV, i_hv, BT)
-        a21 = _blk(a_ptr, t0, 32, 16, L, HV, i_hv, BT)
-        a30 = _blk(a_ptr, t0, 48, 0, L, HV, i_hv, BT)
-        a31 = _blk(a_ptr, t0, 48, 16, L, HV, i_hv, BT)
-        a32 = _blk(a_ptr, t0, 48, 32, L, HV, i_hv, BT)
+    def _t_blocks(
+        t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT: tl.constexpr
+    ):  # fmt: skip
+        """The off-diagonal blocks of ``T = (I + A)^-1`` from its diagonal inverses ``t_ii`` and the
+        blocks ``a_ij`` of ``A``; stores all sixteen blocks of ``T`` (upper ones zero) and returns
+        ``(t10, t20, t21, t30, t31, t32)``."""
         # T_ij = -T_ii sum_{k=j}^{i-1} A_ik T_kj   (block rows of (I + A) T = I)
         t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision="ieee"), input_precision="ieee")
         t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision="ieee"), input_precision="ieee")
@@ -265,6 +253,28 @@ def _kernels() -> SimpleNamespace:
         _put(t_ptr, t31, t0, 48, 16, L, HV, i_hv, BT)
         _put(t_ptr, t32, t0, 48, 32, L, HV, i_hv, BT)
         _put(t_ptr, t33, t0, 48, 48, L, HV, i_hv, BT)
+        return t10, t20, t21, t30, t31, t32
+
+    @triton.jit
+    def _solve(a_ptr, t_ptr, cs_ptr, cl_ptr, HV, BT: tl.constexpr):
+        """``T = (I + A)^-1`` ``[NT, HV, 64]`` float32 for one chunk and value head (``BT = 64``)."""
+        i_c = tl.program_id(0)
+        i_hv = tl.program_id(1)
+        L = tl.load(cl_ptr + i_c)
+        if L == 0:
+            return
+        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
+        t00 = _diag_inv(a_ptr, t0, 0, L, HV, i_hv, BT)
+        t11 = _diag_inv(a_ptr, t0, 16, L, HV, i_hv, BT)
+        t22 = _diag_inv(a_ptr, t0, 32, L, HV, i_hv, BT)
+        t33 = _diag_inv(a_ptr, t0, 48, L, HV, i_hv, BT)
+        a10 = _blk(a_ptr, t0, 16, 0, L, HV, i_hv, BT)
+        a20 = _blk(a_ptr, t0, 32, 0, L, HV, i_hv, BT)
+        a21 = _blk(a_ptr, t0, 32, 16, L, HV, i_hv, BT)
+        a30 = _blk(a_ptr, t0, 48, 0, L, HV, i_hv, BT)
+        a31 = _blk(a_ptr, t0, 48, 16, L, HV, i_hv, BT)
+        a32 = _blk(a_ptr, t0, 48, 32, L, HV, i_hv, BT)
+        _t_blocks(t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT)
 
     @triton.jit
     def _piece(k_ptr, g_ptr, b_ptr, t0, o: tl.constexpr, L, H, HV, i_hv, i_h, DK, BK: tl.constexpr):
@@ -384,44 +394,10 @@ def _kernels() -> SimpleNamespace:
         a30 = _a_blk(k3, k0, b3, G3, G0, False, PREC)
         a31 = _a_blk(k3, k1, b3, G3, G1, False, PREC)
         a32 = _a_blk(k3, k2, b3, G3, G2, False, PREC)
-        # T_ij = -T_ii sum_{k=j}^{i-1} A_ik T_kj   (block rows of (I + A) T = I)
-        t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision="ieee"), input_precision="ieee")
-        t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision="ieee"), input_precision="ieee")
-        t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision="ieee"), input_precision="ieee")
-        t20 = -tl.dot(
-            t22,
-            tl.dot(a20, t00, input_precision="ieee") + tl.dot(a21, t10, input_precision="ieee"),
-            input_precision="ieee",
-        )
-        t31 = -tl.dot(
-            t33,
-            tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee"),
-            input_precision="ieee",
-        )
-        t30 = -tl.dot(
-            t33,
-            tl.dot(a30, t00, input_precision="ieee")
-            + tl.dot(a31, t10, input_precision="ieee")
-            + tl.dot(a32, t20, input_precision="ieee"),
-            input_precision="ieee",
+        t10, t20, t21, t30, t31, t32 = _t_blocks(
+            t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT
         )
         z = tl.zeros([16, 16], dtype=tl.float32)
-        _put(t_ptr, t00, t0, 0, 0, L, HV, i_hv, BT)
-        _put(t_ptr, z, t0, 0, 16, L, HV, i_hv, BT)
-        _put(t_ptr, z, t0, 0, 32, L, HV, i_hv, BT)
-        _put(t_ptr, z, t0, 0, 48, L, HV, i_hv, BT)
-        _put(t_ptr, t10, t0, 16, 0, L, HV, i_hv, BT)
-        _put(t_ptr, t11, t0, 16, 16, L, HV, i_hv, BT)
-        _put(t_ptr, z, t0, 16, 32, L, HV, i_hv, BT)
-        _put(t_ptr, z, t0, 16, 48, L, HV, i_hv, BT)
-        _put(t_ptr, t20, t0, 32, 0, L, HV, i_hv, BT)
-        _put(t_ptr, t21, t0, 32, 16, L, HV, i_hv, BT)
-        _put(t_ptr, t22, t0, 32, 32, L, HV, i_hv, BT)
-        _put(t_ptr, z, t0, 32, 48, L, HV, i_hv, BT)
-        _put(t_ptr, t30, t0, 48, 0, L, HV, i_hv, BT)
-        _put(t_ptr, t31, t0, 48, 16, L, HV, i_hv, BT)
-        _put(t_ptr, t32, t0, 48, 32, L, HV, i_hv, BT)
-        _put(t_ptr, t33, t0, 48, 48, L, HV, i_hv, BT)
         # W_i = sum_j T_ij (b exp(G) K)_j
         dt = w_ptr.dtype.element_ty
         x0 = (k0.to(tl.float32) * (b0 * tl.exp(G0))[:, None]).to(dt)
@@ -927,7 +903,7 @@ def _kernels() -> SimpleNamespace:
     # the kernels resolve the helpers they call through the module's globals
     globals().update(
         _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk,
-        _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
+        _t_blocks=_t_blocks, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
         _l2_tile_bwd=_l2_tile_bwd,
     )  # fmt: skip
     return SimpleNamespace(
