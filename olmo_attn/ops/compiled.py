@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from . import flex as flex_ops
-from .blockwise import blockwise_backward, blockwise_forward
 from .kernel import KernelCall
+from .torch_kernel import DEFAULT_BLOCKS, planned_backward, planned_forward, prepare_mask
 
 __all__ = ["kv_cache_attention", "masked_attention"]
 
@@ -135,8 +135,6 @@ def _make_call(
 def _plan(
     q4: torch.Tensor, k4: torch.Tensor, call: KernelCall, impl: str, **geometry: Any
 ) -> tuple[Any, Any]:
-    from .torch_kernel import DEFAULT_BLOCKS, prepare_mask
-
     full = {"q_start": None, "key_lo": None, "key_hi": None, **geometry}
     return prepare_mask(q4, k4, call, kind=impl, blocks=DEFAULT_BLOCKS, **full)
 
@@ -147,19 +145,7 @@ def _run_forward(
     impl = _impl(q4, call.dropout_p)
     with _plain_dispatch():
         index, plan = _plan(q4, k4, call, impl, **geometry)
-        with torch.no_grad():
-            if impl == "flex":
-                return flex_ops.flex_forward(q4, k4, v4, plan, scale=call.scale)
-            return blockwise_forward(
-                q4,
-                k4,
-                v4,
-                index,
-                plan,
-                scale=call.scale,
-                dropout_p=call.dropout_p,
-                dropout_seed=call.dropout_seed,
-            )
+        return planned_forward(q4, k4, v4, index, plan, impl, call)
 
 
 def _run_backward(
@@ -175,23 +161,10 @@ def _run_backward(
     impl = _impl(q4, call.dropout_p)
     with _plain_dispatch():
         index, plan = _plan(q4, k4, call, impl, **geometry)
-        if impl == "flex":  # recomputes with autograd: record it also inside a compiled backward
-            with _autograd_on():
-                return flex_ops.flex_kernel_backward(dout, q4, k4, v4, out, lse, plan, scale=call.scale)
-        with torch.no_grad():
-            return blockwise_backward(
-                dout,
-                q4,
-                k4,
-                v4,
-                out,
-                lse,
-                index,
-                plan,
-                scale=call.scale,
-                dropout_p=call.dropout_p,
-                dropout_seed=call.dropout_seed,
-            )
+        # flex recomputes with autograd: record it also inside a compiled backward
+        return planned_backward(
+            dout, q4, k4, v4, out, lse, index, plan, impl, call, flex_context=_autograd_on
+        )
 
 
 # ----- dense / varlen -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Choice per call: FlexAttention on CUDA (fp16/bf16/fp32, power-of-two head dims, 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -140,6 +141,50 @@ def _check_dropout(call: KernelCall) -> None:
         )
 
 
+def planned_forward(
+    q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, index: Any, plan: Any, impl: str, call: KernelCall
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``impl`` ("flex" / "blockwise") over a mask from :func:`prepare_mask`."""
+    with torch.no_grad():
+        if impl == "flex":
+            return flex_ops.flex_forward(q4, k4, v4, plan, scale=call.scale)
+        return blockwise_forward(
+            q4,
+            k4,
+            v4,
+            index,
+            plan,
+            scale=call.scale,
+            dropout_p=call.dropout_p,
+            dropout_seed=call.dropout_seed,
+        )
+
+
+def planned_backward(
+    dout: torch.Tensor,
+    q4: torch.Tensor,
+    k4: torch.Tensor,
+    v4: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    index: Any,
+    plan: Any,
+    impl: str,
+    call: KernelCall,
+    flex_context: Any = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`planned_forward`; FlexAttention's backward recomputes with
+    autograd, inside ``flex_context()``."""
+    if impl == "flex":
+        with flex_context():
+            return flex_ops.flex_kernel_backward(dout, q4, k4, v4, out, lse, plan, scale=call.scale)
+    with torch.no_grad():
+        return blockwise_backward(
+            dout, q4, k4, v4, out, lse, index, plan,
+            scale=call.scale, dropout_p=call.dropout_p, dropout_seed=call.dropout_seed,
+        )  # fmt: skip
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -240,20 +285,7 @@ class TorchKernel:
         index, plan = prepare_mask(
             q4, k4, call, kind=impl, q_start=None, key_lo=None, key_hi=None, blocks=self.blocks
         )
-        with torch.no_grad():
-            if impl == "flex":
-                out, lse = flex_ops.flex_forward(q4, k4, v4, plan, scale=call.scale)
-            else:
-                out, lse = blockwise_forward(
-                    q4,
-                    k4,
-                    v4,
-                    index,
-                    plan,
-                    scale=call.scale,
-                    dropout_p=call.dropout_p,
-                    dropout_seed=call.dropout_seed,
-                )
+        out, lse = planned_forward(q4, k4, v4, index, plan, impl, call)
         if call.varlen:
             return out[0], lse[0]
         return out, lse
@@ -278,23 +310,7 @@ class TorchKernel:
         index, plan = prepare_mask(
             q4, k4, call, kind=impl, q_start=None, key_lo=None, key_hi=None, blocks=self.blocks
         )
-        if impl == "flex":
-            dq, dk, dv = flex_ops.flex_kernel_backward(dout, q4, k4, v4, out, lse, plan, scale=call.scale)
-        else:
-            with torch.no_grad():
-                dq, dk, dv = blockwise_backward(
-                    dout,
-                    q4,
-                    k4,
-                    v4,
-                    out,
-                    lse,
-                    index,
-                    plan,
-                    scale=call.scale,
-                    dropout_p=call.dropout_p,
-                    dropout_seed=call.dropout_seed,
-                )
+        dq, dk, dv = planned_backward(dout, q4, k4, v4, out, lse, index, plan, impl, call)
         if call.varlen:
             return dq[0], dk[0], dv[0]
         return dq, dk, dv
