@@ -25,6 +25,7 @@ class DeviceInfo:
     name: str  # e.g. "NVIDIA H100 80GB HBM3" or the CPU model
     sm: tuple[int, int] | None  # compute capability for CUDA, else None
     count: int = 1
+    sm_count: int = 0  # streaming multiprocessors of a CUDA device, 0 for CPUs
 
     @property
     def arch(self) -> str:
@@ -47,6 +48,7 @@ def device_info(device: str | None = None) -> DeviceInfo:
             torch.cuda.get_device_name(index),
             torch.cuda.get_device_capability(index),
             torch.cuda.device_count(),
+            torch.cuda.get_device_properties(index).multi_processor_count,
         )
     return DeviceInfo(dev.type, platform.processor() or platform.machine(), None)
 

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from ..hardware import package_status
+from ..hardware import info_for, package_status
 
 __all__ = [
     "CHUNK",
@@ -937,7 +937,7 @@ LAUNCH: dict[str, dict[str, int]] = {
     "dqkwg": {"num_warps": 8, "num_stages": 3},
     "wy_bwd": {"num_warps": 8, "num_stages": 1},
 }
-TILES: dict[str, int] = {"state_values": 8192, "state_out_values": 4096, "chunk_bv": 64}
+TILES: dict[str, int] = {"state_values": 8192, "state_out_values": 4096, "chunk_bv": 64, "fill_sms": 1}
 # Kernel choices, each timed both ways on the same inputs by ``benchmarks/gdn_bench.py``
 # (section ``triton_choices``); H200, B2 T8192 H16 Dk128 Dv256 bf16, 2026-12-03:
 # ``prep``: one kernel for ``_kkt``, ``_solve`` and ``_wu`` (0.47-0.53 ms against 0.50 for the
@@ -973,6 +973,21 @@ def _blocks(Dk: int, Dv: int) -> tuple[int, int, int]:
     BK = max(16, _next_pow2(Dk))
     pv = max(16, _next_pow2(Dv))
     return BK, max(16, min(pv, TILES["state_values"] // BK)), max(16, min(pv, TILES["chunk_bv"]))
+
+
+def _fill_sms(bv: int, rows: int, Dv: int, sms: int) -> int:
+    """Value columns per program of a recurrence (grid ``rows x ceil(Dv / bv)``, each program
+    sequential over its chunks): halved, down to 16, while twice the programs would still fit
+    one wave of ``sms`` multiprocessors. B=1, T=32k, 16 heads at 64 columns is 64 programs on
+    the H200's 132 SMs; at 32 it is 128. ``TILES["fill_sms"] = 0`` keeps ``bv``."""
+    while TILES["fill_sms"] and bv > 16 and 2 * rows * -(-Dv // bv) <= sms:
+        bv //= 2
+    return bv
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (0 off CUDA: no refill in the interpreter)."""
+    return info_for(device).sm_count if device.type == "cuda" else 0
 
 
 def n_slots_for(n_tokens: int, n_seq: int, has_docs: bool, seq_len: int) -> int:
@@ -1084,6 +1099,7 @@ def _recurrence(
     BK, BVs, _ = _blocks(Dk, Dv)
     if fuse_out:
         BVs = max(16, min(_next_pow2(Dv), TILES["state_out_values"] // BK))
+    BVs = _fill_sms(BVs, n_seq * HV, Dv, _sm_count(dev))
     o = torch.empty(NT, HV, Dv, dtype=dt, device=dev) if fuse_out else kn.new_empty(0)
     h = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=dev) if store_h else kn.new_empty(0)
     vn = torch.empty(NT, HV, Dv, dtype=dt, device=dev) if store_h else kn.new_empty(0)
@@ -1224,6 +1240,7 @@ def _bwd_impl(
     dh = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=dev)
     dh0 = torch.empty(n_seq if need_dh0 else 0, HV, Dk, Dv, dtype=torch.float32, device=dev)
     dhtc = None if dht is None else dht.float().contiguous()
+    BVs = _fill_sms(BVs, n_seq * HV, Dv, _sm_count(dev))
     kern.dstate[(n_seq * HV, -(-Dv // BVs))](
         qn, kn, w, gc, do2, dvb, dh, dhtc if dhtc is not None else dh0, dh0, so, cs, cl,
         float(scale), H, HV, rep, Dk, Dv,

@@ -34,7 +34,24 @@ tar -xzf "$stash"/transformer_engine_torch-*.tar.gz -C "$work/src"
 src=$(ls -d "$work"/src/transformer_engine_torch-*/ | head -1)
 total=$(find "$src/csrc" -name '*.cpp' | wc -l)
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" NVTE_CUDA_ARCHS=90 MAX_JOBS=${TE_JOBS:-12} \
-  NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch
+  NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch NVTE_WITH_NCCL_EP=0
+# The sources include cudnn.h and nccl.h, which a CUDA toolkit need not hold and which torch's CUDA
+# wheels do (nvidia/*/include): every such folder goes on gcc's CPATH, after the toolkit's -I.
+wheel_inc=$(python3 - <<'PY'
+import os
+import nvidia  # namespace package of torch's CUDA wheels
+
+dirs = []
+for root in nvidia.__path__:
+    for d, sub, _ in os.walk(root):
+        if os.path.basename(d) == "include":
+            dirs.append(d)
+            sub[:] = []
+print(":".join(dirs))
+PY
+)
+export CPATH="$wheel_inc${CPATH:+:$CPATH}"
+echo "$(seed_now) te CPATH: $CPATH" >> "$work/progress.log"
 seed_build te "$work" "$src" "$total" python3 setup.py bdist_wheel || exit 1
 python3 -m zipfile -e "$(ls "$src"/dist/*.whl | head -1)" "$site"
 line="export PYTHONPATH=$site\${PYTHONPATH:+:\$PYTHONPATH}"

@@ -1,6 +1,6 @@
 #!/bin/bash
 # On a connected machine, from the repo root: Transformer Engine 2.20.2 for the lent GPU machine
-# (CUDA 13, torch 2.11, Python 3.12, no network), split into carry folders of <= 54 MiB each.
+# (CUDA 13, torch 2.11, Python 3.12, no network), split into carry folders of <= 47 MiB each (the working tree, ~16 MB, travels with each).
 #
 #   bash scripts/te/carry.sh [OUT]          (OUT default .carry/te; git-ignored)
 #
@@ -12,12 +12,14 @@
 # transformer-engine-torch sdist (0.5 MB; pip reads its metadata only with a CUDA torch, hence
 # the stand-in below) and the pure-Python / small dependencies the device's image lacks:
 # pydantic (+ pydantic-core, annotated-types, typing-inspection), importlib-metadata,
-# nvdlfw-inspect, nvidia-cudnn-frontend 1.32.0 (the C++ headers the extension build needs).
+# nvdlfw-inspect, nvidia-cudnn-frontend 1.32.0 (the C++ headers the extension build needs), einops
+# (imported by transformer_engine.pytorch.attention), and the transformer-engine 2.20.2 meta wheel
+# (empty, but TE's import checks that its metadata is there, with the core's version).
 # Then see scripts/te/README.md.
 set -euo pipefail
 out=${1:-.carry/te}
 py=${PYTHON:-.venv/bin/python}
-piece=${TE_PIECE_MIB:-50}
+piece=${TE_PIECE_MIB:-47}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 t0=$(date +%s)
@@ -33,7 +35,7 @@ printf 'import torch.version\nif torch.version.cuda is None:\n    torch.version.
 PYTHONPATH="$tmp/stub" "$py" -m pip download -q --no-deps --no-binary=:all: --no-build-isolation \
   -d "$out/small" transformer-engine-torch==2.20.2
 for p in pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 importlib-metadata==10.2.0 \
-         nvdlfw-inspect==0.2.2 nvidia-cudnn-frontend==1.32.0; do
+         nvdlfw-inspect==0.2.2 nvidia-cudnn-frontend==1.32.0 einops==0.8.2 transformer-engine==2.20.2; do
   dl "$out/small" "$p"
 done
 core_pin=$(unzip -p "$out"/small/pydantic-2*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
@@ -51,7 +53,7 @@ done
 last=$((i - 1))
 small_mib=$(du -sm "$out/small" | cut -f1)
 last_mib=$(du -sm "$out/te_$last" | cut -f1)
-if [ $(( small_mib + last_mib )) -le 54 ]; then dest="$out/te_$last"; else dest="$out/te_$i"; fi
+if [ $(( small_mib + last_mib )) -le 47 ]; then dest="$out/te_$last"; else dest="$out/te_$i"; fi
 mkdir -p "$dest"
 mv "$out"/small/* "$dest/"
 rmdir "$out/small"

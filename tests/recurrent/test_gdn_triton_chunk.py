@@ -224,3 +224,19 @@ def test_chunk_plan_is_computed_once_per_offsets_tensor():
     for got, want in zip(tc._plan_for(cu, n), chunk_plan(cu, n)):
         assert torch.equal(got, want)
     assert not torch.equal(tc._plan_for(cu, n)[1], first[1])
+
+
+def test_recurrence_value_tiles_fill_the_multiprocessors():
+    from olmo_attn.recurrent import triton_chunk as tc
+
+    # B=1, 16 heads, Dv=256 at 64 columns: 64 programs; 128 still fit 132 SMs, 256 do not
+    assert tc._fill_sms(64, rows=16, Dv=256, sms=132) == 32
+    assert tc._fill_sms(64, rows=32, Dv=256, sms=132) == 64  # B=2: already one wave
+    assert tc._fill_sms(64, rows=1, Dv=256, sms=132) == 16  # never below 16 columns
+    assert tc._fill_sms(64, rows=16, Dv=256, sms=0) == 64  # off CUDA (interpreter): unchanged
+    old = tc.TILES["fill_sms"]
+    try:
+        tc.TILES["fill_sms"] = 0
+        assert tc._fill_sms(64, rows=16, Dv=256, sms=132) == 64
+    finally:
+        tc.TILES["fill_sms"] = old

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The detached queue of the H200 lease of 2026-12-03 (third session), started by r7_b.sh in ~/olmo
+# (a copy of the repository); logs and results in ~/r7, brought back by r7_poll.sh.
+#   1. benchmarks/compile_bench.py on a quiet GPU (compiled vs eager; documents re-timed after the
+#      SliceView fix);
+#   2. the --full gpu tier for torch + flash_4 from a cold compile cache (its wall time), while
+#      Transformer Engine builds (r7_te.sh) and, once built, the quick gpu tier for te beside torch
+#      and flash_4 runs alongside (TE's kernel choice logged first by scripts/te/probe.py);
+#   3. benchmarks/backend_bench.py for te, torch, flash_4 (adapters and raw calls) on a quiet GPU;
+#   4. Gated DeltaNet at the long-T shapes with and without filling the SMs (TILES["fill_sms"]),
+#      then every shape and the layer, as far as the budget goes.
+# QUEUE_SECONDS: the whole budget (default 1380).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+R=~/r7
+mkdir -p "$R"
+export OUT=$R
+source scripts/gpu/lib.sh
+source ~/fa4_site/env.sh
+export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
+total=${QUEUE_SECONDS:-1380}
+note() { echo "$(date -u +%T) +${SECONDS}s $*" >> "$R/queue.log"; }
+cap() { local c=$1 l=$(( total - SECONDS - ${2:-0} )); [ "$l" -lt "$c" ] && c=$l; echo "$c"; }
+note start
+TAIL=30 step "$(cap 200)" compile.log python3 benchmarks/compile_bench.py --out "$R/compile.json"
+note "compile_bench done"
+
+te_tier() {  # waits for scripts/te/build.sh, then the quick gpu tier for te (GPU shared with --full)
+  while [ ! -f ~/seed/te/status ] && [ $(( total - SECONDS )) -gt 400 ]; do sleep 5; done
+  if ! grep -q '^ok' ~/seed/te/status 2>/dev/null; then note "te build not ok: $(cat ~/seed/te/status 2>/dev/null)"; return; fi
+  note "te built: $(cat ~/seed/te/status)"
+  source ~/te_site/te_env.sh
+  NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 step 120 te_probe.log python3 scripts/te/probe.py
+  note "te probe done"
+  local c
+  c=$(cap 420 230)
+  step "$c" te_conf.log python3 -m conformance --no-progress --tier gpu --backends te torch flash_4 --jobs 3 \
+    --time-budget $(( c - 40 )) --json "$R/NVIDIA_H200-te.json" --markdown "$R/NVIDIA_H200-te.md" --junit "$R/NVIDIA_H200-te.xml"
+  note "te tier done"
+}
+te_tier > "$R/te_tier.out" 2>&1 &
+te_pid=$!
+
+c=$(cap 1000 230)
+step "$c" full.log python3 -m conformance --no-progress --tier gpu --full --backends torch flash_4 --jobs auto \
+  --compile-cache /tmp/full_cc --time-budget $(( c - 40 )) --json "$R/NVIDIA_H200-full.json" \
+  --markdown "$R/NVIDIA_H200-full.md" --junit "$R/NVIDIA_H200-full.xml"
+note "full done"
+wait "$te_pid"
+if grep -q '^ok' ~/seed/te/status 2>/dev/null; then
+  source ~/te_site/te_env.sh
+  TAIL=14 step "$(cap 150 60)" backends.log python3 benchmarks/backend_bench.py --backends te,torch,flash_4 \
+    --masks causal,sliding_window,documents --seq-lens 8192,32768 --out "$R/backends.json" --markdown "$R/backends.md"
+  note "backend_bench done"
+fi
+TAIL=30 step "$(cap 100 15)" gdn_fill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k FlashQLA \
+  --budget "$(( $(cap 100 15) - 10 ))" --out "$R/gdn-fill-on.json"
+TAIL=30 step "$(cap 80 15)" gdn_nofill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k \
+  --set fill_sms=0 --budget "$(( $(cap 80 15) - 10 ))" --out "$R/gdn-fill-off.json"
+note "gdn fill done"
+if [ "$(cap 999)" -gt 60 ]; then
+  TAIL=40 step "$(cap 300 5)" gdn_speed.log python3 benchmarks/gdn_bench.py --sections triton_speed layer \
+    --budget "$(( $(cap 300 5) - 15 ))" --out "$R/gdn-speed.json"
+fi
+note "queue done"
+touch "$R/done"
