@@ -11,4 +11,5 @@ mkdir -p ~/fa4_stash && cp .carry/fa4_1/* ~/fa4_stash/
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.used --format=csv,noheader
 python3 -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, triton.__version__)"
 python3 -c "import einops, wheel, packaging; print('einops', einops.__version__, 'wheel', wheel.__version__)" 2>&1 | tail -1
+python3 -c "import torch.utils.cpp_extension as c; print('ninja', c.is_ninja_available())"; which nvcc g++ | tr "\n" " "; echo
 nproc; free -g | awk '/Mem:/{print $2 " GiB"}'; df -h ~ | tail -1
