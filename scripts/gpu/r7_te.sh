@@ -7,5 +7,5 @@ cd "$(dirname "$0")/../.."
 mkdir -p ~/te_stash ~/seed/te && cp .carry/te/te_6/* ~/te_stash/
 rm -rf ~/te_build && mkdir -p ~/te_build && cp -r scripts/te scripts/seed ~/te_build/
 TE_JOBS=${TE_JOBS:-8} setsid nohup bash ~/te_build/te/build.sh ~/te_stash ~/te_site ~/seed/te > ~/seed/te/build.out 2>&1 < /dev/null &
-sleep 45
+sleep 10
 tail -3 ~/seed/te/progress.log; tail -4 ~/r7/queue.log

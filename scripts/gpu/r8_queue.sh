@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The detached queue of the second H200 machine of 2026-12-03 (third session; the first was taken
+# back, idle, after compile_bench, with Transformer Engine built): started by r7_b.sh
+# (QUEUE=r8_queue.sh) in ~/olmo; logs and results in ~/r7, brought back by r7_poll.sh.
+#   1. Gated DeltaNet at the long-T shapes with and without filling the SMs (TILES["fill_sms"]),
+#      while Transformer Engine builds (r7_te.sh);
+#   2. once built: TE's kernel choice (scripts/te/probe.py), the quick gpu tier for te beside torch
+#      and flash_4, then benchmarks/backend_bench.py for te, torch, flash_4 (adapters, raw calls);
+#   3. the --full gpu tier for torch + flash_4 from a cold compile cache with what is left.
+# QUEUE_SECONDS: the whole budget.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+R=~/r7
+mkdir -p "$R"
+export OUT=$R
+source scripts/gpu/lib.sh
+source ~/fa4_site/env.sh
+export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
+total=${QUEUE_SECONDS:-900}
+note() { echo "$(date -u +%T) +${SECONDS}s $*" >> "$R/queue.log"; }
+cap() { local c=$1 l=$(( total - SECONDS - ${2:-0} )); [ "$l" -lt "$c" ] && c=$l; echo "$c"; }
+note start
+TAIL=30 step 100 gdn_fill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k FlashQLA \
+  --budget 90 --out "$R/gdn-fill-on.json"
+TAIL=30 step 70 gdn_nofill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k \
+  --set fill_sms=0 --budget 60 --out "$R/gdn-fill-off.json"
+note "gdn fill done"
+while [ ! -f ~/seed/te/status ] && [ $(( total - SECONDS )) -gt 300 ]; do sleep 3; done
+if grep -q '^ok' ~/seed/te/status 2>/dev/null; then
+  note "te built: $(cat ~/seed/te/status)"
+  source ~/te_site/te_env.sh
+  NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 step 90 te_probe.log python3 scripts/te/probe.py
+  note "te probe done"
+  c=$(cap 360 150)
+  step "$c" te_conf.log python3 -m conformance --no-progress --tier gpu --backends te torch flash_4 --jobs auto \
+    --time-budget $(( c - 30 )) --json "$R/NVIDIA_H200-te.json" --markdown "$R/NVIDIA_H200-te.md" --junit "$R/NVIDIA_H200-te.xml"
+  note "te tier done"
+  TAIL=14 step "$(cap 140 20)" backends.log python3 benchmarks/backend_bench.py --backends te,torch,flash_4 \
+    --masks causal,sliding_window,documents --seq-lens 8192,32768 --out "$R/backends.json" --markdown "$R/backends.md"
+  note "backend_bench done"
+else
+  note "te build not ok: $(cat ~/seed/te/status 2>/dev/null)"
+fi
+c=$(cap 1000 10)
+if [ "$c" -gt 60 ]; then
+  step "$c" full.log python3 -m conformance --no-progress --tier gpu --full --backends torch flash_4 --jobs auto \
+    --compile-cache /tmp/full_cc --time-budget $(( c - 30 )) --json "$R/NVIDIA_H200-full.json" \
+    --markdown "$R/NVIDIA_H200-full.md" --junit "$R/NVIDIA_H200-full.xml"
+  note "full done (time-budgeted: see its report)"
+fi
+note "queue done"
+touch "$R/done"
