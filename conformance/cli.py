@@ -12,7 +12,9 @@ the harness.
   into one report with the same verdict; ``auto`` (default): 1 without CUDA, else cores / 4 (1 to 8).
   Exit codes: 0 cases ran, none failed and everything named (tiers, backends, ``-k``, ``--require``)
   was exercised; 1 a case failed; 2 a usage error; 3 nothing, or not everything
-  requested, was verified (or, with ``--strict``, a case was skipped). With no arguments: the
+  requested, was verified (or, with ``--strict``, a case was skipped); 128 + N when stopped by
+  signal N (SIGINT 130, SIGTERM 143): the reports are still written, with what finished and the rest
+  skipped as interrupted. With no arguments: the
   configuration, CPU and multi-process tiers (plus gpu / multigpu where CUDA is available), quick mode.
 * ``olmo-attn info [--json]`` — provenance, the environment fingerprint and the capability table.
 """
@@ -25,6 +27,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -134,6 +137,9 @@ def add_conformance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-every", type=float, default=30.0, help=argparse.SUPPRESS
     )  # seconds between --json checkpoints (--jobs workers use a shorter one)
+    p.add_argument(
+        "--deadline", type=float, default=None, help=argparse.SUPPRESS
+    )  # epoch seconds after which no case starts (--jobs workers: the parent's start + --time-budget)
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     p.add_argument(
         "--time-budget",
@@ -222,19 +228,8 @@ def run_conformance(args: argparse.Namespace, argv: Sequence[str] | None = None)
     }
     from .parallel import resolve_jobs
 
-    jobs = 1 if args.shard else resolve_jobs(args.jobs)
-    options["jobs"] = jobs
-    if jobs > 1:
-        from .parallel import run_parallel
-
-        try:
-            report = run_parallel(
-                args, cases, jobs=jobs, tiers=tiers, backends=backends, require=require, options=options
-            )
-        except ValueError as e:  # the workers' reports would not merge (e.g. GPUs of different models)
-            print(f"olmo-attn conformance --jobs {jobs}: {e}; run with --jobs 1", file=sys.stderr)
-            return EXIT_USAGE
-        return _finish(report, args)
+    if args.deadline is not None and args.time_budget is not None:  # a --jobs worker: the parent's clock
+        args.time_budget = max(0.0, min(args.time_budget, args.deadline - time.time()))
     checkpoint = None
     if args.json:
         json_path = args.json
@@ -244,15 +239,95 @@ def run_conformance(args: argparse.Namespace, argv: Sequence[str] | None = None)
             rep.write_json(partial, tmp)
             os.replace(tmp, json_path)
 
-    report = run_cases(
-        cases,
-        progress=not args.no_progress,
-        options=options,
-        time_budget_s=args.time_budget,
-        checkpoint=checkpoint,
-        checkpoint_every_s=args.checkpoint_every,
-    )
+    jobs = 1 if args.shard else resolve_jobs(args.jobs)
+    options["jobs"] = jobs
+    if jobs > 1:
+        from .parallel import run_parallel
+
+        try:
+            report = run_parallel(
+                args,
+                cases,
+                jobs=jobs,
+                tiers=tiers,
+                backends=backends,
+                require=require,
+                options=options,
+                checkpoint=checkpoint,
+            )
+        except ValueError as e:  # the workers' reports would not merge (e.g. GPUs of different models)
+            print(f"olmo-attn conformance --jobs {jobs}: {e}; run with --jobs 1", file=sys.stderr)
+            return EXIT_USAGE
+        return _finish(report, args)
+    done: list[Any] = []
+    try:
+        with _signals_raise():
+            report = run_cases(
+                cases,
+                progress=not args.no_progress,
+                options=options,
+                time_budget_s=args.time_budget,
+                checkpoint=checkpoint,
+                checkpoint_every_s=args.checkpoint_every,
+                on_result=done.append,
+            )
+    except _Interrupted as e:
+        report = _interrupted_report(cases, done, options, e.signum, seed=args.seed)
     return _finish(report, args)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM of an in-process run (a KeyboardInterrupt: no case's error handling takes it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Any:
+    """SIGINT / SIGTERM raise :class:`_Interrupted` in the main thread (outside it: unchanged)."""
+    import signal
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise _Interrupted(signum)
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted_report(
+    cases: Sequence[Any], done: Sequence[Any], options: dict[str, Any], signum: int, *, seed: int
+) -> Any:
+    """What an in-process run finished before ``signum``; every other case skipped as interrupted."""
+    import signal
+
+    from .hardware import fingerprint
+    from .parallel import interrupted_reason
+    from .provenance import provenance
+    from .results import SKIPPED, CaseResult
+    from .runner import RunReport
+
+    seen = {r.case.id for r in done}
+    rest = [CaseResult(c, SKIPPED, [], interrupted_reason(signum), 0.0) for c in cases if c.id not in seen]
+    prov = provenance(seed=seed)
+    if options.get("command"):
+        prov["command"] = options["command"]
+    return RunReport(
+        [*done, *rest],
+        fingerprint(),
+        dict(options, interrupted=signal.Signals(signum).name),
+        time.time(),
+        0.0,
+        prov,
+    )
 
 
 def _finish(report: Any, args: argparse.Namespace) -> int:
@@ -269,6 +344,11 @@ def _finish(report: Any, args: argparse.Namespace) -> int:
         if path:
             written = writer(report, path)
             print(f"wrote {written}")
+    interrupted = report.options.get("interrupted")
+    if interrupted:  # the shell's convention for a command stopped by a signal
+        import signal
+
+        return 128 + int(signal.Signals[interrupted])
     return report.exit_code
 
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -110,9 +110,12 @@ def worker_argv(
     require: Sequence[str] | None,
     shard: tuple[int, int],
     json_path: str | os.PathLike,
+    deadline: float | None = None,
 ) -> list[str]:
     """``python -m conformance`` with the user's case selection and run options, for one shard; the
-    parent's outputs (``--json``/``--junit``/``--markdown``), ``--list``, ``--merge`` are not passed."""
+    parent's outputs (``--json``/``--junit``/``--markdown``), ``--list``, ``--merge`` are not passed.
+    ``deadline`` (epoch seconds: the parent's start + ``--time-budget``): a worker starts no case
+    after it, however long the worker took to start (importing torch and a backend can take 20 s)."""
     argv = [sys.executable, "-m", "conformance", "--tier", ",".join(tiers)]
     argv.append("--quick" if args.quick else "--full")
     if backends:
@@ -127,6 +130,8 @@ def worker_argv(
         argv += ["--compile-cache", str(args.compile_cache)]
     if args.time_budget is not None:
         argv += ["--time-budget", repr(float(args.time_budget))]
+        if deadline is not None:
+            argv += ["--deadline", repr(float(deadline))]
     argv += ["--seed", str(args.seed), "--shard", f"{shard[0]}/{shard[1]}", "--jobs", "1", "--no-progress"]
     argv += ["--checkpoint-every", repr(WORKER_CHECKPOINT_S), "--json", str(json_path)]
     return argv
@@ -197,6 +202,7 @@ class Worker:
     proc: subprocess.Popen | None = None
     returncode: int | None = None
     done: int = 0  # cases reported so far (from its checkpoints)
+    stopped: bool = False  # stopped by the parent (SIGINT / SIGTERM of the run), not by a fault
     failed: int = 0
     _mtime: float = field(default=-1.0, repr=False)
 
@@ -268,6 +274,7 @@ def stop_all(workers: Sequence[Worker], grace_s: float = STOP_GRACE_S) -> int:
     how many were running."""
     running = [w for w in workers if w.proc is not None and not w.poll()]
     for w in running:
+        w.stopped = True
         w.kill_group(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for w in running:
@@ -292,6 +299,7 @@ def plan_workers(
     environ: Mapping[str, str] | None = None,
     gpus: Sequence[str] | None = None,
     cores: int | None = None,
+    deadline: float | None = None,
 ) -> list[Worker]:
     """One :class:`Worker` per non-empty shard of the single-GPU tiers in ``tiers``."""
     environ = os.environ if environ is None else environ
@@ -328,6 +336,7 @@ def plan_workers(
                     require=require,
                     shard=shard,
                     json_path=json_path,
+                    deadline=deadline,
                 ),
                 env=worker_env(environ, slot=slot, workers=len(shards), gpus=gpus, cores=cores),
                 json_path=json_path,
@@ -338,9 +347,18 @@ def plan_workers(
     return workers
 
 
-def _run_workers(workers: Sequence[Worker], *, progress: bool, stream: TextIO, t0: float) -> None:
-    """Start the workers, print a progress line every ``PROGRESS_EVERY_S`` until all have exited; on
-    SIGINT / SIGTERM stop them all and re-raise."""
+def _run_workers(
+    workers: Sequence[Worker],
+    *,
+    progress: bool,
+    stream: TextIO,
+    t0: float,
+    on_tick: Callable[[], None] | None = None,
+    tick_every_s: float = 30.0,
+) -> int | None:
+    """Start the workers, print a progress line every ``PROGRESS_EVERY_S`` and call ``on_tick``
+    every ``tick_every_s`` until all have exited. On SIGINT / SIGTERM: stop them all and return
+    that signal's number (the caller reports what they finished); else ``None``."""
     total = sum(len(w.cases) for w in workers)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -353,8 +371,12 @@ def _run_workers(workers: Sequence[Worker], *, progress: bool, stream: TextIO, t
         for w in workers:
             w.start()
         next_line = time.monotonic() + PROGRESS_EVERY_S
+        next_tick = time.monotonic() + tick_every_s
         while not all(w.poll() for w in workers):
             time.sleep(0.2)
+            if on_tick is not None and time.monotonic() >= next_tick:
+                on_tick()
+                next_tick = time.monotonic() + tick_every_s
             if progress and time.monotonic() >= next_line:
                 for w in workers:
                     w.count()
@@ -370,15 +392,14 @@ def _run_workers(workers: Sequence[Worker], *, progress: bool, stream: TextIO, t
     except (KeyboardInterrupt, _Terminated) as e:
         n = stop_all(workers)
         print(f"olmo-attn conformance --jobs: interrupted; stopped {n} running worker(s)", file=sys.stderr)
-        if isinstance(e, _Terminated):
-            raise SystemExit(128 + signal.SIGTERM) from None
-        raise
+        return int(signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     except BaseException:
         stop_all(workers)
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    return None
 
 
 def _multigpu_report(
@@ -403,6 +424,11 @@ def _multigpu_report(
     return run_cases(cases, progress=progress, options=options, time_budget_s=remaining)
 
 
+def interrupted_reason(signum: int) -> str:
+    """The skip reason of cases an interrupted run did not finish."""
+    return f"interrupted: the run was stopped by {signal.Signals(signum).name} before this case finished"
+
+
 def run_parallel(
     args: argparse.Namespace,
     cases: Sequence[Case],
@@ -413,9 +439,14 @@ def run_parallel(
     require: Sequence[str] | None,
     options: dict[str, Any],
     stream: TextIO | None = None,
+    checkpoint: Callable[[RunReport], None] | None = None,
 ) -> RunReport:
     """Run ``cases`` (the parent's selection) in ``jobs`` worker processes plus, for the multigpu tier,
-    this process; one merged report with the parent's ``options`` (so the same verdict)."""
+    this process; one merged report with the parent's ``options`` (so the same verdict).
+
+    ``checkpoint`` (``--json``) gets the merged report of what the workers finished so far every
+    ``args.checkpoint_every`` seconds. SIGINT / SIGTERM stop every worker; the report then holds what
+    they finished, the rest skipped as interrupted, and ``options["interrupted"]`` names the signal."""
     from . import report as rep
     from .hardware import fingerprint, merge_fingerprints
     from .provenance import provenance
@@ -423,11 +454,12 @@ def run_parallel(
     stream = stream or sys.stdout
     progress = not args.no_progress
     started, t0 = time.time(), time.monotonic()
+    deadline = None if args.time_budget is None else started + float(args.time_budget)
     tmpdir = Path(tempfile.mkdtemp(prefix="olmo-attn-conformance-jobs-"))
     keep_logs = False
     try:
         workers = plan_workers(
-            args, jobs=jobs, tiers=tiers, backends=backends, require=require, tmpdir=tmpdir
+            args, jobs=jobs, tiers=tiers, backends=backends, require=require, tmpdir=tmpdir, deadline=deadline
         )
         multigpu = [c for c in cases if c.tier == "multigpu"]
         if progress:
@@ -446,13 +478,48 @@ def run_parallel(
                 file=stream,
                 flush=True,
             )
-        _run_workers(workers, progress=progress, stream=stream, t0=t0)
+        rank = {t: i for i, t in enumerate(TIERS)}
+        prov = provenance(seed=args.seed)
+        if options.get("command"):
+            prov["command"] = options["command"]
+        prov["worker_commands"] = [shlex.join(w.argv) for w in workers]
+
+        def build(results: list[CaseResult], reports: list[RunReport], opts: dict[str, Any]) -> RunReport:
+            merged = rep.merge(reports) if reports else None
+            fps = [fingerprint()] + ([merged.fingerprint] if merged else [])
+            return RunReport(
+                sorted(
+                    (merged.results if merged else []) + results,
+                    key=lambda r: rank.get(r.case.tier, len(rank)),
+                ),
+                merge_fingerprints(fps),
+                dict(opts, jobs=jobs, busy_s=round(sum(r.duration_s for r in reports), 3)),
+                started,
+                time.monotonic() - t0,
+                prov,
+            )
+
+        def tick() -> None:  # what the workers have checkpointed, merged (unfinished cases left out)
+            if checkpoint is None:
+                return
+            got = [r for r in (w.report() for w in workers) if r is not None]
+            with contextlib.suppress(ValueError):
+                checkpoint(build([], got, options))
+
+        signum = _run_workers(
+            workers, progress=progress, stream=stream, t0=t0, on_tick=tick, tick_every_s=args.checkpoint_every
+        )
         reports: list[RunReport] = []
-        crashed: list[CaseResult] = []
+        unfinished: list[CaseResult] = []
         for w in workers:
             got = w.report()
             if got is not None:
                 reports.append(got)
+            if w.stopped:  # stopped by us: what it did not report was interrupted, not a crash
+                seen = {r.case.id for r in got.results} if got is not None else set()
+                reason = interrupted_reason(signum)
+                unfinished += [CaseResult(c, SKIPPED, [], reason, 0.0) for c in w.cases if c.id not in seen]
+                continue
             tail = _read_tail(w.err_path)
             lost = unreported_results(
                 w.cases, got, worker=w.name, returncode=w.returncode, stderr_tail=text_tail(tail)
@@ -466,7 +533,11 @@ def run_parallel(
                     f"(reported as failed); its stderr ends:\n" + "\n".join(tail.splitlines()[-40:]),
                     file=sys.stderr,
                 )
-            crashed += lost
+            unfinished += lost
+        if signum is not None:
+            reason = interrupted_reason(signum)
+            unfinished += [CaseResult(c, SKIPPED, [], reason, 0.0) for c in multigpu]
+            return build(unfinished, reports, dict(options, interrupted=signal.Signals(signum).name))
         mg = _multigpu_report(
             multigpu,
             options=options,
@@ -476,24 +547,7 @@ def run_parallel(
         )
         if mg is not None:
             reports.append(mg)
-        merged = rep.merge(reports) if reports else None
-        rank = {t: i for i, t in enumerate(TIERS)}
-        results = sorted(
-            (merged.results if merged else []) + crashed, key=lambda r: rank.get(r.case.tier, len(rank))
-        )
-        fps = [fingerprint()] + ([merged.fingerprint] if merged else [])
-        prov = provenance(seed=args.seed)
-        if options.get("command"):
-            prov["command"] = options["command"]
-        prov["worker_commands"] = [shlex.join(w.argv) for w in workers]
-        return RunReport(
-            results,
-            merge_fingerprints(fps),
-            dict(options, jobs=jobs, busy_s=round(sum(r.duration_s for r in reports), 3)),
-            started,
-            time.monotonic() - t0,
-            prov,
-        )
+        return build(unfinished, reports, options)
     finally:
         if keep_logs:
             print(f"olmo-attn conformance --jobs: worker logs kept in {tmpdir}", file=sys.stderr)
@@ -505,6 +559,7 @@ __all__ = [
     "Worker",
     "auto_jobs",
     "exit_text",
+    "interrupted_reason",
     "plan_workers",
     "resolve_jobs",
     "run_parallel",

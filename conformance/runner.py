@@ -303,6 +303,11 @@ def verdict(results: Sequence[CaseResult], options: dict[str, Any]) -> tuple[int
         if v is None or not (v.ran or (config_only and v.config_only)):
             why = f" ({v.skip_reasons.most_common(1)[0][0]})" if v is not None and v.skip_reasons else ""
             reasons.append(f"backend {b!r} was requested but ran no case{why}")
+    if options.get("interrupted"):
+        unfinished = sum(r.message.startswith("interrupted:") for r in results if r.status == SKIPPED)
+        reasons.append(
+            f"the run was stopped by {options['interrupted']}; {unfinished} case(s) did not finish"
+        )
     if options.get("strict"):
         skipped = [r for r in results if r.status == SKIPPED]
         if skipped:

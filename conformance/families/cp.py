@@ -596,6 +596,8 @@ def run_cp_batch(
             gen = case_generator(case, subject)
             items.append(next(gen))
             gens[i] = gen
+        except KeyboardInterrupt:  # SIGINT / SIGTERM of the run: not this case's fault
+            raise
         except BaseException as e:
             out[i] = e
     if not gens:
@@ -625,11 +627,15 @@ def run_cp_batch(
         gen.close()
         try:
             out[i] = run_cp(cases[i], subjects[i], RunContext())
+        except KeyboardInterrupt:  # SIGINT / SIGTERM of the run: not this case's fault
+            raise
         except BaseException as e:
             out[i] = e
     for (i, gen), (_status, value) in zip(order[:first_bad], results):  # ok on every rank
         try:
             out[i] = _finish(gen, value)
+        except KeyboardInterrupt:  # SIGINT / SIGTERM of the run: not this case's fault
+            raise
         except BaseException as e:
             out[i] = e
     return out

@@ -346,9 +346,21 @@ def _group_alive(pgid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_sigterm_of_the_parent_stops_every_worker() -> None:
+def test_sigterm_of_the_parent_stops_every_worker(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "conformance", "--tier", "cpu", "--jobs", "2", "--no-progress"],
+        [
+            sys.executable,
+            "-m",
+            "conformance",
+            "--tier",
+            "cpu",
+            "--jobs",
+            "2",
+            "--no-progress",
+            "--json",
+            str(report),
+        ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -367,7 +379,105 @@ def test_sigterm_of_the_parent_stops_every_worker() -> None:
         assert proc.returncode == 128 + signal.SIGTERM
         assert "stopped 2 running worker(s)" in err
         assert not any(_group_alive(k) for k in kids)
+        # the report still comes: every selected case, unfinished ones skipped as interrupted, none failed
+        doc = json.loads(report.read_text())
+        assert doc["options"]["interrupted"] == "SIGTERM"
+        assert (
+            doc["counts"]["total"] == len(build_cases(tiers=["cpu"], quick=True))
+            and doc["counts"]["failed"] == 0
+        )
+        why = [r["message"] for r in doc["results"] if r["status"] == "skipped"]
+        assert why and all(m.startswith("interrupted: the run was stopped by SIGTERM") for m in why)
+        assert any("stopped by SIGTERM" in r for r in doc["verdict"])
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_of_a_one_process_run_still_writes_its_report(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "conformance",
+            "--tier",
+            "cpu",
+            "--jobs",
+            "1",
+            "--no-progress",
+            "--checkpoint-every",
+            "0",
+            "--json",
+            str(report),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = (
+            time.monotonic() + 60
+        )  # until the first case has run (its checkpoint; imports take seconds)
+        while time.monotonic() < deadline and not report.exists():
+            time.sleep(0.2)
+            if proc.poll() is not None:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    doc = json.loads(report.read_text())
+    assert doc["options"]["interrupted"] == "SIGTERM" and doc["counts"]["failed"] == 0
+    assert doc["counts"]["total"] == len(build_cases(tiers=["cpu"], quick=True))
+    assert any(r["message"].startswith("interrupted:") for r in doc["results"] if r["status"] == "skipped")
+    assert "stopped by SIGTERM" in out
+
+
+def test_workers_start_no_case_after_the_parents_deadline(tmp_path: Path) -> None:
+    args = conformance_parser().parse_args(["--tier", "cpu", "--time-budget", "100"])
+    argv = parallel.worker_argv(
+        args,
+        tiers=["cpu"],
+        backends=None,
+        require=None,
+        shard=(1, 2),
+        json_path=tmp_path / "w.json",
+        deadline=123.5,
+    )
+    assert argv[argv.index("--deadline") + 1] == "123.5"
+    # a worker whose deadline has passed (it started late) runs nothing, whatever its own budget says
+    out = tmp_path / "late.json"
+    code = main(["--tier", "config", "--time-budget", "100", "--deadline", repr(time.time() - 1), "--jobs", "1",
+                 "--no-progress", "--json", str(out)])  # fmt: skip
+    assert code == 3
+    doc = json.loads(out.read_text())
+    assert doc["counts"]["skipped"] == doc["counts"]["total"] > 0
+    assert all("time budget" in r["message"] for r in doc["results"])
+
+
+def test_the_parent_checkpoints_the_merged_report_while_workers_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real = parallel._run_workers
+
+    def spy(workers, **kw):  # type: ignore[no-untyped-def]
+        tick = kw["on_tick"]
+
+        def counting_tick() -> None:
+            tick()
+            if (tmp_path / "r.json").exists():
+                seen.append(len(json.loads((tmp_path / "r.json").read_text())["results"]))
+
+        return real(workers, **{**kw, "on_tick": counting_tick, "tick_every_s": 0.5})
+
+    monkeypatch.setattr(parallel, "_run_workers", spy)
+    assert main([*SMALL, "--jobs", "2", "--no-progress", "--json", str(tmp_path / "r.json")]) == 0
+    assert seen, "no checkpoint was written while the workers ran"
+    assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == 25
