@@ -235,7 +235,8 @@ TABLE: dict[str, BackendSpec] = {
                 _F.deterministic,  # decided by TE at construction (NVTE_ALLOW_NONDETERMINISTIC_ALGO)
             },
             ring_strategies=("zig_zag",),
-            notes="NOT VERIFIED ON HARDWARE HERE (TE's core library does not fit the lent machines); "
+            notes="NOT VERIFIED ON HARDWARE HERE (built and benchmarked on an H200 with TE 2.20.2, which chose "
+            "cuDNN FusedAttention; its conformance run did not complete); "
             "DotProductAttention bshd, thd + cu_seqlens for documents; ring CP through TE's p2p ring "
             "(zig-zag layout, no window/documents); Ulysses through our all-to-all",
         ),

@@ -10,6 +10,10 @@
 #   4. Gated DeltaNet at the long-T shapes with and without filling the SMs (TILES["fill_sms"]),
 #      then every shape and the layer, as far as the budget goes.
 # QUEUE_SECONDS: the whole budget (default 1380); SKIP_COMPILE=1 leaves out step 1.
+# Ran (first machine, 14:56 UTC): compile_bench 130 s (benchmarks/results/h200-2026-12-03-compile.json),
+# TE built in ~150 s; the machine was then given back idle (a gap between two calls), so --full,
+# the te tier and the rest never ran. (The te wait now also waits for te_env.sh: the status file
+# is written first, which made r8_queue.sh's te tier run without TE.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 R=~/r7
@@ -28,7 +32,7 @@ if [ -z "${SKIP_COMPILE:-}" ]; then
 fi
 
 te_tier() {  # waits for scripts/te/build.sh, then the quick gpu tier for te (GPU shared with --full)
-  while [ ! -f ~/seed/te/status ] && [ $(( total - SECONDS )) -gt 400 ]; do sleep 5; done
+  while { [ ! -f ~/seed/te/status ] || { grep -q "^ok" ~/seed/te/status && [ ! -f ~/te_site/te_env.sh ]; }; } && [ $(( total - SECONDS )) -gt 400 ]; do sleep 5; done
   if ! grep -q '^ok' ~/seed/te/status 2>/dev/null; then note "te build not ok: $(cat ~/seed/te/status 2>/dev/null)"; return; fi
   note "te built: $(cat ~/seed/te/status)"
   source ~/te_site/te_env.sh

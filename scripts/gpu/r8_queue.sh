@@ -8,6 +8,10 @@
 #      and flash_4, then benchmarks/backend_bench.py for te, torch, flash_4 (adapters, raw calls);
 #   3. the --full gpu tier for torch + flash_4 from a cold compile cache with what is left.
 # QUEUE_SECONDS: the whole budget.
+# Ran (15:47 UTC, QUEUE_SECONDS=800): GDN fill on/off 170 s (h200-2026-12-03-gdn-fill-{on,off}.log),
+# TE built in 171 s; its te tier started before te_env.sh existed and ran without TE: stopped and
+# re-run by r8_fix.sh (te tier cut by its step timeout at 322 s and, before the harness fix, left no
+# report; backend_bench 96 s: h200-2026-12-03-backends-te.*). --full did not run (no time left).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 R=~/r7
@@ -25,7 +29,7 @@ TAIL=30 step 100 gdn_fill.log python3 benchmarks/gdn_bench.py --sections triton_
 TAIL=30 step 70 gdn_nofill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k \
   --set fill_sms=0 --budget 60 --out "$R/gdn-fill-off.json"
 note "gdn fill done"
-while [ ! -f ~/seed/te/status ] && [ $(( total - SECONDS )) -gt 300 ]; do sleep 3; done
+while { [ ! -f ~/seed/te/status ] || { grep -q "^ok" ~/seed/te/status && [ ! -f ~/te_site/te_env.sh ]; }; } && [ $(( total - SECONDS )) -gt 300 ]; do sleep 3; done
 if grep -q '^ok' ~/seed/te/status 2>/dev/null; then
   note "te built: $(cat ~/seed/te/status)"
   source ~/te_site/te_env.sh
