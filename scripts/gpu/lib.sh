@@ -18,3 +18,9 @@ fa4_site() {  # flash-attn-4 from the stash of an earlier call (part one) and th
   bash .carry/fa4_2/fa4_install.sh ~/fa4_stash ~/fa4_site > /tmp/fa4_install.log 2>&1 || { echo "FA4 install failed"; cat /tmp/fa4_install.log; }
   source ~/fa4_site/env.sh
 }
+queue_note() {  # queue_note TEXT: a timestamped line in $OUT/queue.log (the detached lease queues)
+  echo "$(date -u +%T) +${SECONDS}s $*" >> "$OUT/queue.log"
+}
+queue_cap() {  # queue_cap SECONDS [RESERVE]: SECONDS, or what is left of $total less RESERVE if smaller
+  local c=$1 l=$(( total - SECONDS - ${2:-0} )); [ "$l" -lt "$c" ] && c=$l; echo "$c"
+}

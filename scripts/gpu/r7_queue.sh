@@ -23,50 +23,48 @@ source scripts/gpu/lib.sh
 source ~/fa4_site/env.sh
 export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
 total=${QUEUE_SECONDS:-1380}
-note() { echo "$(date -u +%T) +${SECONDS}s $*" >> "$R/queue.log"; }
-cap() { local c=$1 l=$(( total - SECONDS - ${2:-0} )); [ "$l" -lt "$c" ] && c=$l; echo "$c"; }
-note start
+queue_note start
 if [ -z "${SKIP_COMPILE:-}" ]; then
-  TAIL=30 step "$(cap 200)" compile.log python3 benchmarks/compile_bench.py --out "$R/compile.json"
-  note "compile_bench done"
+  TAIL=30 step "$(queue_cap 200)" compile.log python3 benchmarks/compile_bench.py --out "$R/compile.json"
+  queue_note "compile_bench done"
 fi
 
 te_tier() {  # waits for scripts/te/build.sh, then the quick gpu tier for te (GPU shared with --full)
   while { [ ! -f ~/seed/te/status ] || { grep -q "^ok" ~/seed/te/status && [ ! -f ~/te_site/te_env.sh ]; }; } && [ $(( total - SECONDS )) -gt 400 ]; do sleep 5; done
-  if ! grep -q '^ok' ~/seed/te/status 2>/dev/null; then note "te build not ok: $(cat ~/seed/te/status 2>/dev/null)"; return; fi
-  note "te built: $(cat ~/seed/te/status)"
+  if ! grep -q '^ok' ~/seed/te/status 2>/dev/null; then queue_note "te build not ok: $(cat ~/seed/te/status 2>/dev/null)"; return; fi
+  queue_note "te built: $(cat ~/seed/te/status)"
   source ~/te_site/te_env.sh
   NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 step 120 te_probe.log python3 scripts/te/probe.py
-  note "te probe done"
+  queue_note "te probe done"
   local c
-  c=$(cap 400 200)
+  c=$(queue_cap 400 200)
   step "$c" te_conf.log python3 -m conformance --no-progress --tier gpu --backends te torch flash_4 --jobs 3 \
     --time-budget $(( c - 40 )) --json "$R/NVIDIA_H200-te.json" --markdown "$R/NVIDIA_H200-te.md" --junit "$R/NVIDIA_H200-te.xml"
-  note "te tier done"
+  queue_note "te tier done"
 }
 te_tier > "$R/te_tier.out" 2>&1 &
 te_pid=$!
 
-c=$(cap 1000 200)
+c=$(queue_cap 1000 200)
 step "$c" full.log python3 -m conformance --no-progress --tier gpu --full --backends torch flash_4 --jobs auto \
   --compile-cache /tmp/full_cc --time-budget $(( c - 40 )) --json "$R/NVIDIA_H200-full.json" \
   --markdown "$R/NVIDIA_H200-full.md" --junit "$R/NVIDIA_H200-full.xml"
-note "full done"
+queue_note "full done"
 wait "$te_pid"
 if grep -q '^ok' ~/seed/te/status 2>/dev/null; then
   source ~/te_site/te_env.sh
-  TAIL=14 step "$(cap 150 60)" backends.log python3 benchmarks/backend_bench.py --backends te,torch,flash_4 \
+  TAIL=14 step "$(queue_cap 150 60)" backends.log python3 benchmarks/backend_bench.py --backends te,torch,flash_4 \
     --masks causal,sliding_window,documents --seq-lens 8192,32768 --out "$R/backends.json" --markdown "$R/backends.md"
-  note "backend_bench done"
+  queue_note "backend_bench done"
 fi
-TAIL=30 step "$(cap 100 15)" gdn_fill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k FlashQLA \
-  --budget "$(( $(cap 100 15) - 10 ))" --out "$R/gdn-fill-on.json"
-TAIL=30 step "$(cap 80 15)" gdn_nofill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k \
-  --set fill_sms=0 --budget "$(( $(cap 80 15) - 10 ))" --out "$R/gdn-fill-off.json"
-note "gdn fill done"
-if [ "$(cap 999)" -gt 60 ]; then
-  TAIL=40 step "$(cap 300 5)" gdn_speed.log python3 benchmarks/gdn_bench.py --sections triton_speed layer \
-    --budget "$(( $(cap 300 5) - 15 ))" --out "$R/gdn-speed.json"
+TAIL=30 step "$(queue_cap 100 15)" gdn_fill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k FlashQLA \
+  --budget "$(( $(queue_cap 100 15) - 10 ))" --out "$R/gdn-fill-on.json"
+TAIL=30 step "$(queue_cap 80 15)" gdn_nofill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k \
+  --set fill_sms=0 --budget "$(( $(queue_cap 80 15) - 10 ))" --out "$R/gdn-fill-off.json"
+queue_note "gdn fill done"
+if [ "$(queue_cap 999)" -gt 60 ]; then
+  TAIL=40 step "$(queue_cap 300 5)" gdn_speed.log python3 benchmarks/gdn_bench.py --sections triton_speed layer \
+    --budget "$(( $(queue_cap 300 5) - 15 ))" --out "$R/gdn-speed.json"
 fi
-note "queue done"
+queue_note "queue done"
 touch "$R/done"

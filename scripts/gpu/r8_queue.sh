@@ -21,36 +21,34 @@ source scripts/gpu/lib.sh
 source ~/fa4_site/env.sh
 export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
 total=${QUEUE_SECONDS:-900}
-note() { echo "$(date -u +%T) +${SECONDS}s $*" >> "$R/queue.log"; }
-cap() { local c=$1 l=$(( total - SECONDS - ${2:-0} )); [ "$l" -lt "$c" ] && c=$l; echo "$c"; }
-note start
+queue_note start
 TAIL=30 step 100 gdn_fill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k FlashQLA \
   --budget 90 --out "$R/gdn-fill-on.json"
 TAIL=30 step 70 gdn_nofill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k \
   --set fill_sms=0 --budget 60 --out "$R/gdn-fill-off.json"
-note "gdn fill done"
+queue_note "gdn fill done"
 while { [ ! -f ~/seed/te/status ] || { grep -q "^ok" ~/seed/te/status && [ ! -f ~/te_site/te_env.sh ]; }; } && [ $(( total - SECONDS )) -gt 300 ]; do sleep 3; done
 if grep -q '^ok' ~/seed/te/status 2>/dev/null; then
-  note "te built: $(cat ~/seed/te/status)"
+  queue_note "te built: $(cat ~/seed/te/status)"
   source ~/te_site/te_env.sh
   NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 step 90 te_probe.log python3 scripts/te/probe.py
-  note "te probe done"
-  c=$(cap 360 150)
+  queue_note "te probe done"
+  c=$(queue_cap 360 150)
   step "$c" te_conf.log python3 -m conformance --no-progress --tier gpu --backends te torch flash_4 --jobs auto \
     --time-budget $(( c - 30 )) --json "$R/NVIDIA_H200-te.json" --markdown "$R/NVIDIA_H200-te.md" --junit "$R/NVIDIA_H200-te.xml"
-  note "te tier done"
-  TAIL=14 step "$(cap 140 20)" backends.log python3 benchmarks/backend_bench.py --backends te,torch,flash_4 \
+  queue_note "te tier done"
+  TAIL=14 step "$(queue_cap 140 20)" backends.log python3 benchmarks/backend_bench.py --backends te,torch,flash_4 \
     --masks causal,sliding_window,documents --seq-lens 8192,32768 --out "$R/backends.json" --markdown "$R/backends.md"
-  note "backend_bench done"
+  queue_note "backend_bench done"
 else
-  note "te build not ok: $(cat ~/seed/te/status 2>/dev/null)"
+  queue_note "te build not ok: $(cat ~/seed/te/status 2>/dev/null)"
 fi
-c=$(cap 1000 10)
+c=$(queue_cap 1000 10)
 if [ "$c" -gt 60 ]; then
   step "$c" full.log python3 -m conformance --no-progress --tier gpu --full --backends torch flash_4 --jobs auto \
     --compile-cache /tmp/full_cc --time-budget $(( c - 30 )) --json "$R/NVIDIA_H200-full.json" \
     --markdown "$R/NVIDIA_H200-full.md" --junit "$R/NVIDIA_H200-full.xml"
-  note "full done (time-budgeted: see its report)"
+  queue_note "full done (time-budgeted: see its report)"
 fi
-note "queue done"
+queue_note "queue done"
 touch "$R/done"
