@@ -164,7 +164,11 @@ ATTN_VARIANTS: tuple[tuple[str, tuple[Feature, ...], tuple[str, ...]], ...] = (
     ("causal", (Feature.causal,), ("causal",)),
     ("window", (Feature.causal, Feature.sliding_window), ("sliding_window",)),
     ("documents", (Feature.causal, Feature.documents), ("documents",)),
-    ("window_documents", (Feature.sliding_window, Feature.documents), ("sliding_window", "documents")),
+    (
+        "window_documents",
+        (Feature.sliding_window, Feature.documents, Feature.documents_window),
+        ("sliding_window", "documents"),
+    ),
     ("documents_qk", (Feature.documents_qk,), ("documents_qk",)),
 )
 KERNEL_VARIANTS: tuple[tuple[str, tuple[Feature, ...], tuple[str, ...]], ...] = (
@@ -179,7 +183,7 @@ KERNEL_VARIANTS: tuple[tuple[str, tuple[Feature, ...], tuple[str, ...]], ...] = 
     ("varlen", (Feature.lse, Feature.documents), ("documents", "lse")),
     (
         "varlen_window",
-        (Feature.lse, Feature.documents, Feature.sliding_window),
+        (Feature.lse, Feature.documents, Feature.sliding_window, Feature.documents_window),
         ("documents", "sliding_window", "lse"),
     ),
     ("varlen_qk", (Feature.lse, Feature.documents_qk), ("documents_qk", "lse")),
@@ -227,7 +231,7 @@ MODULE_VARIANTS: tuple[tuple[str, tuple[Feature, ...], tuple[str, ...]], ...] = 
     ("window", (Feature.sliding_window,), ("module", "sliding_window")),
     (
         "everything",
-        (Feature.gqa, Feature.sliding_window, Feature.documents),
+        (Feature.gqa, Feature.sliding_window, Feature.documents, Feature.documents_window),
         ("gate", "rope", "qk_norm", "clip_qkv"),
     ),
     ("fused", (Feature.packed_qkv,), ("fused",)),
@@ -334,6 +338,8 @@ def _cp_points(subject: Subject, device: str) -> list[_Point]:
         if "window" in mask and Feature.sliding_window not in subject.spec.features:
             continue
         if "documents" in mask and Feature.documents not in subject.spec.features:
+            continue
+        if mask == "window_documents" and Feature.documents_window not in subject.spec.features:
             continue
         cols = (
             (feature.value,)

@@ -269,6 +269,12 @@ class AttentionBackend(nn.Module):
             raise
         if docs is not None:
             self.assert_supports(Feature.documents_qk if not docs.shared else Feature.documents)
+            if self.window_size != (-1, -1):
+                self.assert_supports(
+                    Feature.documents_window,
+                    f" (window_size={self.window_size} with cu_doc_lens; drop one of them or build the layer "
+                    "with another backend)",
+                )
         dropout_p = self.effective_dropout()
 
         if kv_cache_manager is not None:

@@ -26,6 +26,7 @@ class Feature(StrEnum):
     sliding_window = "sliding_window"
     documents = "documents"  # intra-document masking with one segmentation (cu_doc_lens)
     documents_qk = "documents_qk"  # separate query / key segmentations (llama3 CP)
+    documents_window = "documents_window"  # documents and a sliding window in one call
     kv_cache = "kv_cache"
     kv_cache_leftpad = "kv_cache_leftpad"
     packed_qkv = "packed_qkv"
@@ -233,12 +234,20 @@ TABLE: dict[str, BackendSpec] = {
                 _F.documents_qk,
                 _F.non_causal,  # no kernel-level entry point: TE returns no LSE
                 _F.deterministic,  # decided by TE at construction (NVTE_ALLOW_NONDETERMINISTIC_ALGO)
+                # thd + padding_causal + window on the H200 (TE 2.20.2): forward
+                # right, dq / dk / dv wrong by up to 8.9 and NaN (head_dim 256, fp16, MHA/GQA/MQA:
+                # conformance/reports/NVIDIA_H200-2026-12-03-te-torch-flash_4.md)
+                _F.documents_window,
             },
             ring_strategies=("zig_zag",),
-            notes="NOT VERIFIED ON HARDWARE HERE (built and benchmarked on an H200 with TE 2.20.2, which chose "
-            "cuDNN FusedAttention; its conformance run did not complete); "
-            "DotProductAttention bshd, thd + cu_seqlens for documents; ring CP through TE's p2p ring "
-            "(zig-zag layout, no window/documents); Ulysses through our all-to-all",
+            # conformance/reports/NVIDIA_H200-2026-12-03-te-torch-flash_4.md
+            verified_on=frozenset({"sm_90"}),
+            notes="adapter written against Transformer Engine 2.20.2 (TE chose cuDNN FusedAttention on the "
+            "H200); DotProductAttention bshd, thd + cu_seqlens for documents; documents together with a "
+            "sliding window refused (TE's backward was wrong there on the H200); verified on sm_90 (H200: "
+            "every gpu-tier case it claims, pairwise with torch and flash_4), not on sm_80/sm_100; ring CP "
+            "through TE's p2p ring "
+            "(zig-zag layout, no window/documents); Ulysses through our all-to-all; CP not run on GPUs",
         ),
     )
 }

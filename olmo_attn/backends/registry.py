@@ -164,9 +164,13 @@ def _choose(
     allow = _allow_unverified(allow_unverified)
     arch = info_for(device).arch
     order = preference_order(device, features)
+    # documents arrive per call (cu_doc_lens): a layer built with a window may get them later
+    need = list(features)
+    if Feature.sliding_window in need and Feature.documents_window not in need:
+        need.append(Feature.documents_window)
     rejected: list[str] = []
     for name in order:
-        reason = rejection_reason(name, features, device=device, dtype=dtype, head_dim=head_dim)
+        reason = rejection_reason(name, need, device=device, dtype=dtype, head_dim=head_dim)
         if reason is None and not allow and not caps.get_spec(name).verified_for(arch):
             reason = (
                 f"not verified on {arch} hardware (set {ALLOW_UNVERIFIED_ENV}=1 or force backend={name!r})"

@@ -4,7 +4,8 @@
 #
 #   bash scripts/te/build.sh STASH SITE [WORK]
 #     STASH  folder holding every carried piece (core.partN, the sdist, the small wheels, core.sha256):
-#            each call i copies .carry/te/te_i/* there (scripts/te/README.md)
+#            each call i copies .carry/te/te_i/* there (scripts/te/README.md); with the pieces of
+#            an earlier build (te.tar.xz.partNN) there too, those are unpacked and nothing is built
 #     SITE   scratch site folder (e.g. ~/te_site); WORK default ~/seed/te
 #   environment: TE_JOBS (default 12)
 #
@@ -28,6 +29,20 @@ python3 -m zipfile -e "$work/$wheel_name" "$site"
 rm -f "$work/$wheel_name"
 for w in "$stash"/*.whl; do python3 -m zipfile -e "$w" "$site"; done
 echo "$(seed_now) te core + small wheels into $site: $(( $(date +%s) - t0 )) s" >> "$work/progress.log"
+# A wheel built on an earlier machine (the te.tar.xz.partNN pieces packed below, carried back into
+# STASH): unpack it instead of building, when it was built against this torch.
+if ls "$stash"/te.tar.xz.part* > /dev/null 2>&1; then
+  cat "$stash"/te.tar.xz.part* | tar -xJf - -C "$site" || { echo "failed unpack $(( $(date +%s) - t0 ))" > "$work/status"; exit 1; }
+  line="export PYTHONPATH=$site\${PYTHONPATH:+:\$PYTHONPATH}"
+  echo "$line" > "$site/te_env.sh"
+  eval "$line"
+  python3 -c "import transformer_engine.pytorch as te; print('transformer_engine', te.__file__)" >&2 \
+    || { echo "failed import-prebuilt $(( $(date +%s) - t0 ))" > "$work/status"; exit 1; }
+  echo "ok prebuilt $(( $(date +%s) - t0 ))" > "$work/status"
+  echo "$(seed_now) te: prebuilt extension unpacked, import ok, $(( $(date +%s) - t0 )) s" >> "$work/progress.log"
+  echo "$line"
+  exit 0
+fi
 rm -rf "$work/src"
 mkdir -p "$work/src"
 tar -xzf "$stash"/transformer_engine_torch-*.tar.gz -C "$work/src"

@@ -1,14 +1,15 @@
 #!/bin/bash
 # On a connected machine, from the repo root: Transformer Engine 2.20.2 for the lent GPU machine
-# (CUDA 13, torch 2.11, Python 3.12, no network), split into carry folders of <= 47 MiB each (the working tree, ~16 MB, travels with each).
+# (CUDA 13, torch 2.11, Python 3.12, no network), split into carry folders that fit one device call
+# beside the working tree (64 MiB per call in all: pieces of 62 MiB less the tracked tree's size).
 #
 #   bash scripts/te/carry.sh [OUT]          (OUT default .carry/te; git-ignored)
 #
 # Measured on the CPU machine (2026-12-02): the core wheel transformer-engine-cu13 2.20.2 is
 # 276.5 MB, of which libtransformer_engine.so is 343 MB unpacked; its kernels are already
 # compressed, so re-packing does not help (unzip + tar | xz -6: 265 MB). It therefore travels as
-# the wheel itself, cut into pieces: OUT/te_1 .. OUT/te_6, one device call each (the working tree,
-# ~5 MB, travels with every call; 64 MiB per call in all). te_6 also holds the
+# the wheel itself, cut into pieces: OUT/te_1 .. OUT/te_N, one device call each (the working tree
+# travels with every call). The last folder also holds the
 # transformer-engine-torch sdist (0.5 MB; pip reads its metadata only with a CUDA torch, hence
 # the stand-in below) and the pure-Python / small dependencies the device's image lacks:
 # pydantic (+ pydantic-core, annotated-types, typing-inspection), importlib-metadata,
@@ -19,7 +20,8 @@
 set -euo pipefail
 out=${1:-.carry/te}
 py=${PYTHON:-.venv/bin/python}
-piece=${TE_PIECE_MIB:-47}
+tree_mib=$(( ($(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb | tail -1 | cut -f1) >> 20) + 1 ))
+piece=${TE_PIECE_MIB:-$(( 62 - tree_mib ))}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 t0=$(date +%s)
@@ -53,9 +55,9 @@ done
 last=$((i - 1))
 small_mib=$(du -sm "$out/small" | cut -f1)
 last_mib=$(du -sm "$out/te_$last" | cut -f1)
-if [ $(( small_mib + last_mib )) -le 47 ]; then dest="$out/te_$last"; else dest="$out/te_$i"; fi
+if [ $(( small_mib + last_mib )) -le "$piece" ]; then dest="$out/te_$last"; else dest="$out/te_$i"; fi
 mkdir -p "$dest"
 mv "$out"/small/* "$dest/"
 rmdir "$out/small"
 du -sh "$out"/te_*
-echo "carry folders: $(ls -d "$out"/te_* | wc -l); total $(( $(date +%s) - t0 )) s"
+echo "carry folders: $(ls -d "$out"/te_* | wc -l) of <= $piece MiB (tree $tree_mib MiB); total $(( $(date +%s) - t0 )) s"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_flash_doubles import Recorder, fake_cuda, install_flash2, install_flash4
+from test_flash_doubles import Recorder, fake_cuda, install_flash2, install_flash4, install_te
 
 from olmo_attn import hardware
 from olmo_attn.backends import capabilities as caps
@@ -84,6 +84,22 @@ def test_measured_order_picks_the_fastest_supporting_backend(
     import torch
 
     assert registry.choose_backend([Feature.causal], dtype=torch.float32) == "torch"
+
+
+def test_a_windowed_layer_never_gets_a_backend_without_documents_in_the_window(
+    prefs, hopper_with_fa2_fa4, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Documents arrive per call: an automatic choice for a window also needs documents_window,
+    which te lacks (its backward was wrong there on the H200), even where te is measured fastest."""
+    install_te(monkeypatch, Recorder())
+    prefs({"sm_90": {"sliding_window": ["te", "flash_4", "torch"], "causal": ["te", "torch"]}})
+    _verified(monkeypatch, "te", "flash_4")
+    assert registry.choose_backend([Feature.causal]) == "te"
+    assert registry.choose_backend([Feature.sliding_window]) == "flash_4"
+    name, why = registry._choose(
+        [Feature.sliding_window], device=None, dtype=None, head_dim=None, allow_unverified=None
+    )
+    assert name == "flash_4" and "passed over te: lacks documents_window" in why
 
 
 def test_unverified_backends_are_not_chosen_automatically(prefs, hopper_with_fa2_fa4, monkeypatch) -> None:

@@ -100,6 +100,22 @@ def test_refusals(te: Recorder) -> None:
         build().kernel()
 
 
+def test_documents_with_a_window_are_refused_before_te_runs(te: Recorder) -> None:
+    """The H200 run (TE 2.20.2) gave a right forward and wrong dq / dk / dv (and NaN) for thd
+    documents with a sliding window: the table no longer claims it and the call says so."""
+    q, k, v = qkv(B=1, T=8)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(
+        UnsupportedFeatureError,
+        match=r"'te' does not support documents window \(window_size=\(2, 0\).*flash_4",
+    ):
+        build(window_size=(2, 0))((q, k, v), cu_doc_lens=cu)
+    assert "DotProductAttention.forward" not in te.names()
+    build()((q, k, v), cu_doc_lens=cu)  # documents alone still run
+    build(window_size=(2, 0))((q, k, v))  # and so does a window alone
+    assert te.names().count("DotProductAttention.forward") == 2
+
+
 def _mesh() -> types.SimpleNamespace:
     return types.SimpleNamespace(get_group=lambda: "cp-group")
 
