@@ -79,9 +79,32 @@ def raise_metrics_limit() -> None:
             setter(METRICS_LIMIT)
 
 
+# The harness compiles FlexAttention for hundreds of (shape, dtype, mask, grad / deterministic
+# mode) signatures in one process (the --full gpu tier reached 64, the library's floor, on the H200);
+# past the limit PyTorch would run it uncompiled and a case's bit-level probes would see the switch.
+HARNESS_RECOMPILE_LIMIT = 4096
+HARNESS_ACCUMULATED_RECOMPILE_LIMIT = 1 << 16
+
+
+def raise_recompile_limits() -> None:
+    """Lift ``torch._dynamo``'s recompile limits for this process once Dynamo is loaded (a case that
+    still reaches them fails: :func:`conformance.families.run_case` makes the library's
+    ``CompileLimitWarning`` an error)."""
+    config = sys.modules.get("torch._dynamo.config")
+    if config is None:
+        return
+    for name, floor in (
+        ("recompile_limit", HARNESS_RECOMPILE_LIMIT),
+        ("accumulated_recompile_limit", HARNESS_ACCUMULATED_RECOMPILE_LIMIT),
+    ):
+        if getattr(config, name, floor) < floor:
+            setattr(config, name, floor)
+
+
 def snapshot() -> CompileSnapshot:
     """The compilation records so far."""
     raise_metrics_limit()
+    raise_recompile_limits()
     return CompileSnapshot(frozenset(_key(r) for r in _records()))
 
 
@@ -142,6 +165,7 @@ __all__ = [
     "CompileDelta",
     "CompileSnapshot",
     "raise_metrics_limit",
+    "raise_recompile_limits",
     "since",
     "snapshot",
     "use_compile_cache",

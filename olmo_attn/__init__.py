@@ -34,6 +34,7 @@ from .cp import (
 )
 from .exceptions import (
     BackendUnavailableError,
+    CompileLimitWarning,
     ConfigurationError,
     OLMoAttnError,
     OLMoConfigurationError,
@@ -102,6 +103,7 @@ __all__ = [
     "BackendSpec",
     "BackendUnavailableError",
     "BufferCache",
+    "CompileLimitWarning",
     "ComplexRotaryEmbedding",
     "Config",
     "ConfigurationError",

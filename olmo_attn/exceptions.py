@@ -51,3 +51,9 @@ class BackendUnavailableError(RuntimeError):
 
 class UnsupportedFeatureError(RuntimeError):
     """A backend that runs here lacks a requested feature (names the backends that have it)."""
+
+
+class CompileLimitWarning(UserWarning):
+    """A kernel this library compiles (FlexAttention) reached ``torch._dynamo``'s recompile limit:
+    the call runs uncompiled (same math, much slower, ``Tq x Tk`` scores in memory). PyTorch itself
+    would fall back without a word; the message names the limit and the fix."""

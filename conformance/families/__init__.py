@@ -11,10 +11,13 @@ import contextlib
 import importlib
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from olmo_attn.exceptions import CompileLimitWarning
 
 from .. import compile_stats
 from ..checks import CheckResult, fail
@@ -86,7 +89,9 @@ def run_case(case: Case, ctx: RunContext | None = None, subject: Subject | None 
         if subject is None and case.family not in ("config", "pairwise", "gdn"):
             subject = get_subject(case.backend)
         fn = family_fn(case.family)
-        with full_fp32():
+        with full_fp32(), warnings.catch_warnings():
+            # a kernel that fell back from its compiled form mid-case is a failure, not a pass
+            warnings.simplefilter("error", CompileLimitWarning)
             outcome: Any = fn(case, subject, ctx)  # type: ignore[arg-type]
     except Exception as e:
         outcome = e

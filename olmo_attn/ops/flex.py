@@ -63,6 +63,38 @@ def _flex_fn(device: torch.device) -> Callable[..., Any]:
     return _compiled
 
 
+def _call_flex(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; when ``fn`` is the compiled FlexAttention and a new configuration
+    would exceed ``torch._dynamo.config.recompile_limit``, a :class:`CompileLimitWarning` and the
+    uncompiled FlexAttention (same math) instead of PyTorch's silent eager fallback."""
+    if fn is not _compiled or torch.compiler.is_compiling():
+        return fn(*args, **kwargs)
+    import torch._dynamo.config as dynamo_config
+
+    if not hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        return fn(*args, **kwargs)
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    try:
+        with dynamo_config.patch(fail_on_recompile_limit_hit=True):
+            return fn(*args, **kwargs)
+    except FailOnRecompileLimitHit:
+        import warnings
+
+        from ..exceptions import CompileLimitWarning
+
+        warnings.warn(
+            "FlexAttention reached torch._dynamo.config.recompile_limit "
+            f"({dynamo_config.recompile_limit} compiled configurations of shape, dtype, mask and global "
+            "state such as grad mode or deterministic mode); this call runs FlexAttention uncompiled "
+            "(same math, much slower, Tq x Tk scores in memory). Raise torch._dynamo.config.recompile_limit "
+            "(and accumulated_recompile_limit), or call torch._dynamo.reset() between unrelated models",
+            CompileLimitWarning,
+            stacklevel=3,
+        )
+        return flex_attention_fn()(*args, **kwargs)
+
+
 def _pad(x: torch.Tensor, n: int, value: int) -> torch.Tensor:
     """Right-pad ``x [B, T]`` to ``[B, n]`` (the mask_mod may read indices up to the block edge)."""
     if x.shape[1] == n:
@@ -146,7 +178,8 @@ def flex_forward(
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # older PyTorch: return_lse
-        out, lse = fn(
+        out, lse = _call_flex(
+            fn,
             qh,
             kh,
             vh,
@@ -157,7 +190,8 @@ def flex_forward(
             kernel_options=opts,
         )
     else:
-        out, aux = fn(
+        out, aux = _call_flex(
+            fn,
             qh,
             kh,
             vh,

@@ -31,3 +31,32 @@ def test_compile_cache_points_every_cache_into_one_folder(tmp_path: Path) -> Non
     assert values["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
     assert values["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(root / "cute")
     assert (root / "triton").is_dir() and (root / "cute").is_dir()
+
+
+def test_harness_lifts_the_recompile_limits_and_fails_a_case_that_still_falls_back(monkeypatch) -> None:
+    """The --full gpu tier compiled FlexAttention for 64 signatures in one worker on the H200 and,
+    past the library's floor, PyTorch ran it uncompiled: three bit-level edge probes failed
+    spuriously. The harness lifts the limits; a case that still reaches them fails by name."""
+    import warnings
+
+    import torch._dynamo.config as dynamo_config
+
+    from conformance import compile_stats, families
+    from conformance.cases import Case
+    from conformance.results import FAILED
+    from olmo_attn.exceptions import CompileLimitWarning
+
+    with dynamo_config.patch(recompile_limit=64, accumulated_recompile_limit=256):
+        compile_stats.raise_recompile_limits()
+        assert dynamo_config.recompile_limit == compile_stats.HARNESS_RECOMPILE_LIMIT
+        assert dynamo_config.accumulated_recompile_limit == compile_stats.HARNESS_ACCUMULATED_RECOMPILE_LIMIT
+
+    def family(case, subject, ctx):
+        warnings.warn(
+            "FlexAttention reached torch._dynamo.config.recompile_limit", CompileLimitWarning, stacklevel=2
+        )
+        raise AssertionError("not reached: the warning is an error inside a case")
+
+    monkeypatch.setattr(families, "family_fn", lambda name: family)
+    result = families.run_case(Case("cpu", "attn", "torch", "causal"), subject=object())  # type: ignore[arg-type]
+    assert result.status == FAILED and "CompileLimitWarning" in result.message
