@@ -986,15 +986,27 @@ def triton_tune(device: torch.device, smoke: bool, deadline: float | None) -> li
     return rows
 
 
-CHOICES: list[tuple[str, dict[str, bool], dict[str, int]]] = [  # (label, FUSED overrides, TILES overrides)
-    ("default", {}, {}),
-    ("wy_lowp", {"wy_lowp": True}, {}),
-    ("recompute states", {"keep_states": False}, {}),
-    ("separate prep kernels", {"prep": False}, {}),
-    ("separate out kernel", {"out": False}, {}),
-    ("state+out BV32", {}, {"state_out_values": 4096}),
-    ("state/dstate BV32", {}, {"state_values": 4096}),
-    ("all separate (2026-12-03 kernels)", {"prep": False, "out": False, "keep_states": False}, {}),
+# (label, FUSED overrides, TILES overrides, LAUNCH overrides)
+CHOICES: list[tuple[str, dict[str, bool], dict[str, int], dict[str, dict[str, int]]]] = [
+    ("default", {}, {}, {}),
+    ("recompute states", {"keep_states": False}, {}, {}),
+    ("separate prep kernels", {"prep": False}, {}, {}),
+    ("separate out kernel", {"out": False}, {}, {}),
+    ("state+out BV64", {}, {"state_out_values": 8192}, {}),
+    ("state/dstate BV32", {}, {"state_values": 4096}, {}),
+    ("chunk spans loaded in the recurrences", {"seq_offsets": False}, {}, {}),
+    (
+        "recurrences num_stages 3",
+        {},
+        {},
+        {k: {"num_stages": 3} for k in ("state", "state_out", "dstate")},
+    ),
+    (
+        "recurrences num_stages 1",
+        {},
+        {},
+        {k: {"num_stages": 1} for k in ("state", "state_out", "dstate")},
+    ),
 ]
 
 
@@ -1023,14 +1035,18 @@ def triton_choices(
         return TRITON(*args, use_qk_l2norm=True)[0]
 
     rows: list[dict[str, Any]] = []
-    saved = (dict(tc.FUSED), dict(tc.TILES))
-    for label, fused, tiles in CHOICES:
+    saved = (dict(tc.FUSED), dict(tc.TILES), {k: dict(v) for k, v in tc.LAUNCH.items()})
+    for label, fused, tiles, launch in CHOICES:
         if _deadline_left(deadline) < 20:
             rows.append({"choice": label, "skipped": "time budget"})
             continue
         tc.FUSED.update(fused)
         tc.TILES.update(tiles)
+        for k, v in launch.items():
+            tc.LAUNCH[k].update(v)
         row: dict[str, Any] = {"choice": label, "fused": dict(tc.FUSED), "tiles": dict(tc.TILES)}
+        if launch:
+            row["launch"] = {k: dict(tc.LAUNCH[k]) for k in launch}
         try:
             res = _check(TRITON, inp, None, do, dfin, True)
             row.update(_judge(res, ro, rfin, rg, dt))
@@ -1051,6 +1067,9 @@ def triton_choices(
             tc.FUSED.update(saved[0])
             tc.TILES.clear()
             tc.TILES.update(saved[1])
+            for k, v in saved[2].items():
+                tc.LAUNCH[k].clear()
+                tc.LAUNCH[k].update(v)
         rows.append(row)
         print(json.dumps(row))
     return rows

@@ -483,16 +483,40 @@ def _kernels() -> SimpleNamespace:
             tl.store(u_ptr + off, u.to(u_ptr.dtype.element_ty), mask=mv)
 
     @triton.jit
+    def _chunk_span(c, c0, ts, te, cs_ptr, cl_ptr, BT: tl.constexpr, SEQ_OFFSETS: tl.constexpr):
+        """First token and length of chunk slot ``c`` of a sequence whose slots start at ``c0`` and
+        whose tokens are ``[ts, te)``: computed (``SEQ_OFFSETS``: nothing loaded inside the
+        recurrences' loops, so their loads of the next chunk can be issued ahead) or read from the
+        chunk plan. Both equal :func:`chunk_plan`'s ``start`` and ``length``."""
+        if SEQ_OFFSETS:
+            t0 = ts + (c - c0).to(tl.int64) * BT
+            L = tl.minimum(te - t0, BT).to(tl.int32)
+        else:
+            t0 = tl.load(cs_ptr + c).to(tl.int64)
+            L = tl.load(cl_ptr + c)
+        return t0, L
+
+    @triton.jit
+    def _seq_span(c0, c1, cs_ptr, cl_ptr):
+        """Tokens ``[ts, te)`` of the sequence owning chunk slots ``[c0, c1)`` (empty: ``ts = te = 0``)."""
+        has = c1 > c0
+        ts = tl.load(cs_ptr + c0, mask=has, other=0).to(tl.int64)
+        last = tl.maximum(c1 - 1, 0)
+        te = tl.load(cs_ptr + last, mask=has, other=0).to(tl.int64) + tl.load(
+            cl_ptr + last, mask=has, other=0
+        )
+        return ts, te
+
+    @triton.jit
     def _state_chunk(
-        s, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, cs_ptr, cl_ptr,
+        s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr,
         i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV,
         BT: tl.constexpr, PREC: tl.constexpr, STORE_H: tl.constexpr, FUSE_OUT: tl.constexpr,
     ):  # fmt: skip
-        """One chunk of the forward recurrence: store ``h_c = s`` and ``V'`` (``STORE_H``) or the
-        chunk's output (``FUSE_OUT``, what ``_out`` computes, from the registers), return ``S_out``."""
+        """One chunk (tokens ``[t0, t0 + L)``, slot ``c``) of the forward recurrence: store
+        ``h_c = s`` and ``V'`` (``STORE_H``) or the chunk's output (``FUSE_OUT``, what ``_out``
+        computes, from the registers), return ``S_out``."""
         r = tl.arange(0, BT)
-        t0 = tl.load(cs_ptr + c).to(tl.int64)
-        L = tl.load(cl_ptr + c)
         mt = r < L
         tok = t0 + r
         if STORE_H:
@@ -537,7 +561,7 @@ def _kernels() -> SimpleNamespace:
         scale, H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr, FUSE_OUT: tl.constexpr,
-        PREC: tl.constexpr, INTERP: tl.constexpr,
+        PREC: tl.constexpr, INTERP: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
     ):  # fmt: skip
         """State recurrence of sequence ``n`` / value head / value tile: stores ``h [NC, HV, DK, DV]``
         (state entering each chunk) and ``V' [NT, HV, DV]`` (``STORE_H``: for the backward) or the
@@ -558,18 +582,21 @@ def _kernels() -> SimpleNamespace:
             s = tl.zeros([BK, BV], dtype=tl.float32)
         c0 = tl.load(so_ptr + i_n)
         c1 = tl.load(so_ptr + i_n + 1)
+        ts, te = _seq_span(c0, c1, cs_ptr, cl_ptr)
         if INTERP:  # the interpreter cannot take loaded loop bounds in range()
             c = c0
             while c < c1:
+                t0, L = _chunk_span(c, c0, ts, te, cs_ptr, cl_ptr, BT, SEQ_OFFSETS)
                 s = _state_chunk(
-                    s, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, cs_ptr, cl_ptr,
+                    s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr,
                     i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC, STORE_H, FUSE_OUT,
                 )  # fmt: skip
                 c += 1
         else:
             for c in range(c0, c1):
+                t0, L = _chunk_span(c, c0, ts, te, cs_ptr, cl_ptr, BT, SEQ_OFFSETS)
                 s = _state_chunk(
-                    s, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, cs_ptr, cl_ptr,
+                    s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr,
                     i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC, STORE_H, FUSE_OUT,
                 )  # fmt: skip
         if STORE_HT:
@@ -654,13 +681,12 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _dstate_chunk(
-        ds, c, q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dv_ptr, dh_ptr, cs_ptr, cl_ptr, i_hv, i_h, ok, ov, mk, mv,
+        ds, t0, L, c, q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dv_ptr, dh_ptr, i_hv, i_h, ok, ov, mk, mv,
         scale, H, HV, DK, DV, BT: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        """One chunk of the reverse recurrence: store ``dh_c = ds``, complete ``dV'``, return ``dS``."""
+        """One chunk (tokens ``[t0, t0 + L)``, slot ``c``) of the reverse recurrence: store
+        ``dh_c = ds``, complete ``dV'``, return ``dS``."""
         r = tl.arange(0, BT)
-        t0 = tl.load(cs_ptr + c).to(tl.int64)
-        L = tl.load(cl_ptr + c)
         mt = r < L
         tok = t0 + r
         h_off = ((c.to(tl.int64) * HV + i_hv) * DK + ok[:, None]) * DV + ov[None, :]
@@ -691,6 +717,7 @@ def _kernels() -> SimpleNamespace:
         scale, H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+        SEQ_OFFSETS: tl.constexpr,
     ):  # fmt: skip
         """Reverse recurrence: stores ``dh [NC, HV, DK, DV]`` (gradient of each chunk's outgoing
         state), completes ``dV'`` in place in ``dv`` and the initial-state gradient."""
@@ -710,18 +737,22 @@ def _kernels() -> SimpleNamespace:
             ds = tl.zeros([BK, BV], dtype=tl.float32)
         c0 = tl.load(so_ptr + i_n)
         c1 = tl.load(so_ptr + i_n + 1)
+        ts, te = _seq_span(c0, c1, cs_ptr, cl_ptr)
         if INTERP:  # the interpreter cannot take loaded loop bounds in range()
             c = c1 - 1
             while c >= c0:
+                t0, L = _chunk_span(c, c0, ts, te, cs_ptr, cl_ptr, BT, SEQ_OFFSETS)
                 ds = _dstate_chunk(
-                    ds, c, q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dv_ptr, dh_ptr, cs_ptr, cl_ptr, i_hv, i_h, ok, ov,
+                    ds, t0, L, c, q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dv_ptr, dh_ptr, i_hv, i_h, ok, ov,
                     mk, mv, scale, H, HV, DK, DV, BT, PREC,
                 )  # fmt: skip
                 c -= 1
         else:
             for j in range(0, c1 - c0):
+                c = c1 - 1 - j
+                t0, L = _chunk_span(c, c0, ts, te, cs_ptr, cl_ptr, BT, SEQ_OFFSETS)
                 ds = _dstate_chunk(
-                    ds, c1 - 1 - j, q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dv_ptr, dh_ptr, cs_ptr, cl_ptr, i_hv, i_h,
+                    ds, t0, L, c, q_ptr, k_ptr, w_ptr, gc_ptr, do_ptr, dv_ptr, dh_ptr, i_hv, i_h,
                     ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC,
                 )  # fmt: skip
         if STORE_DH0:
@@ -904,7 +935,7 @@ def _kernels() -> SimpleNamespace:
     globals().update(
         _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk,
         _t_blocks=_t_blocks, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
-        _l2_tile_bwd=_l2_tile_bwd,
+        _l2_tile_bwd=_l2_tile_bwd, _chunk_span=_chunk_span, _seq_span=_seq_span,
     )  # fmt: skip
     return SimpleNamespace(
         l2norm_fwd=_l2norm_fwd, l2norm_bwd=_l2norm_bwd, kkt=_kkt, solve=_solve, prep=_prep, wu=_wu, state=_state,
@@ -951,7 +982,17 @@ TILES: dict[str, int] = {"state_values": 8192, "state_out_values": 4096, "chunk_
 #   input dtype, as large as q, k and v together at Dk = 128, Dv = 256);
 # ``wy_lowp``: ``_wy_bwd``'s value-tile products in the input dtype, as the forward's
 #   ``U = T (beta V)`` (1.10 -> 1.00 ms; largest error against float64 4.13e-3 against 4.11e-3).
-FUSED: dict[str, bool] = {"prep": True, "out": True, "keep_states": True, "wy_lowp": True}
+# ``seq_offsets``: the two recurrences compute each chunk's first token and length from their
+#   sequence's bounds instead of loading them from the chunk plan inside the sequential loop (a
+#   load whose result addresses the chunk's other loads: nothing of the next chunk could be
+#   fetched ahead); not yet timed on the H200.
+FUSED: dict[str, bool] = {
+    "prep": True,
+    "out": True,
+    "keep_states": True,
+    "wy_lowp": True,
+    "seq_offsets": True,
+}
 _STAGE_HOOK: list[Any] = []
 
 
@@ -1108,7 +1149,8 @@ def _recurrence(
         qn, kn, w, u, gc, h, vn, o, h0 if h0 is not None else final, final, so, cs, cl,
         float(scale), H, HV, HV // H, Dk, Dv,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=h0 is not None, STORE_HT=store_final, STORE_H=store_h,
-        FUSE_OUT=fuse_out, PREC=_prec(dt), INTERP=_interpreting(), **_cfg("state_out" if fuse_out else "state"),
+        FUSE_OUT=fuse_out, PREC=_prec(dt), INTERP=_interpreting(), SEQ_OFFSETS=FUSED["seq_offsets"],
+        **_cfg("state_out" if fuse_out else "state"),
     )  # fmt: skip
     return h, vn, o, final
 
@@ -1244,7 +1286,8 @@ def _bwd_impl(
     kern.dstate[(n_seq * HV, -(-Dv // BVs))](
         qn, kn, w, gc, do2, dvb, dh, dhtc if dhtc is not None else dh0, dh0, so, cs, cl,
         float(scale), H, HV, rep, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dhtc is not None, STORE_DH0=need_dh0, PREC=prec, INTERP=_interpreting(), **_cfg("dstate"),
+        BT=CHUNK, BK=BK, BV=BVs, HAS_DHT=dhtc is not None, STORE_DH0=need_dh0, PREC=prec, INTERP=_interpreting(),
+        SEQ_OFFSETS=FUSED["seq_offsets"], **_cfg("dstate"),
     )  # fmt: skip
     del w
     # one value head per q/k head: the L2-norm backward happens inside _dqkwg / _wy_bwd

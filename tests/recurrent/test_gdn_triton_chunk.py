@@ -97,6 +97,15 @@ for width in (256, 8192):
                                       output_final_state=True, use_qk_l2norm=True, cu_seqlens=lengths_to_cu(lens),
                                       kernel="triton")
     assert rel_rms(o, fused["o"]) < 1e-5 and rel_rms(f, fused["final"]) < 1e-5, width
+# the recurrences' chunk spans computed from the sequence bounds or loaded from the plan: same bits
+lens0 = [37, 0, 64, 65, 20, 0]
+inp0 = gdr_inputs(1, sum(lens0), 1, 2, 16, 32, n_seq=len(lens0), seed=9)
+spans = {}
+for flag in (True, False):
+    tc.FUSED["seq_offsets"] = flag
+    spans[flag] = run("triton", inp0, lengths_to_cu(lens0), torch.float32)
+for n in spans[True]:
+    assert torch.equal(spans[True][n], spans[False][n]), n
 BUD = {"o": 5e-3, "final": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3, "g": 2e-2, "beta": 2e-2}
 compare(inp, lengths_to_cu(lens), torch.float16, BUD)
 # one value head per q/k head: the L2-norm backward inside _dqkwg / _wy_bwd; states recomputed in
