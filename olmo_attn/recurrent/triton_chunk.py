@@ -952,7 +952,10 @@ def _kernels() -> SimpleNamespace:
 # benchmark (``benchmarks/gdn_bench.py --sections triton_tune``) times alternatives by editing these
 # in place. dstate w8s2, dqkwg w8s3, wy_bwd w8s1: its H200 run of 2026-12-03 (B2 T8192 H16 Dk128
 # Dv256 bf16; 0.615 -> 0.553, 0.580 -> 0.522, 1.225 -> 1.057 ms, gradients bit-identical to w4s2 /
-# w8s2 / w8s2); gains under 6% (state, out) left at their defaults.
+# w8s2 / w8s2); gains under 6% (state, out) left at their defaults. state_out (the no-grad
+# forward's recurrence) s1: gdn_bench triton_choices on the H200, second lease of 2026-12-03
+# (h200-2026-12-03-r10-gdn-choices.json): forward 1.183 -> 1.124 ms; the training recurrences keep
+# s2 (s1 there: state 0.39 -> 0.52, dstate 0.53 -> 0.62 ms; s3: forward 1.61 ms).
 LAUNCH: dict[str, dict[str, int]] = {
     "l2norm": {"num_warps": 4, "num_stages": 1},
     "l2norm_bwd": {"num_warps": 4, "num_stages": 1},
@@ -961,7 +964,7 @@ LAUNCH: dict[str, dict[str, int]] = {
     "prep": {"num_warps": 4, "num_stages": 2},
     "wu": {"num_warps": 4, "num_stages": 2},
     "state": {"num_warps": 4, "num_stages": 2},
-    "state_out": {"num_warps": 4, "num_stages": 2},
+    "state_out": {"num_warps": 4, "num_stages": 1},
     "out": {"num_warps": 4, "num_stages": 2},
     "dv_local": {"num_warps": 4, "num_stages": 2},
     "dstate": {"num_warps": 8, "num_stages": 2},
@@ -984,8 +987,10 @@ TILES: dict[str, int] = {"state_values": 8192, "state_out_values": 4096, "chunk_
 #   ``U = T (beta V)`` (1.10 -> 1.00 ms; largest error against float64 4.13e-3 against 4.11e-3).
 # ``seq_offsets``: the two recurrences compute each chunk's first token and length from their
 #   sequence's bounds instead of loading them from the chunk plan inside the sequential loop (a
-#   load whose result addresses the chunk's other loads: nothing of the next chunk could be
-#   fetched ahead); not yet timed on the H200.
+#   load whose result addresses the chunk's other loads). Timed both ways on the H200 (second
+#   lease of 2026-12-03): a wash: dstate 0.556 -> 0.530 ms, the no-grad forward 1.154 -> 1.183,
+#   forward+backward 3.418 -> 3.432 (within run-to-run noise); kept, since the state_out s1 choice
+#   above was measured with it.
 FUSED: dict[str, bool] = {
     "prep": True,
     "out": True,
