@@ -70,15 +70,20 @@ def _call_flex(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if fn is not _compiled or torch.compiler.is_compiling():
         return fn(*args, **kwargs)
     import torch._dynamo.config as dynamo_config
+    import torch._dynamo.exc as dynamo_exc
 
-    if not hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+    limit_hit = getattr(dynamo_exc, "FailOnRecompileLimitHit", None)
+    # a PyTorch without the switch, or one told to suppress errors (incompatible with it): as is
+    if (
+        limit_hit is None
+        or not hasattr(dynamo_config, "fail_on_recompile_limit_hit")
+        or getattr(dynamo_config, "suppress_errors", False)
+    ):
         return fn(*args, **kwargs)
-    from torch._dynamo.exc import FailOnRecompileLimitHit
-
     try:
         with dynamo_config.patch(fail_on_recompile_limit_hit=True):
             return fn(*args, **kwargs)
-    except FailOnRecompileLimitHit:
+    except limit_hit:
         import warnings
 
         from ..exceptions import CompileLimitWarning

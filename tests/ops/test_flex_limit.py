@@ -55,3 +55,11 @@ def test_limit_as_error_fails_loudly(compiled) -> None:
 
 def test_other_callables_pass_straight_through(compiled) -> None:
     assert flex._call_flex(_f, torch.ones(2)).tolist() == [3.0, 3.0]
+
+
+def test_suppress_errors_keeps_pytorchs_own_behaviour(compiled) -> None:
+    """``suppress_errors`` and ``fail_on_recompile_limit_hit`` exclude each other: left alone."""
+    with dynamo_config.patch(suppress_errors=True), warnings.catch_warnings():
+        warnings.simplefilter("error", CompileLimitWarning)
+        for n in range(1, 7):
+            assert flex._call_flex(compiled, torch.ones(n)).tolist() == [3.0] * n
