@@ -2,7 +2,9 @@
 
 For ``Attention``, ``FusedAttention`` and ``NormalizedAttention``: forward+backward of plain causal,
 of packed documents whose boundaries change every batch, of a sliding window (``Attention``), and
-KV-cache decode steps (``Attention``, ``NormalizedAttention``). Per case: eager and compiled
+KV-cache decode steps (``Attention``, ``NormalizedAttention``); for ``GatedDeltaNet`` packed
+documents and cached decode steps (its kernels are opaque custom ops: Triton on CUDA, the PyTorch
+chunked kernel on CPU). Per case: eager and compiled
 milliseconds (median, CUDA events back to back on GPUs), the first compiled call's seconds
 (compilation), the number of compiled frames after all batches / steps (1 = no recompile; decoding:
 prefill + one shared step graph = 2), the compiled output's largest difference from eager, and on
@@ -31,6 +33,7 @@ from backend_bench import time_runs  # this folder is on sys.path when a script 
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from olmo_attn.attention import Attention, FusedAttention, NormalizedAttention
+from olmo_attn.recurrent import GatedDeltaNet
 from olmo_attn.rope import RoPEConfig
 
 CASES = (
@@ -43,6 +46,8 @@ CASES = (
     ("normalized", "causal"),
     ("normalized", "documents"),
     ("normalized", "decode"),
+    ("gdn", "documents"),
+    ("gdn", "decode"),
 )
 
 
@@ -67,6 +72,8 @@ def _build(
             d_model=d_model, n_heads=n_heads, n_kv_heads=max(1, n_heads // 4), rope=rope,
             backend="torch", window_size=window, init_device=device,
         )  # fmt: skip
+    elif kind == "gdn":  # d_model 2048, 16 heads: Dk 128, Dv 256 (gdn_bench's shape)
+        m = GatedDeltaNet(d_model=d_model, n_heads=n_heads, init_device=device)
     elif kind == "fused":
         fused_rope = RoPEConfig(name="fused", theta=500_000)
         m = FusedAttention(
@@ -122,10 +129,15 @@ def run_case(kind: str, case: str, cfg: argparse.Namespace) -> dict[str, Any]:
         results = {}
         for name, m in (("eager", eager), ("compiled", compiled)):
             mod = eager if m is eager else model
-            mod.init_kv_cache_manager(B, T + cfg.decode_steps + 1)
+            if kind == "gdn":
+                cache = mod.init_cache(B, device=cfg.device)
+                call = lambda m, x, cache=cache: m(x, cache=cache)
+            else:
+                mod.init_kv_cache_manager(B, T + cfg.decode_steps + 1)
+                call = lambda m, x: m(x)
             with torch.no_grad():
                 t0 = time.perf_counter()
-                m(prompt)
+                call(m, prompt)
                 if cuda:
                     torch.cuda.synchronize()
                 first = time.perf_counter() - t0
@@ -133,7 +145,7 @@ def run_case(kind: str, case: str, cfg: argparse.Namespace) -> dict[str, Any]:
                 times = []
                 for x in steps:
                     t1 = time.perf_counter()
-                    outs.append(m(x))
+                    outs.append(call(m, x))
                     if cuda:
                         torch.cuda.synchronize()
                     times.append((time.perf_counter() - t1) * 1e3)

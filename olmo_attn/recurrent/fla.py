@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 
+# host facts (these three): a compiled forward reads them as constants, never tracing importlib
+@torch.compiler.assume_constant_result
 def fla_available() -> bool:
     """Whether ``fla`` imports (cached)."""
     return package_status("fla", "fla-core").available
@@ -59,6 +61,7 @@ def _version_at_least(version: str, floor: tuple[int, ...]) -> bool:
 
 
 @functools.cache
+@torch.compiler.assume_constant_result
 def fla_backward_refusal(device_index: int = 0) -> str | None:
     """Why fla's gated-delta-rule backward refuses to run on this GPU, or ``None`` if it runs.
 
@@ -83,6 +86,7 @@ def fla_backward_refusal(device_index: int = 0) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def fla_kernel_usable(device: torch.device, dtype: torch.dtype, *, backward: bool) -> tuple[bool, str | None]:
     """Whether fla's chunk kernel can run (forward, and backward if ``backward``) for these inputs.
 

@@ -76,6 +76,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@torch.compiler.assume_constant_result  # a compiled forward reads it as a constant
 def triton_available() -> bool:
     """Whether ``triton`` imports (cached)."""
     return package_status("triton").available

@@ -12,9 +12,9 @@ from torch._dynamo.utils import counters
 from olmo_attn.recurrent import GatedDeltaNet
 
 
-def _layer() -> GatedDeltaNet:
+def _layer(backend: str | None = "torch") -> GatedDeltaNet:
     torch.manual_seed(0)
-    return GatedDeltaNet(d_model=32, n_heads=2, head_dim=8, n_v_heads=4, backend="torch")
+    return GatedDeltaNet(d_model=32, n_heads=2, head_dim=8, n_v_heads=4, backend=backend)
 
 
 @pytest.mark.slow
@@ -48,4 +48,18 @@ def test_compiled_decoding_one_graph_across_steps():
             torch.testing.assert_close(cm(x, cache=c_comp), m(x, cache=c_eager), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c_comp.state, c_eager.state, rtol=1e-5, atol=1e-6)
     assert int(c_comp.n_tokens) == 5 and c_eager.seqlen == 5
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_automatic_kernel_choice_compiles_in_one_graph():
+    """``backend=None`` picks its kernel from host facts (fla / triton importable); a compiled
+    forward reads them as constants instead of tracing ``importlib`` (a graph break before)."""
+    torch._dynamo.reset()
+    counters.clear()
+    m = _layer(None)
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for cu in ([0, 30, 64], [0, 7, 64]):
+        c = torch.tensor(cu, dtype=torch.int32)
+        x = torch.randn(1, 64, 32)
+        torch.testing.assert_close(cm(x, cu_doc_lens=c), m(x, cu_doc_lens=c), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
