@@ -24,3 +24,13 @@ queue_note() {  # queue_note TEXT: a timestamped line in $OUT/queue.log (the det
 queue_cap() {  # queue_cap SECONDS [RESERVE]: SECONDS, or what is left of $total less RESERVE if smaller
   local c=$1 l=$(( total - SECONDS - ${2:-0} )); [ "$l" -lt "$c" ] && c=$l; echo "$c"
 }
+queue_init() {  # queue_init DEFAULT_SECONDS: a detached lease queue's set-up (results in ~/r7 as $R and
+  # $OUT, flash-attn-4's site and fla on the path, $total = $QUEUE_SECONDS or DEFAULT_SECONDS)
+  R=~/r7
+  mkdir -p "$R"
+  export OUT=$R
+  source ~/fa4_site/env.sh
+  export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
+  total=${QUEUE_SECONDS:-$1}
+  queue_note start
+}

@@ -16,14 +16,8 @@
 # is written first, which made r8_queue.sh's te tier run without TE.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-R=~/r7
-mkdir -p "$R"
-export OUT=$R
 source scripts/gpu/lib.sh
-source ~/fa4_site/env.sh
-export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
-total=${QUEUE_SECONDS:-1380}
-queue_note start
+queue_init 1380
 if [ -z "${SKIP_COMPILE:-}" ]; then
   TAIL=30 step "$(queue_cap 200)" compile.log python3 benchmarks/compile_bench.py --out "$R/compile.json"
   queue_note "compile_bench done"

@@ -14,14 +14,8 @@
 # report; backend_bench 96 s: h200-2026-12-03-backends-te.*). --full did not run (no time left).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-R=~/r7
-mkdir -p "$R"
-export OUT=$R
 source scripts/gpu/lib.sh
-source ~/fa4_site/env.sh
-export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
-total=${QUEUE_SECONDS:-900}
-queue_note start
+queue_init 900
 TAIL=30 step 100 gdn_fill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k FlashQLA \
   --budget 90 --out "$R/gdn-fill-on.json"
 TAIL=30 step 70 gdn_nofill.log python3 benchmarks/gdn_bench.py --sections triton_speed --shapes 32k \

@@ -10,14 +10,8 @@
 # QUEUE_SECONDS: the whole budget.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-R=~/r7
-mkdir -p "$R"
-export OUT=$R
 source scripts/gpu/lib.sh
-source ~/fa4_site/env.sh
-export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
-total=${QUEUE_SECONDS:-1250}
-queue_note start
+queue_init 1250
 rm -rf /tmp/full_cc /tmp/te_cc
 fc=$(( total - 40 ))
 ( step "$fc" full.log python3 -m conformance --no-progress --tier gpu --full --backends torch flash_4 --jobs auto \
