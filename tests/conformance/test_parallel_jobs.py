@@ -320,6 +320,32 @@ def test_a_crashed_worker_fails_its_cases_and_the_others_merge(
     assert "worker 2/2" in err and "worker logs kept in" in err
 
 
+def _cpu_run(report: Path, *args: str, stdout: int) -> subprocess.Popen[str]:
+    """``python -m conformance --tier cpu ARGS --no-progress --json REPORT`` started in the repo
+    (stderr piped)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "conformance",
+        "--tier",
+        "cpu",
+        *args,
+        "--no-progress",
+        "--json",
+        str(report),
+    ]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupted_report(report: Path) -> dict:
+    """The report a SIGTERM'd cpu-tier run wrote: every selected case, marked interrupted, none failed."""
+    doc = json.loads(report.read_text())
+    assert doc["options"]["interrupted"] == "SIGTERM"
+    assert doc["counts"]["total"] == len(build_cases(tiers=["cpu"], quick=True))
+    assert doc["counts"]["failed"] == 0
+    return doc
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -348,24 +374,7 @@ def _group_alive(pgid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_sigterm_of_the_parent_stops_every_worker(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "conformance",
-            "--tier",
-            "cpu",
-            "--jobs",
-            "2",
-            "--no-progress",
-            "--json",
-            str(report),
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _cpu_run(report, "--jobs", "2", stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         kids: list[int] = []
@@ -380,12 +389,7 @@ def test_sigterm_of_the_parent_stops_every_worker(tmp_path: Path) -> None:
         assert "stopped 2 running worker(s)" in err
         assert not any(_group_alive(k) for k in kids)
         # the report still comes: every selected case, unfinished ones skipped as interrupted, none failed
-        doc = json.loads(report.read_text())
-        assert doc["options"]["interrupted"] == "SIGTERM"
-        assert (
-            doc["counts"]["total"] == len(build_cases(tiers=["cpu"], quick=True))
-            and doc["counts"]["failed"] == 0
-        )
+        doc = _interrupted_report(report)
         why = [r["message"] for r in doc["results"] if r["status"] == "skipped"]
         assert why and all(m.startswith("interrupted: the run was stopped by SIGTERM") for m in why)
         assert any("stopped by SIGTERM" in r for r in doc["verdict"])
@@ -397,26 +401,7 @@ def test_sigterm_of_the_parent_stops_every_worker(tmp_path: Path) -> None:
 
 def test_sigterm_of_a_one_process_run_still_writes_its_report(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "conformance",
-            "--tier",
-            "cpu",
-            "--jobs",
-            "1",
-            "--no-progress",
-            "--checkpoint-every",
-            "0",
-            "--json",
-            str(report),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _cpu_run(report, "--jobs", "1", "--checkpoint-every", "0", stdout=subprocess.PIPE)
     try:
         deadline = (
             time.monotonic() + 60
@@ -432,9 +417,7 @@ def test_sigterm_of_a_one_process_run_still_writes_its_report(tmp_path: Path) ->
             proc.kill()
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM
-    doc = json.loads(report.read_text())
-    assert doc["options"]["interrupted"] == "SIGTERM" and doc["counts"]["failed"] == 0
-    assert doc["counts"]["total"] == len(build_cases(tiers=["cpu"], quick=True))
+    doc = _interrupted_report(report)
     assert any(r["message"].startswith("interrupted:") for r in doc["results"] if r["status"] == "skipped")
     assert "stopped by SIGTERM" in out
 
