@@ -311,15 +311,13 @@ def _interrupted_report(
 
     from .hardware import fingerprint
     from .parallel import interrupted_reason
-    from .provenance import provenance
+    from .provenance import run_provenance
     from .results import SKIPPED, CaseResult
     from .runner import RunReport
 
     seen = {r.case.id for r in done}
     rest = [CaseResult(c, SKIPPED, [], interrupted_reason(signum), 0.0) for c in cases if c.id not in seen]
-    prov = provenance(seed=seed)
-    if options.get("command"):
-        prov["command"] = options["command"]
+    prov = run_provenance(options, seed=seed)
     return RunReport(
         [*done, *rest],
         fingerprint(),

@@ -449,7 +449,7 @@ def run_parallel(
     they finished, the rest skipped as interrupted, and ``options["interrupted"]`` names the signal."""
     from . import report as rep
     from .hardware import fingerprint, merge_fingerprints
-    from .provenance import provenance
+    from .provenance import run_provenance
 
     stream = stream or sys.stdout
     progress = not args.no_progress
@@ -479,9 +479,7 @@ def run_parallel(
                 flush=True,
             )
         rank = {t: i for i, t in enumerate(TIERS)}
-        prov = provenance(seed=args.seed)
-        if options.get("command"):
-            prov["command"] = options["command"]
+        prov = run_provenance(options, seed=args.seed)
         prov["worker_commands"] = [shlex.join(w.argv) for w in workers]
 
         def build(results: list[CaseResult], reports: list[RunReport], opts: dict[str, Any]) -> RunReport:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,4 +62,14 @@ def provenance(argv: list[str] | None = None, seed: int | None = None) -> dict[s
     }
 
 
-__all__ = ["command_line", "git_commit", "olmo_attn_version", "provenance"]
+def run_provenance(options: Mapping[str, Any] | None, seed: int | None = None) -> dict[str, Any]:
+    """:func:`provenance` of a run: its ``seed`` (default ``options["seed"]``) and the command the user
+    typed, as recorded in ``options["command"]``, where there is one."""
+    opts = options or {}
+    prov = provenance(seed=opts.get("seed") if seed is None else seed)
+    if opts.get("command"):
+        prov["command"] = opts["command"]
+    return prov
+
+
+__all__ = ["command_line", "git_commit", "olmo_attn_version", "provenance", "run_provenance"]

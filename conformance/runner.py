@@ -27,7 +27,7 @@ from .cases import LIBRARY_ROW, TIERS, Case, build_cases
 from .families import run_case, run_cp_cases
 from .families.pairwise import pairwise_results
 from .hardware import NOT_VERIFIED, Fingerprint, fingerprint
-from .provenance import provenance as _provenance
+from .provenance import run_provenance
 from .results import FAILED, PASSED, SKIPPED, CaseResult, RunContext
 from .subjects import all_subjects
 
@@ -529,9 +529,7 @@ def run_cases(
     so a run killed from outside leaves its finished cases behind.
     """
     stream = stream or sys.stdout
-    prov = _provenance(seed=(options or {}).get("seed"))
-    if (options or {}).get("command"):
-        prov["command"] = options["command"]  # type: ignore[index]
+    prov = run_provenance(options)
     started = time.time()
     t0 = time.perf_counter()
     fp = fingerprint()
