@@ -1007,15 +1007,55 @@ CHOICES: list[tuple[str, dict[str, bool], dict[str, int], dict[str, dict[str, in
         {},
         {k: {"num_stages": 1} for k in ("state", "state_out", "dstate")},
     ),
+    ("prep: 16x16 inverse products in TF32x3", {"inverse_tf32x3": True}, {}, {}),
+    ("prep: 16x16, num_warps 8", {}, {}, {"prep": {"num_warps": 8}}),
+    (
+        "prep: whole-chunk tiles, doubling inverse, TF32x3",
+        {"prep_doubling": True, "inverse_tf32x3": True},
+        {},
+        {},
+    ),
+    (
+        "prep: whole-chunk tiles, doubling inverse, TF32x3, num_stages 1",
+        {"prep_doubling": True, "inverse_tf32x3": True},
+        {},
+        {"prep_doubling": {"num_stages": 1}},
+    ),
+    ("wy_bwd: key tiles of 64, w4s2", {"wy_ktile": True}, {}, {}),
+    (
+        "wy_bwd: key tiles of 64, w8s1",
+        {"wy_ktile": True},
+        {},
+        {"wy_bwd_ktile": {"num_warps": 8, "num_stages": 1}},
+    ),
+    (
+        "wy_bwd: key tiles of 32, w8s2",
+        {"wy_ktile": True},
+        {"wy_key_tile": 32},
+        {"wy_bwd_ktile": {"num_warps": 8}},
+    ),
+    ("wy_bwd: key tiles of 32, w4s2", {"wy_ktile": True}, {"wy_key_tile": 32}, {}),
+    (
+        "doubling prep (TF32x3) + wy_bwd key tiles of 64",
+        {"prep_doubling": True, "inverse_tf32x3": True, "wy_ktile": True},
+        {},
+        {},
+    ),
 ]
 
 
 def triton_choices(
-    device: torch.device, smoke: bool, iters: int, warmup: int, deadline: float | None
+    device: torch.device,
+    smoke: bool,
+    iters: int,
+    warmup: int,
+    deadline: float | None,
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Each kernel choice of ``triton_chunk.FUSED`` / ``TILES`` against the defaults, on the same
     inputs at the benchmark shape: accuracy against float64 (bf16 budgets; outputs and every
-    gradient), forward (no grad) and forward+backward milliseconds, peak memory of each."""
+    gradient), forward (no grad) and forward+backward milliseconds, peak memory of each. ``only``:
+    substrings of the labels to run (``"default"`` always runs, as the yardstick)."""
     if device.type != "cuda" and not smoke:
         return []
     from olmo_attn.recurrent import triton_chunk as tc
@@ -1037,6 +1077,8 @@ def triton_choices(
     rows: list[dict[str, Any]] = []
     saved = (dict(tc.FUSED), dict(tc.TILES), {k: dict(v) for k, v in tc.LAUNCH.items()})
     for label, fused, tiles, launch in CHOICES:
+        if only and label != "default" and not any(o in label for o in only):
+            continue
         if _deadline_left(deadline) < 20:
             rows.append({"choice": label, "skipped": "time budget"})
             continue
@@ -1356,14 +1398,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--shapes", nargs="*", default=None, help="substrings of the shape labels to run (triton_speed)"
     )
+    ap.add_argument(
+        "--choices", nargs="*", default=None, help="substrings of the choice labels to run (triton_choices)"
+    )
     ap.add_argument("--budget", type=float, default=None, help="seconds; later sections stop early past it")
     ap.add_argument(
         "--set",
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="kernel choices for the whole run: FUSED keys (prep, out, keep_states, wy_lowp) =0/1, "
-        "TILES keys (state_values, state_out_values, chunk_bv) = int, LAUNCH: kernel.num_warps=N",
+        help="kernel choices for the whole run: FUSED keys (prep, out, keep_states, wy_lowp, prep_doubling, "
+        "inverse_tf32x3, wy_ktile, ...) =0/1, TILES keys (state_values, state_out_values, chunk_bv, "
+        "wy_key_tile) = int, LAUNCH: kernel.num_warps=N",
     )
     args = ap.parse_args(argv)
     _apply_settings(args.set)
@@ -1380,7 +1426,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_speed": lambda: triton_speed(device, args.smoke, iters, warmup, deadline, args.shapes),
         "triton_stages": lambda: triton_stages(device, args.smoke),
         "triton_tune": lambda: triton_tune(device, args.smoke, deadline),
-        "triton_choices": lambda: triton_choices(device, args.smoke, iters, warmup, deadline),
+        "triton_choices": lambda: triton_choices(device, args.smoke, iters, warmup, deadline, args.choices),
         "layer": lambda: layer_speed(device, args.smoke, iters, warmup),
         "correctness": lambda: correctness(device, args.smoke),
         "speed": lambda: speed(device, args.smoke, iters, warmup),

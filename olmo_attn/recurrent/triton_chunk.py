@@ -211,31 +211,32 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _t_blocks(
-        t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT: tl.constexpr
+        t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT: tl.constexpr,
+        TPREC: tl.constexpr,
     ):  # fmt: skip
         """The off-diagonal blocks of ``T = (I + A)^-1`` from its diagonal inverses ``t_ii`` and the
         blocks ``a_ij`` of ``A``; stores all sixteen blocks of ``T`` (upper ones zero) and returns
         ``(t10, t20, t21, t30, t31, t32)``."""
         # T_ij = -T_ii sum_{k=j}^{i-1} A_ik T_kj   (block rows of (I + A) T = I)
-        t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision="ieee"), input_precision="ieee")
-        t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision="ieee"), input_precision="ieee")
-        t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision="ieee"), input_precision="ieee")
+        t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=TPREC), input_precision=TPREC)
+        t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=TPREC), input_precision=TPREC)
+        t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=TPREC), input_precision=TPREC)
         t20 = -tl.dot(
             t22,
-            tl.dot(a20, t00, input_precision="ieee") + tl.dot(a21, t10, input_precision="ieee"),
-            input_precision="ieee",
+            tl.dot(a20, t00, input_precision=TPREC) + tl.dot(a21, t10, input_precision=TPREC),
+            input_precision=TPREC,
         )
         t31 = -tl.dot(
             t33,
-            tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee"),
-            input_precision="ieee",
+            tl.dot(a31, t11, input_precision=TPREC) + tl.dot(a32, t21, input_precision=TPREC),
+            input_precision=TPREC,
         )
         t30 = -tl.dot(
             t33,
-            tl.dot(a30, t00, input_precision="ieee")
-            + tl.dot(a31, t10, input_precision="ieee")
-            + tl.dot(a32, t20, input_precision="ieee"),
-            input_precision="ieee",
+            tl.dot(a30, t00, input_precision=TPREC)
+            + tl.dot(a31, t10, input_precision=TPREC)
+            + tl.dot(a32, t20, input_precision=TPREC),
+            input_precision=TPREC,
         )
         z = tl.zeros([16, 16], dtype=tl.float32)
         _put(t_ptr, t00, t0, 0, 0, L, HV, i_hv, BT)
@@ -275,7 +276,7 @@ def _kernels() -> SimpleNamespace:
         a30 = _blk(a_ptr, t0, 48, 0, L, HV, i_hv, BT)
         a31 = _blk(a_ptr, t0, 48, 16, L, HV, i_hv, BT)
         a32 = _blk(a_ptr, t0, 48, 32, L, HV, i_hv, BT)
-        _t_blocks(t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT)
+        _t_blocks(t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT, "ieee")
 
     @triton.jit
     def _piece(k_ptr, g_ptr, b_ptr, t0, o: tl.constexpr, L, H, HV, i_hv, i_h, DK, BK: tl.constexpr):
@@ -344,6 +345,7 @@ def _kernels() -> SimpleNamespace:
         k_ptr, v_ptr, g_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
         H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+        TPREC: tl.constexpr,
     ):  # fmt: skip
         """``_kkt``, ``_solve`` and ``_wu`` in one program per chunk and value head, ``A`` and ``T``
         held in registers as 16x16 blocks (``BT = 64``): the four diagonal blocks are inverted by
@@ -374,6 +376,18 @@ def _kernels() -> SimpleNamespace:
         a11 = _a_blk(k1, k1, b1, G1, G1, True, PREC)
         a22 = _a_blk(k2, k2, b2, G2, G2, True, PREC)
         a33 = _a_blk(k3, k3, b3, G3, G3, True, PREC)
+        a10 = _a_blk(k1, k0, b1, G1, G0, False, PREC)
+        a20 = _a_blk(k2, k0, b2, G2, G0, False, PREC)
+        a21 = _a_blk(k2, k1, b2, G2, G1, False, PREC)
+        a30 = _a_blk(k3, k0, b3, G3, G0, False, PREC)
+        a31 = _a_blk(k3, k1, b3, G3, G1, False, PREC)
+        a32 = _a_blk(k3, k2, b3, G3, G2, False, PREC)
+        # the keys are dead past here: W's operands b exp(G) K in the input dtype
+        dt = w_ptr.dtype.element_ty
+        x0 = (k0.to(tl.float32) * (b0 * tl.exp(G0))[:, None]).to(dt)
+        x1 = (k1.to(tl.float32) * (b1 * tl.exp(G1))[:, None]).to(dt)
+        x2 = (k2.to(tl.float32) * (b2 * tl.exp(G2))[:, None]).to(dt)
+        x3 = (k3.to(tl.float32) * (b3 * tl.exp(G3))[:, None]).to(dt)
         # (I + A_bb)^-1 of the four diagonal blocks, one substitution step of each per row
         t00 = -a00
         t11 = -a11
@@ -389,27 +403,18 @@ def _kernels() -> SimpleNamespace:
         t11 += eye
         t22 += eye
         t33 += eye
-        a10 = _a_blk(k1, k0, b1, G1, G0, False, PREC)
-        a20 = _a_blk(k2, k0, b2, G2, G0, False, PREC)
-        a21 = _a_blk(k2, k1, b2, G2, G1, False, PREC)
-        a30 = _a_blk(k3, k0, b3, G3, G0, False, PREC)
-        a31 = _a_blk(k3, k1, b3, G3, G1, False, PREC)
-        a32 = _a_blk(k3, k2, b3, G3, G2, False, PREC)
         t10, t20, t21, t30, t31, t32 = _t_blocks(
-            t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT
+            t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT, TPREC
         )
-        z = tl.zeros([16, 16], dtype=tl.float32)
-        # W_i = sum_j T_ij (b exp(G) K)_j
-        dt = w_ptr.dtype.element_ty
-        x0 = (k0.to(tl.float32) * (b0 * tl.exp(G0))[:, None]).to(dt)
-        x1 = (k1.to(tl.float32) * (b1 * tl.exp(G1))[:, None]).to(dt)
-        x2 = (k2.to(tl.float32) * (b2 * tl.exp(G2))[:, None]).to(dt)
-        x3 = (k3.to(tl.float32) * (b3 * tl.exp(G3))[:, None]).to(dt)
+        # W_i = sum_j T_ij (b exp(G) K)_j, U_i = sum_j T_ij (b V)_j with T in the input dtype:
+        # converted once (the float32 blocks are stored for the backward and die here)
+        z = tl.zeros([16, 16], dtype=dt)
+        t00, t11, t22, t33 = t00.to(dt), t11.to(dt), t22.to(dt), t33.to(dt)
+        t10, t20, t21, t30, t31, t32 = t10.to(dt), t20.to(dt), t21.to(dt), t30.to(dt), t31.to(dt), t32.to(dt)
         _put_rows(w_ptr, _wu_row(t00, z, z, z, x0, x0, x0, x0, 1, PREC), t0, 0, L, HV, i_hv, DK, BK, 0)
         _put_rows(w_ptr, _wu_row(t10, t11, z, z, x0, x1, x1, x1, 2, PREC), t0, 16, L, HV, i_hv, DK, BK, 0)
         _put_rows(w_ptr, _wu_row(t20, t21, t22, z, x0, x1, x2, x2, 3, PREC), t0, 32, L, HV, i_hv, DK, BK, 0)
         _put_rows(w_ptr, _wu_row(t30, t31, t32, t33, x0, x1, x2, x3, 4, PREC), t0, 48, L, HV, i_hv, DK, BK, 0)
-        # U_i = sum_j T_ij (b V)_j, one value tile at a time
         for iv in range(0, NV):
             col0 = iv * BV
             ov = col0 + tl.arange(0, BV)
@@ -438,6 +443,78 @@ def _kernels() -> SimpleNamespace:
             _put_rows(
                 u_ptr, _wu_row(t30, t31, t32, t33, y0, y1, y2, y3, 4, PREC), t0, 48, L, HV, i_hv, DV, BV, col0
             )
+
+    @triton.jit
+    def _dbl_level(t, a, ri, ci, S: tl.constexpr, TPREC: tl.constexpr):
+        """``(I + a)^-1`` on the diagonal blocks of size ``S`` from ``t``, the inverse on the blocks
+        of ``S // 2``: ``t - t C t`` with ``C`` the entries of ``a`` inside an ``S`` block and
+        outside its two halves (exact: ``C t C = 0``)."""
+        c = tl.where((ri // S == ci // S) & (ri // (S // 2) != ci // (S // 2)), a, 0.0)
+        return t - tl.dot(tl.dot(t, c, input_precision=TPREC), t, input_precision=TPREC)
+
+    @triton.jit
+    def _inv_doubling(a, BT: tl.constexpr, TPREC: tl.constexpr):
+        """``T = (I + a)^-1`` of a strictly lower ``a [64, 64]`` float32 as one tile: blocks of 2,
+        then each level's blocks from the previous level's inverses (block forward substitution,
+        no per-row loop and no 16x16 fragments)."""
+        r = tl.arange(0, BT)
+        ri = r[:, None]
+        ci = r[None, :]
+        t = tl.where(ri == ci, 1.0, tl.where(ri // 2 == ci // 2, -a, 0.0))
+        t = _dbl_level(t, a, ri, ci, 4, TPREC)
+        t = _dbl_level(t, a, ri, ci, 8, TPREC)
+        t = _dbl_level(t, a, ri, ci, 16, TPREC)
+        t = _dbl_level(t, a, ri, ci, 32, TPREC)
+        return _dbl_level(t, a, ri, ci, 64, TPREC)
+
+    @triton.jit
+    def _prep_doubling(
+        k_ptr, v_ptr, g_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
+        H, HV, REP, DK, DV,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+        TPREC: tl.constexpr,
+    ):  # fmt: skip
+        """``_prep`` with whole-chunk tiles: ``A [64, 64]`` from one ``K K^T``, ``T`` by
+        :func:`_inv_doubling` (products at ``TPREC``), ``W = T (b exp(G) K)`` and ``U = T (b V)``
+        as single dots. Stores ``G``, ``T``, ``W``, ``U`` (``BT = 64``)."""
+        i_c = tl.program_id(0)
+        i_hv = tl.program_id(1)
+        L = tl.load(cl_ptr + i_c)
+        if L == 0:
+            return
+        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
+        i_h = i_hv // REP
+        r = tl.arange(0, BT)
+        mt = r < L
+        tok = t0 + r
+        ok = tl.arange(0, BK)
+        m_k = mt[:, None] & (ok[None, :] < DK)
+        g = tl.load(g_ptr + tok * HV + i_hv, mask=mt, other=0.0).to(tl.float32)
+        G = tl.cumsum(g, axis=0)
+        tl.store(gc_ptr + tok * HV + i_hv, G, mask=mt)
+        beta = tl.load(b_ptr + tok * HV + i_hv, mask=mt, other=0.0).to(tl.float32)
+        kp = k_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :]
+        k = tl.load(kp, mask=m_k, other=0.0)
+        a = tl.dot(k, tl.trans(k), input_precision=PREC)  # [BT, BT] float32
+        low = r[:, None] > r[None, :]
+        a = a * beta[:, None] * tl.exp(tl.where(low, G[:, None] - G[None, :], float("-inf")))
+        a = tl.where(low, a, 0.0)
+        tt = _inv_doubling(a, BT, TPREC)
+        tl.store(t_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :], tt, mask=mt[:, None])
+        dt = w_ptr.dtype.element_ty
+        t_lp = tt.to(dt)  # W and U take T in the input dtype, as the 16x16 kernels do
+        # the keys again (an L2 hit) rather than held in registers across the inversion
+        k = tl.load(kp, mask=m_k, other=0.0)
+        xw = (k.to(tl.float32) * (beta * tl.exp(G))[:, None]).to(dt)
+        w = tl.dot(t_lp, xw, input_precision=PREC)
+        tl.store(w_ptr + (tok[:, None] * HV + i_hv) * DK + ok[None, :], w.to(dt), mask=m_k)
+        for iv in range(0, NV):
+            ov = iv * BV + tl.arange(0, BV)
+            mv = mt[:, None] & (ov[None, :] < DV)
+            off = (tok[:, None] * HV + i_hv) * DV + ov[None, :]
+            v = tl.load(v_ptr + off, mask=mv, other=0.0).to(tl.float32)
+            u = tl.dot(t_lp, (v * beta[:, None]).to(dt), input_precision=PREC)
+            tl.store(u_ptr + off, u.to(u_ptr.dtype.element_ty), mask=mv)
 
     @triton.jit
     def _wu(
@@ -932,15 +1009,129 @@ def _kernels() -> SimpleNamespace:
         dg = tl.sum(dgc, axis=0) - tl.cumsum(dgc, axis=0) + dgc
         tl.store(dg_ptr + tok * HV + i_hv, dg, mask=mt)
 
+    @triton.jit
+    def _wy_bwd_ktile(
+        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, dw_ptr, du_ptr, dk_ptr, dv_ptr, db_ptr, dg_ptr,
+        cs_ptr, cl_ptr, xk_ptr, rk_ptr, dko_ptr,
+        H, HV, REP, DK, DV,
+        BT: tl.constexpr, BKT: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+        PREC: tl.constexpr, L2_BWD: tl.constexpr, LOWP: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_wy_bwd` over key tiles ``[BT, BKT]`` instead of whole ``[BT, DK]`` rows, so the
+        float32 key-side tiles (``K``, ``beta exp(G) K``, ``T^T dW``, ``dK``) are ``BKT`` wide.
+        Pass 1 (per key tile): ``dT``, ``dbeta``, ``dG`` and ``K K^T``; the partial
+        ``dK = T^T dW beta exp(G) + dK_in`` goes back to ``dk`` (float32, this program's rows).
+        The value tiles and ``dA`` as in :func:`_wy_bwd`. Pass 2 adds ``M K + M^T K`` to each
+        tile; with ``L2_BWD`` it also sums ``y . dK`` per row and pass 3 writes
+        ``r (dK - y (y . dK))`` into ``dko``."""
+        i_c = tl.program_id(0)
+        i_hv = tl.program_id(1)
+        L = tl.load(cl_ptr + i_c)
+        if L == 0:
+            return
+        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
+        i_h = i_hv // REP
+        r = tl.arange(0, BT)
+        mt = r < L
+        tok = t0 + r
+        tt = tl.load(t_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :], mask=mt[:, None], other=0.0)
+        beta = tl.load(b_ptr + tok * HV + i_hv, mask=mt, other=0.0).to(tl.float32)
+        G = tl.load(gc_ptr + tok * HV + i_hv, mask=mt, other=0.0)
+        eg = tl.exp(G)
+        dt = tl.zeros([BT, BT], dtype=tl.float32)
+        kk = tl.zeros([BT, BT], dtype=tl.float32)
+        db = tl.zeros([BT], dtype=tl.float32)
+        dgc = tl.zeros([BT], dtype=tl.float32)
+        for ik in range(0, NK):
+            ok = ik * BKT + tl.arange(0, BKT)
+            m_qk = mt[:, None] & (ok[None, :] < DK)
+            k = tl.load(k_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :], mask=m_qk, other=0.0)
+            kf = k.to(tl.float32)
+            o_k = (tok[:, None] * HV + i_hv) * DK + ok[None, :]
+            dw = tl.load(dw_ptr + o_k, mask=m_qk, other=0.0)
+            xw = kf * (beta * eg)[:, None]
+            dxw = tl.dot(tl.trans(tt), dw, input_precision=PREC)  # [BT, BKT]
+            dt += tl.dot(dw, tl.trans(xw), input_precision=PREC)
+            db += tl.sum(dxw * kf * eg[:, None], axis=1)
+            dgc += tl.sum(dxw * xw, axis=1)
+            kk += tl.dot(k, tl.trans(k), input_precision=PREC)
+            dkp = dxw * (beta * eg)[:, None] + tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
+            tl.store(dk_ptr + o_k, dkp, mask=m_qk)
+        if LOWP:
+            ttl = tl.trans(tt.to(du_ptr.dtype.element_ty))
+        for iv in range(0, NV):
+            ov = iv * BV + tl.arange(0, BV)
+            mv = mt[:, None] & (ov[None, :] < DV)
+            tv = (tok[:, None] * HV + i_hv) * DV + ov[None, :]
+            v = tl.load(v_ptr + tv, mask=mv, other=0.0).to(tl.float32)
+            if LOWP:
+                du = tl.load(du_ptr + tv, mask=mv, other=0.0)
+                dxu = tl.dot(ttl, du, input_precision=PREC)
+                dt += tl.dot(du, tl.trans((v * beta[:, None]).to(du.dtype)), input_precision=PREC)
+            else:
+                du = tl.load(du_ptr + tv, mask=mv, other=0.0).to(tl.float32)
+                dxu = tl.dot(tl.trans(tt), du, input_precision=PREC)
+                dt += tl.dot(du, tl.trans(v * beta[:, None]), input_precision=PREC)
+            db += tl.sum(dxu * v, axis=1)
+            tl.store(dv_ptr + tv, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=mv)
+        # T = (I + A)^-1  ->  dA = -T^T dT T^T on the strict lower triangle
+        low = r[:, None] > r[None, :]
+        da = -tl.dot(tl.dot(tl.trans(tt), dt, input_precision=PREC), tl.trans(tt), input_precision=PREC)
+        da = tl.where(low & mt[:, None], da, 0.0)
+        gam = tl.exp(tl.where(low, G[:, None] - G[None, :], float("-inf")))
+        kkg = tl.where(low, kk * gam, 0.0)
+        db += tl.sum(da * kkg, axis=1)
+        e = da * kkg * beta[:, None]  # dA * A
+        dgc += tl.sum(e, axis=1) - tl.sum(e, axis=0)
+        m = tl.where(low, da * gam * beta[:, None], 0.0)
+        mT = tl.trans(m)
+        tl.debug_barrier()  # pass 1's dk stores are read back by other threads
+        yd = tl.zeros([BT], dtype=tl.float32)
+        for ik in range(0, NK):
+            ok = ik * BKT + tl.arange(0, BKT)
+            m_qk = mt[:, None] & (ok[None, :] < DK)
+            kf = tl.load(k_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :], mask=m_qk, other=0.0).to(
+                tl.float32
+            )
+            o_k = (tok[:, None] * HV + i_hv) * DK + ok[None, :]
+            dk = tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
+            dk += tl.dot(m, kf, input_precision=PREC) + tl.dot(mT, kf, input_precision=PREC)
+            tl.store(dk_ptr + o_k, dk, mask=m_qk)
+            if L2_BWD:
+                x = tl.load(
+                    xk_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :], mask=m_qk, other=0.0
+                ).to(tl.float32)
+                yd += tl.sum(x * dk, axis=1)
+        if L2_BWD:
+            tl.debug_barrier()
+            rr = tl.load(rk_ptr + tok * H + i_h, mask=mt, other=0.0)
+            yd = yd * rr  # y . dK with y = x r
+            for ik in range(0, NK):
+                ok = ik * BKT + tl.arange(0, BKT)
+                m_qk = mt[:, None] & (ok[None, :] < DK)
+                o_k = (tok[:, None] * HV + i_hv) * DK + ok[None, :]
+                x = tl.load(
+                    xk_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :], mask=m_qk, other=0.0
+                ).to(tl.float32)
+                dk = tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
+                dk = rr[:, None] * (dk - x * (rr * yd)[:, None])
+                tl.store(dko_ptr + o_k, dk.to(dko_ptr.dtype.element_ty), mask=m_qk)
+        tl.store(db_ptr + tok * HV + i_hv, db.to(db_ptr.dtype.element_ty), mask=mt)
+        dgc += tl.load(dg_ptr + tok * HV + i_hv, mask=mt, other=0.0)
+        dgc = tl.where(mt, dgc, 0.0)
+        # g -> G is a cumsum: dg_t = sum_{s >= t} dG_s (within the chunk)
+        dg = tl.sum(dgc, axis=0) - tl.cumsum(dgc, axis=0) + dgc
+        tl.store(dg_ptr + tok * HV + i_hv, dg, mask=mt)
+
     # the kernels resolve the helpers they call through the module's globals
     globals().update(
         _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk,
-        _t_blocks=_t_blocks, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
+        _t_blocks=_t_blocks, _dbl_level=_dbl_level, _inv_doubling=_inv_doubling, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
         _l2_tile_bwd=_l2_tile_bwd, _chunk_span=_chunk_span, _seq_span=_seq_span,
     )  # fmt: skip
     return SimpleNamespace(
-        l2norm_fwd=_l2norm_fwd, l2norm_bwd=_l2norm_bwd, kkt=_kkt, solve=_solve, prep=_prep, wu=_wu, state=_state,
-        out=_out, dv_local=_dv_local, dstate=_dstate, dqkwg=_dqkwg, wy_bwd=_wy_bwd,
+        l2norm_fwd=_l2norm_fwd, l2norm_bwd=_l2norm_bwd, kkt=_kkt, solve=_solve, prep=_prep, prep_doubling=_prep_doubling, wu=_wu, state=_state,
+        out=_out, dv_local=_dv_local, dstate=_dstate, dqkwg=_dqkwg, wy_bwd=_wy_bwd, wy_bwd_ktile=_wy_bwd_ktile,
     )  # fmt: skip
 
 
@@ -963,6 +1154,7 @@ LAUNCH: dict[str, dict[str, int]] = {
     "kkt": {"num_warps": 4, "num_stages": 2},
     "solve": {"num_warps": 4, "num_stages": 2},
     "prep": {"num_warps": 4, "num_stages": 2},
+    "prep_doubling": {"num_warps": 4, "num_stages": 2},
     "wu": {"num_warps": 4, "num_stages": 2},
     "state": {"num_warps": 4, "num_stages": 2},
     "state_out": {"num_warps": 4, "num_stages": 1},
@@ -971,8 +1163,15 @@ LAUNCH: dict[str, dict[str, int]] = {
     "dstate": {"num_warps": 8, "num_stages": 2},
     "dqkwg": {"num_warps": 8, "num_stages": 3},
     "wy_bwd": {"num_warps": 8, "num_stages": 1},
+    "wy_bwd_ktile": {"num_warps": 4, "num_stages": 2},
 }
-TILES: dict[str, int] = {"state_values": 8192, "state_out_values": 4096, "chunk_bv": 64, "fill_sms": 1}
+TILES: dict[str, int] = {
+    "state_values": 8192,
+    "state_out_values": 4096,
+    "chunk_bv": 64,
+    "fill_sms": 1,
+    "wy_key_tile": 64,
+}
 # Kernel choices, each timed both ways on the same inputs by ``benchmarks/gdn_bench.py``
 # (section ``triton_choices``); H200, B2 T8192 H16 Dk128 Dv256 bf16, 2026-12-03:
 # ``prep``: one kernel for ``_kkt``, ``_solve`` and ``_wu`` (0.47-0.53 ms against 0.50 for the
@@ -998,6 +1197,9 @@ FUSED: dict[str, bool] = {
     "keep_states": True,
     "wy_lowp": True,
     "seq_offsets": True,
+    "prep_doubling": False,
+    "inverse_tf32x3": False,
+    "wy_ktile": False,
 }
 _STAGE_HOOK: list[Any] = []
 
@@ -1013,6 +1215,12 @@ def _prec(dtype: torch.dtype) -> str:
     """``input_precision`` of float32 products: exact for float32 inputs, TF32 for bf16/fp16 ones
     (whose operands carry fewer mantissa bits than TF32 anyway)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _inv_prec(dtype: torch.dtype) -> str:
+    """``input_precision`` of the products inside ``T = (I + A)^-1``: exact float32, or (bf16/fp16
+    inputs, ``FUSED["inverse_tf32x3"]``) three TF32 products per float32 one (about 2^-22 relative)."""
+    return "tf32x3" if FUSED["inverse_tf32x3"] and dtype != torch.float32 else "ieee"
 
 
 def _blocks(Dk: int, Dv: int) -> tuple[int, int, int]:
@@ -1200,9 +1408,10 @@ def _fwd_impl(
     if FUSED["prep"]:
         w = torch.empty(NT, HV, Dk, dtype=dt, device=q.device)
         u = torch.empty(NT, HV, Dv, dtype=dt, device=q.device)
-        kern.prep[(n_slots, HV)](
+        name = "prep_doubling" if FUSED["prep_doubling"] else "prep"
+        getattr(kern, name)[(n_slots, HV)](
             kn, v2, g2, b2, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
-            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("prep"),
+            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, TPREC=_inv_prec(dt), **_cfg(name),
         )  # fmt: skip
     else:
         a = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
@@ -1313,11 +1522,40 @@ def _bwd_impl(
     dv = torch.empty(NT, HV, Dv, dtype=v.dtype, device=dev)
     db = torch.empty(NT, HV, dtype=beta.dtype, device=dev)
     dko = torch.empty(NT, H, Dk, dtype=k.dtype, device=dev) if l2_in else dkh
-    kern.wy_bwd[(n_slots, HV)](
-        kn, v2, b2, gc, tm, dw, dvb, dkh, dv, db, dg, cs, cl, xk, rk if l2_in else gc, dko, H, HV, rep, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in, LOWP=FUSED["wy_lowp"] and dt != torch.float32,
-        **_cfg("wy_bwd"),
-    )  # fmt: skip
+    lowp = FUSED["wy_lowp"] and dt != torch.float32
+    wy_args = (
+        kn,
+        v2,
+        b2,
+        gc,
+        tm,
+        dw,
+        dvb,
+        dkh,
+        dv,
+        db,
+        dg,
+        cs,
+        cl,
+        xk,
+        rk if l2_in else gc,
+        dko,
+        H,
+        HV,
+        rep,
+        Dk,
+        Dv,
+    )
+    if FUSED["wy_ktile"]:
+        bkt = min(BK, TILES["wy_key_tile"])
+        kern.wy_bwd_ktile[(n_slots, HV)](
+            *wy_args, BT=CHUNK, BKT=bkt, NK=-(-Dk // bkt), BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in, LOWP=lowp,
+            **_cfg("wy_bwd_ktile"),
+        )  # fmt: skip
+    else:
+        kern.wy_bwd[(n_slots, HV)](
+            *wy_args, BT=CHUNK, BK=BK, BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in, LOWP=lowp, **_cfg("wy_bwd")
+        )
     if l2_in:
         dq, dk = dqh, dko
     else:

@@ -125,6 +125,34 @@ print("OK")
 """
 )
 
+# the kernel choices not on by default: whole-chunk prep (T by block doubling), the key-tiled
+# _wy_bwd (three key tiles, the last one partial; L2-norm backward inside and outside it), the
+# TF32x3 products of the inverse (float16 inputs); each against float64 and the defaults
+CHOICES = (
+    PRELUDE
+    + r"""
+from olmo_attn.recurrent import triton_chunk as tc
+BUD = {"o": 5e-3, "final": 5e-3, "q": 8e-3, "k": 8e-3, "v": 8e-3, "h0": 8e-3, "g": 2e-2, "beta": 2e-2}
+lens = [37, 64, 65, 20]
+cu = lengths_to_cu(lens)
+gva = gdr_inputs(1, sum(lens), 1, 2, 40, 32, n_seq=len(lens), seed=7)
+one = gdr_inputs(2, 100, 2, 2, 40, 32, seed=8)
+base = {"gva": compare(gva, cu, torch.float32, 1e-5), "one": compare(one, None, torch.float32, 1e-5)}
+tc.FUSED.update(prep_doubling=True, wy_ktile=True)
+tc.TILES["wy_key_tile"] = 16
+for name, inp, c in (("gva", gva, cu), ("one", one, None)):
+    got = compare(inp, c, torch.float32, 1e-5)
+    for n in got:
+        assert rel_rms(got[n], base[name][n]) < 1e-5, (name, n)
+    compare(inp, c, torch.float16, BUD)
+tc.FUSED["inverse_tf32x3"] = True
+compare(gva, cu, torch.float16, BUD)
+tc.FUSED["prep_doubling"] = False
+compare(one, None, torch.float16, BUD)
+print("OK")
+"""
+)
+
 FULL = (
     PRELUDE
     + r"""
@@ -188,6 +216,11 @@ def test_triton_chunk_matches_float64_under_the_interpreter():
 @needs_triton
 def test_triton_chunk_fused_and_split_forward_kernels_agree():
     _run(SPLIT, 600)
+
+
+@needs_triton
+def test_triton_chunk_kernel_choices_match_float64_and_the_defaults():
+    _run(CHOICES, 600)
 
 
 @needs_triton
