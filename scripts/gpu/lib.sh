@@ -29,8 +29,8 @@ queue_init() {  # queue_init DEFAULT_SECONDS: a detached lease queue's set-up (r
   R=~/r7
   mkdir -p "$R"
   export OUT=$R
-  source ~/fa4_site/env.sh
-  export PYTHONPATH="$PWD:/tmp/fla:$PYTHONPATH" PYTHONFAULTHANDLER=1
+  [ -f ~/fa4_site/env.sh ] && source ~/fa4_site/env.sh
+  export PYTHONPATH="$PWD:/tmp/fla${PYTHONPATH:+:$PYTHONPATH}" PYTHONFAULTHANDLER=1
   total=${QUEUE_SECONDS:-$1}
   queue_note start
 }
