@@ -39,6 +39,12 @@ def fla_available() -> bool:
 
 
 def _require() -> None:
+    if not fla_available():
+        _raise_unavailable()
+
+
+@torch.compiler.disable  # builds the message eagerly (importlib is not traceable)
+def _raise_unavailable() -> None:
     status = package_status("fla", "fla-core")
     if not status.available:
         raise BackendUnavailableError(

@@ -386,7 +386,9 @@ class GatedDeltaNet(SequenceMixer):
                     "it is correct, our chunked kernel elsewhere) or backend='torch'"
                 )
             return True, True
-        if not fla_available():
+        if not fla_available() or torch.compiler.is_compiling():
+            # compiled: our conv and norm (Inductor fuses them) and our chunk kernels, which are
+            # custom ops; fla's Python wrappers would be traced by Dynamo
             return False, False
         base_ok, _ = fla_kernel_usable(x.device, x.dtype, backward=False)
         if self.backend == GDNBackendName.triton or self._ours_on_gpu(x):

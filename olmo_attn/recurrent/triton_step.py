@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..hardware import package_status
+from .triton_chunk import triton_available
 
 __all__ = ["triton_gated_delta_rule_step", "triton_step_usable"]
 
@@ -31,7 +31,7 @@ TILE = 8192  # float32 values of S per program
 
 def triton_step_usable(state: torch.Tensor, *tensors: torch.Tensor) -> tuple[bool, str | None]:
     """Whether :func:`triton_gated_delta_rule_step` can take these inputs: ``(ok, reason_if_not)``."""
-    if not package_status("triton").available:
+    if not triton_available():
         return False, "triton is not importable"
     if state.dtype != torch.float32:
         return False, f"the Triton step keeps a float32 state, got {state.dtype}"

@@ -4,12 +4,20 @@ compile once (one graph, no recompile) and match eager."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
 from olmo_attn.recurrent import GatedDeltaNet
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _layer(backend: str | None = "torch") -> GatedDeltaNet:
@@ -63,3 +71,78 @@ def test_automatic_kernel_choice_compiles_in_one_graph():
         x = torch.randn(1, 64, 32)
         torch.testing.assert_close(cm(x, cu_doc_lens=c), m(x, cu_doc_lens=c), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_compiled_layer_never_traces_fla_where_fla_is_installed(monkeypatch):
+    """Where fla imports (the H200), ``backend=None`` eagerly runs fla's conv and norm; a compiled
+    forward takes ours instead (fla's Python wrappers import modules, which Dynamo refuses: the
+    H200 run of 2026-12-04 failed with "Attempted to call function marked as skipped")."""
+    from olmo_attn.recurrent import fla
+
+    def refuse(*a, **k):
+        raise AssertionError("fla consulted inside a compiled forward")
+
+    monkeypatch.setattr(fla, "fla_available", lambda: True)
+    monkeypatch.setattr(fla, "fla_kernel_usable", refuse)
+    torch._dynamo.reset()
+    counters.clear()
+    m = _layer(None)
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    c = torch.tensor([0, 30, 64], dtype=torch.int32)
+    x = torch.randn(1, 64, 32)
+    monkeypatch.setattr(fla, "fla_kernel_usable", lambda *a, **k: (False, "CPU"))
+    want = m(x, cu_doc_lens=c)  # eager: fla consulted (it says no on CPU)
+    monkeypatch.setattr(fla, "fla_kernel_usable", refuse)
+    torch.testing.assert_close(cm(x, cu_doc_lens=c), want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+TRITON_COMPILED = r"""
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from olmo_attn.recurrent import GatedDeltaNet
+torch.manual_seed(0)
+m = GatedDeltaNet(d_model=64, n_heads=2, head_dim=16, backend="triton")
+cnt = CompileCounterWithBackend("aot_eager")
+cm = torch.compile(m, backend=cnt, fullgraph=True)
+for cu in ([0, 30, 70, 96], [0, 50, 51, 96]):
+    cu = torch.tensor(cu, dtype=torch.int32)
+    x = torch.randn(1, 96, 64, requires_grad=True)
+    y = cm(x, cu_doc_lens=cu)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    x2 = x.detach().requires_grad_()
+    ye = m(x2, cu_doc_lens=cu)
+    (ge,) = torch.autograd.grad(ye.square().sum(), x2)
+    torch.testing.assert_close(y, ye, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, ge, rtol=1e-4, atol=1e-5)
+assert cnt.frame_count == 1, cnt.frame_count
+torch._dynamo.reset()
+cnt = CompileCounterWithBackend("aot_eager")
+cm = torch.compile(m, backend=cnt, fullgraph=True)
+with torch.no_grad():
+    c1, c2 = m.init_cache(2), m.init_cache(2)
+    p = torch.randn(2, 20, 64)
+    torch.testing.assert_close(cm(p, cache=c1), m(p, cache=c2), rtol=1e-5, atol=1e-5)
+    for _ in range(4):
+        s = torch.randn(2, 1, 64)
+        torch.testing.assert_close(cm(s, cache=c1), m(s, cache=c2), rtol=1e-5, atol=1e-5)
+assert cnt.frame_count == 2, cnt.frame_count  # prefill + one step graph
+print("OK")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not importable")
+def test_compiled_layer_with_our_triton_kernels_under_the_interpreter():
+    """``backend="triton"`` (the GPU path) compiled in one graph for documents and two for decoding
+    (prefill + a shared step): the Triton chunk ops and the decode step, run by Triton's interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    r = subprocess.run(
+        [sys.executable, "-c", TRITON_COMPILED],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-3000:] + r.stderr[-3000:]
