@@ -1021,26 +1021,14 @@ CHOICES: list[tuple[str, dict[str, bool], dict[str, int], dict[str, dict[str, in
         {},
         {"prep_doubling": {"num_stages": 1}},
     ),
-    ("wy_bwd: key tiles of 64, w4s2", {"wy_ktile": True}, {}, {}),
-    (
-        "wy_bwd: key tiles of 64, w8s1",
-        {"wy_ktile": True},
-        {},
-        {"wy_bwd_ktile": {"num_warps": 8, "num_stages": 1}},
-    ),
-    (
-        "wy_bwd: key tiles of 32, w8s2",
-        {"wy_ktile": True},
-        {"wy_key_tile": 32},
-        {"wy_bwd_ktile": {"num_warps": 8}},
-    ),
-    ("wy_bwd: key tiles of 32, w4s2", {"wy_ktile": True}, {"wy_key_tile": 32}, {}),
-    (
-        "doubling prep (TF32x3) + wy_bwd key tiles of 64",
-        {"prep_doubling": True, "inverse_tf32x3": True, "wy_ktile": True},
-        {},
-        {},
-    ),
+    ("wy_bwd: whole key rows (before key tiles)", {"wy_ktile": False}, {}, {}),
+    ("wy_bwd: key tiles of 64, w4s1", {}, {}, {"wy_bwd_ktile": {"num_stages": 1}}),
+    ("wy_bwd: key tiles of 64, w8s1", {}, {}, {"wy_bwd_ktile": {"num_warps": 8, "num_stages": 1}}),
+    ("wy_bwd: key tiles of 32, w4s2", {}, {"wy_key_tile": 32}, {}),
+    ("wy_bwd: key tiles of 32, w4s1", {}, {"wy_key_tile": 32}, {"wy_bwd_ktile": {"num_stages": 1}}),
+    ("state_out: value tiles of 16", {}, {"state_out_values": 2048}, {}),
+    ("dqkwg w4s2", {}, {}, {"dqkwg": {"num_warps": 4, "num_stages": 2}}),
+    ("dstate w4s2", {}, {}, {"dstate": {"num_warps": 4, "num_stages": 2}}),
 ]
 
 

@@ -1019,9 +1019,9 @@ def _kernels() -> SimpleNamespace:
     ):  # fmt: skip
         """:func:`_wy_bwd` over key tiles ``[BT, BKT]`` instead of whole ``[BT, DK]`` rows, so the
         float32 key-side tiles (``K``, ``beta exp(G) K``, ``T^T dW``, ``dK``) are ``BKT`` wide.
-        Pass 1 (per key tile): ``dT``, ``dbeta``, ``dG`` and ``K K^T``; the partial
+        Pass 1 (per key tile): ``dT``, ``dbeta``, ``dG``; the partial
         ``dK = T^T dW beta exp(G) + dK_in`` goes back to ``dk`` (float32, this program's rows).
-        The value tiles and ``dA`` as in :func:`_wy_bwd`. Pass 2 adds ``M K + M^T K`` to each
+        The value tiles and ``dA`` as in :func:`_wy_bwd`, then ``K K^T`` tile by tile. Pass 2 adds ``M K + M^T K`` to each
         tile; with ``L2_BWD`` it also sums ``y . dK`` per row and pass 3 writes
         ``r (dK - y (y . dK))`` into ``dko``."""
         i_c = tl.program_id(0)
@@ -1054,7 +1054,6 @@ def _kernels() -> SimpleNamespace:
             dt += tl.dot(dw, tl.trans(xw), input_precision=PREC)
             db += tl.sum(dxw * kf * eg[:, None], axis=1)
             dgc += tl.sum(dxw * xw, axis=1)
-            kk += tl.dot(k, tl.trans(k), input_precision=PREC)
             dkp = dxw * (beta * eg)[:, None] + tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
             tl.store(dk_ptr + o_k, dkp, mask=m_qk)
         if LOWP:
@@ -1078,6 +1077,15 @@ def _kernels() -> SimpleNamespace:
         low = r[:, None] > r[None, :]
         da = -tl.dot(tl.dot(tl.trans(tt), dt, input_precision=PREC), tl.trans(tt), input_precision=PREC)
         da = tl.where(low & mt[:, None], da, 0.0)
+        # K K^T after T and dT are dead (the keys again: L2 hits), not carried through the loops
+        for ik in range(0, NK):
+            ok = ik * BKT + tl.arange(0, BKT)
+            k = tl.load(
+                k_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :],
+                mask=mt[:, None] & (ok[None, :] < DK),
+                other=0.0,
+            )
+            kk += tl.dot(k, tl.trans(k), input_precision=PREC)
         gam = tl.exp(tl.where(low, G[:, None] - G[None, :], float("-inf")))
         kkg = tl.where(low, kk * gam, 0.0)
         db += tl.sum(da * kkg, axis=1)
@@ -1191,6 +1199,15 @@ TILES: dict[str, int] = {
 #   lease of 2026-12-03): a wash: dstate 0.556 -> 0.530 ms, the no-grad forward 1.154 -> 1.183,
 #   forward+backward 3.418 -> 3.432 (within run-to-run noise); kept, since the state_out s1 choice
 #   above was measured with it.
+# ``prep_doubling``: one 64x64 tile for ``A``, ``T`` (block doubling, 10 dots of 64^3) and ``W``/``U``
+#   instead of 16x16 blocks: slower (prep 0.47 -> 0.70-0.75 ms, TF32x3 products; gdn_bench
+#   triton_choices, H200, 2026-12-04, h200-2026-12-04-gdn-choices.json); off.
+# ``inverse_tf32x3``: the 16x16 inverse's products in TF32x3 instead of exact float32: slower
+#   (0.47 -> 0.57 ms; same run); off. (A variant running the substitution on ``T^T``, so that
+#   its reductions run along the other axis, compiled to 568 barriers against 230: not kept.)
+# ``wy_ktile``: ``_wy_bwd`` over key tiles of ``TILES["wy_key_tile"]`` columns (4 warps) instead of
+#   whole rows (8 warps, 255 registers, one program per SM): 0.998 -> 0.81 ms, forward+backward
+#   3.374 -> 3.186 ms, gradients within 2e-9 relative of each other (same run); on.
 FUSED: dict[str, bool] = {
     "prep": True,
     "out": True,
@@ -1199,7 +1216,7 @@ FUSED: dict[str, bool] = {
     "seq_offsets": True,
     "prep_doubling": False,
     "inverse_tf32x3": False,
-    "wy_ktile": False,
+    "wy_ktile": True,
 }
 _STAGE_HOOK: list[Any] = []
 

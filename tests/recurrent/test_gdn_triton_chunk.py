@@ -125,9 +125,9 @@ print("OK")
 """
 )
 
-# the kernel choices not on by default: whole-chunk prep (T by block doubling), the key-tiled
-# _wy_bwd (three key tiles, the last one partial; L2-norm backward inside and outside it), the
-# TF32x3 products of the inverse (float16 inputs); each against float64 and the defaults
+# the kernel choices: whole-chunk prep (T by block doubling), the key-tiled _wy_bwd (three key
+# tiles, the last one partial; L2-norm backward inside and outside it) against the whole-row one,
+# the TF32x3 products of the inverse (float16 inputs); each against float64
 CHOICES = (
     PRELUDE
     + r"""
@@ -137,6 +137,7 @@ lens = [37, 64, 65, 20]
 cu = lengths_to_cu(lens)
 gva = gdr_inputs(1, sum(lens), 1, 2, 40, 32, n_seq=len(lens), seed=7)
 one = gdr_inputs(2, 100, 2, 2, 40, 32, seed=8)
+tc.FUSED["wy_ktile"] = False  # the whole-row _wy_bwd as the yardstick
 base = {"gva": compare(gva, cu, torch.float32, 1e-5), "one": compare(one, None, torch.float32, 1e-5)}
 tc.FUSED.update(prep_doubling=True, wy_ktile=True)
 tc.TILES["wy_key_tile"] = 16
