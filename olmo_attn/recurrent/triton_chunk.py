@@ -1178,7 +1178,7 @@ TILES: dict[str, int] = {
     "state_out_values": 4096,
     "chunk_bv": 64,
     "fill_sms": 1,
-    "wy_key_tile": 64,
+    "wy_key_tile": 32,
 }
 # Kernel choices, each timed both ways on the same inputs by ``benchmarks/gdn_bench.py``
 # (section ``triton_choices``); H200, B2 T8192 H16 Dk128 Dv256 bf16, 2026-12-03:
@@ -1207,7 +1207,9 @@ TILES: dict[str, int] = {
 #   its reductions run along the other axis, compiled to 568 barriers against 230: not kept.)
 # ``wy_ktile``: ``_wy_bwd`` over key tiles of ``TILES["wy_key_tile"]`` columns (4 warps) instead of
 #   whole rows (8 warps, 255 registers, one program per SM): 0.998 -> 0.81 ms, forward+backward
-#   3.374 -> 3.186 ms, gradients within 2e-9 relative of each other (same run); on.
+#   3.374 -> 3.186 ms, gradients within 2e-9 relative of each other (same run); on. Tiles of 32
+#   columns (``TILES["wy_key_tile"]``): 0.797 -> 0.777 ms, forward+backward 3.175 -> 3.147; 8 warps
+#   1.09, one stage a wash (second lease of 2026-12-04, h200-2026-12-04-r12-gdn-choices.json).
 FUSED: dict[str, bool] = {
     "prep": True,
     "out": True,
@@ -1260,6 +1262,25 @@ def _fill_sms(bv: int, rows: int, Dv: int, sms: int) -> int:
 def _sm_count(device: torch.device) -> int:
     """Multiprocessors of ``device`` (0 off CUDA: no refill in the interpreter)."""
     return info_for(device).sm_count if device.type == "cuda" else 0
+
+
+def _fuse_out(n_seq: int, B: int, HV: int, Dk: int, Dv: int, device: torch.device) -> bool:
+    """Whether a forward that keeps no states writes the output from the recurrence (``FUSED["out"]``)
+    here, rather than storing ``h`` for ``_out``: only for rows (no documents) whose fused grid
+    fills the multiprocessors once at more than one program each. Measured on the H200
+    (gdn_bench triton_speed, 2026-12-04, forward vs the training forward's state + out):
+    B2 T8k H16 Dv256 (256 programs on 132 SMs) 1.055 against 1.157 ms; one program per SM or
+    fewer: B1 T32k 2.98 / 2.59, FlashQLA's 8k and 32k 0.85 / 0.76 and 3.47 / 3.08; documents
+    (~1,000 programs of unequal length) 1.46 / 1.38. Off CUDA (interpreter) it follows the flag."""
+    if not FUSED["out"]:
+        return False
+    sms = _sm_count(device)
+    if sms == 0:
+        return True
+    BK = max(16, _next_pow2(Dk))
+    bv = _fill_sms(max(16, min(_next_pow2(Dv), TILES["state_out_values"] // BK)), n_seq * HV, Dv, sms)
+    programs = n_seq * HV * -(-Dv // bv)
+    return n_seq == B and sms < programs <= 2 * sms
 
 
 def n_slots_for(n_tokens: int, n_seq: int, has_docs: bool, seq_len: int) -> int:
@@ -1439,7 +1460,7 @@ def _fwd_impl(
         del a
         w, u = _wu_pass(kn, v2, b2, gc, tm, plan, n_slots, H)
     h0c = None if h0 is None else h0.float().contiguous()
-    fuse = FUSED["out"] and not keep
+    fuse = not keep and _fuse_out(cu.numel() - 1, B, HV, Dk, Dv, q.device)
     h, vn, o, final = _recurrence(
         qn, kn, w, u, gc, h0c, plan, n_slots, H, scale, fuse_out=fuse, store_final=True, store_h=keep or not fuse
     )  # fmt: skip

@@ -133,6 +133,23 @@ def triton_gated_delta_rule_step(
     (validated by the caller, :func:`olmo_attn.recurrent.recurrent.gated_delta_rule_step`).
     Returns ``o [B, HV, Dv]`` in the dtype of ``v``.
     """
+    return _step_op(q, k, v, g, beta, state, float(scale), bool(use_qk_l2norm))
+
+
+# A custom op (state mutated in place), so a compiled decode step holds one opaque node instead
+# of Dynamo tracing Triton's launcher (which it cannot: Triton 3.6 reads its knobs through a C
+# extension, the H200 compile_bench gdn/decode failure of 2026-12-04).
+@torch.library.custom_op("olmo_attn::gdn_triton_step", mutates_args=("state",))
+def _step_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+    use_qk_l2norm: bool,
+) -> torch.Tensor:
     B, H, Dk = q.shape
     HV, Dv = v.shape[1], v.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -145,7 +162,12 @@ def triton_gated_delta_rule_step(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), state.stride(0), state.stride(1),
         o.stride(0), o.stride(1),
-        HV, HV // H, Dk, Dv, float(scale), L2NORM_EPS,
-        BK=BK, BV=BV, L2=bool(use_qk_l2norm), num_warps=4,
+        HV, HV // H, Dk, Dv, scale, L2NORM_EPS,
+        BK=BK, BV=BV, L2=use_qk_l2norm, num_warps=4,
     )  # fmt: skip
     return o
+
+
+@_step_op.register_fake
+def _(q, k, v, g, beta, state, scale, use_qk_l2norm):
+    return v.new_empty(v.shape[0], v.shape[1], v.shape[2])
