@@ -8,6 +8,9 @@
 #   C. once TE is built (r11_te.sh): scripts/te/docs_overhead.py (adapter vs raw, both orders,
 #      profiled), then backend_bench te documents 8k / 32k.
 # QUEUE_SECONDS: the whole budget.
+# Ran (20:15 UTC, QUEUE_SECONDS=900): A 40 s, but both compile cases failed on the GPU (fla's
+# wrappers traced under compile; fixed since); B 95 s (h200-2026-12-04-gdn-choices.json); TE built
+# in 141 s beside B; C 37 s (h200-2026-12-04-te-docs-overhead.json, -backends-te-docs.md).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh

@@ -11,6 +11,9 @@
 #   D. triton_speed (benchmark shape, B1 T32k, documents, FlashQLA's two shapes), the layer
 #      section, then triton_correctness with what is left.
 # QUEUE_SECONDS: the whole budget.
+# Ran (20:38 UTC, QUEUE_SECONDS=720): A 114 s (documents compiled; decode failed on Triton's
+# launcher, a custom op since); B 93 s (h200-2026-12-04-r12-gdn-choices.json); C 68 s; D speed
+# 185 s, layer 74 s, correctness 172 s (its first cases only, then its time budget).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh

@@ -7,6 +7,10 @@
 #   2. the conformance gdn family, --full, for our torch and Triton kernels and fla;
 #   3. gdn_bench triton_speed on every shape (benchmark, B1 T32k, documents, FlashQLA's two);
 #   4. tests/recurrent/test_gdn_gpu.py with what is left.
+# Ran (20:57 UTC, BUDGET=470, 456 s): 1. 140 s, both cases compiled (h200-2026-12-04-gdn-compile.json);
+# 2. cut at 107 s after 22 of 42 cases, none failed (NVIDIA_H200-2026-12-04-gdn-partial.md);
+# 3. cut at 208 s after four of the five shapes (h200-2026-12-04-r13-gdn-speed.json, from the log);
+# 4. not reached.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh
