@@ -1007,25 +1007,11 @@ CHOICES: list[tuple[str, dict[str, bool], dict[str, int], dict[str, dict[str, in
         {},
         {k: {"num_stages": 1} for k in ("state", "state_out", "dstate")},
     ),
-    ("prep: 16x16 inverse products in TF32x3", {"inverse_tf32x3": True}, {}, {}),
     ("prep: 16x16, num_warps 8", {}, {}, {"prep": {"num_warps": 8}}),
-    (
-        "prep: whole-chunk tiles, doubling inverse, TF32x3",
-        {"prep_doubling": True, "inverse_tf32x3": True},
-        {},
-        {},
-    ),
-    (
-        "prep: whole-chunk tiles, doubling inverse, TF32x3, num_stages 1",
-        {"prep_doubling": True, "inverse_tf32x3": True},
-        {},
-        {"prep_doubling": {"num_stages": 1}},
-    ),
-    ("wy_bwd: whole key rows (before key tiles)", {"wy_ktile": False}, {}, {}),
-    ("wy_bwd: key tiles of 64, w4s1", {}, {"wy_key_tile": 64}, {"wy_bwd_ktile": {"num_stages": 1}}),
-    ("wy_bwd: key tiles of 32, w8s1", {}, {}, {"wy_bwd_ktile": {"num_warps": 8, "num_stages": 1}}),
+    ("wy_bwd: key tiles of 64, w4s1", {}, {"wy_key_tile": 64}, {"wy_bwd": {"num_stages": 1}}),
+    ("wy_bwd: key tiles of 32, w8s1", {}, {}, {"wy_bwd": {"num_warps": 8, "num_stages": 1}}),
     ("wy_bwd: key tiles of 64, w4s2", {}, {"wy_key_tile": 64}, {}),
-    ("wy_bwd: key tiles of 32, w4s1", {}, {}, {"wy_bwd_ktile": {"num_stages": 1}}),
+    ("wy_bwd: key tiles of 32, w4s1", {}, {}, {"wy_bwd": {"num_stages": 1}}),
     ("state_out: value tiles of 16", {}, {"state_out_values": 2048}, {}),
     ("dqkwg w4s2", {}, {}, {"dqkwg": {"num_warps": 4, "num_stages": 2}}),
     ("dstate w4s2", {}, {}, {"dstate": {"num_warps": 4, "num_stages": 2}}),
@@ -1395,9 +1381,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="kernel choices for the whole run: FUSED keys (prep, out, keep_states, wy_lowp, prep_doubling, "
-        "inverse_tf32x3, wy_ktile, ...) =0/1, TILES keys (state_values, state_out_values, chunk_bv, "
-        "wy_key_tile) = int, LAUNCH: kernel.num_warps=N",
+        help="kernel choices for the whole run: FUSED keys (prep, out, keep_states, wy_lowp, seq_offsets) "
+        "=0/1, TILES keys (state_values, state_out_values, chunk_bv, wy_key_tile) = int, LAUNCH: "
+        "kernel.num_warps=N",
     )
     args = ap.parse_args(argv)
     _apply_settings(args.set)

@@ -11,7 +11,7 @@ between GPU sessions. A stack frame (``stack B`` > 0) at 255 registers is spille
     python benchmarks/triton_regs.py                              # B1 T128, H16 Dk128 Dv256 bf16, sm_90
     python benchmarks/triton_regs.py --arch 100 --dtype float32
     python benchmarks/triton_regs.py --set wy_bwd.num_warps=4     # a LAUNCH override
-    python benchmarks/triton_regs.py --fused wy_ktile=1           # a kernel choice (FUSED)
+    python benchmarks/triton_regs.py --fused prep=0 --tile wy_key_tile=64   # kernel choices
 
 Occupancy here is the register and shared-memory bound only (65,536 registers and 227 KiB of
 shared memory per multiprocessor, 64 warps), not a measurement.

@@ -211,32 +211,31 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _t_blocks(
-        t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT: tl.constexpr,
-        TPREC: tl.constexpr,
+        t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT: tl.constexpr
     ):  # fmt: skip
         """The off-diagonal blocks of ``T = (I + A)^-1`` from its diagonal inverses ``t_ii`` and the
         blocks ``a_ij`` of ``A``; stores all sixteen blocks of ``T`` (upper ones zero) and returns
         ``(t10, t20, t21, t30, t31, t32)``."""
         # T_ij = -T_ii sum_{k=j}^{i-1} A_ik T_kj   (block rows of (I + A) T = I)
-        t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=TPREC), input_precision=TPREC)
-        t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=TPREC), input_precision=TPREC)
-        t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=TPREC), input_precision=TPREC)
+        t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision="ieee"), input_precision="ieee")
+        t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision="ieee"), input_precision="ieee")
+        t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision="ieee"), input_precision="ieee")
         t20 = -tl.dot(
             t22,
-            tl.dot(a20, t00, input_precision=TPREC) + tl.dot(a21, t10, input_precision=TPREC),
-            input_precision=TPREC,
+            tl.dot(a20, t00, input_precision="ieee") + tl.dot(a21, t10, input_precision="ieee"),
+            input_precision="ieee",
         )
         t31 = -tl.dot(
             t33,
-            tl.dot(a31, t11, input_precision=TPREC) + tl.dot(a32, t21, input_precision=TPREC),
-            input_precision=TPREC,
+            tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee"),
+            input_precision="ieee",
         )
         t30 = -tl.dot(
             t33,
-            tl.dot(a30, t00, input_precision=TPREC)
-            + tl.dot(a31, t10, input_precision=TPREC)
-            + tl.dot(a32, t20, input_precision=TPREC),
-            input_precision=TPREC,
+            tl.dot(a30, t00, input_precision="ieee")
+            + tl.dot(a31, t10, input_precision="ieee")
+            + tl.dot(a32, t20, input_precision="ieee"),
+            input_precision="ieee",
         )
         z = tl.zeros([16, 16], dtype=tl.float32)
         _put(t_ptr, t00, t0, 0, 0, L, HV, i_hv, BT)
@@ -276,7 +275,7 @@ def _kernels() -> SimpleNamespace:
         a30 = _blk(a_ptr, t0, 48, 0, L, HV, i_hv, BT)
         a31 = _blk(a_ptr, t0, 48, 16, L, HV, i_hv, BT)
         a32 = _blk(a_ptr, t0, 48, 32, L, HV, i_hv, BT)
-        _t_blocks(t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT, "ieee")
+        _t_blocks(t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT)
 
     @triton.jit
     def _piece(k_ptr, g_ptr, b_ptr, t0, o: tl.constexpr, L, H, HV, i_hv, i_h, DK, BK: tl.constexpr):
@@ -345,7 +344,6 @@ def _kernels() -> SimpleNamespace:
         k_ptr, v_ptr, g_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
         H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
-        TPREC: tl.constexpr,
     ):  # fmt: skip
         """``_kkt``, ``_solve`` and ``_wu`` in one program per chunk and value head, ``A`` and ``T``
         held in registers as 16x16 blocks (``BT = 64``): the four diagonal blocks are inverted by
@@ -404,7 +402,7 @@ def _kernels() -> SimpleNamespace:
         t22 += eye
         t33 += eye
         t10, t20, t21, t30, t31, t32 = _t_blocks(
-            t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT, TPREC
+            t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT
         )
         # W_i = sum_j T_ij (b exp(G) K)_j, U_i = sum_j T_ij (b V)_j with T in the input dtype:
         # converted once (the float32 blocks are stored for the backward and die here)
@@ -443,78 +441,6 @@ def _kernels() -> SimpleNamespace:
             _put_rows(
                 u_ptr, _wu_row(t30, t31, t32, t33, y0, y1, y2, y3, 4, PREC), t0, 48, L, HV, i_hv, DV, BV, col0
             )
-
-    @triton.jit
-    def _dbl_level(t, a, ri, ci, S: tl.constexpr, TPREC: tl.constexpr):
-        """``(I + a)^-1`` on the diagonal blocks of size ``S`` from ``t``, the inverse on the blocks
-        of ``S // 2``: ``t - t C t`` with ``C`` the entries of ``a`` inside an ``S`` block and
-        outside its two halves (exact: ``C t C = 0``)."""
-        c = tl.where((ri // S == ci // S) & (ri // (S // 2) != ci // (S // 2)), a, 0.0)
-        return t - tl.dot(tl.dot(t, c, input_precision=TPREC), t, input_precision=TPREC)
-
-    @triton.jit
-    def _inv_doubling(a, BT: tl.constexpr, TPREC: tl.constexpr):
-        """``T = (I + a)^-1`` of a strictly lower ``a [64, 64]`` float32 as one tile: blocks of 2,
-        then each level's blocks from the previous level's inverses (block forward substitution,
-        no per-row loop and no 16x16 fragments)."""
-        r = tl.arange(0, BT)
-        ri = r[:, None]
-        ci = r[None, :]
-        t = tl.where(ri == ci, 1.0, tl.where(ri // 2 == ci // 2, -a, 0.0))
-        t = _dbl_level(t, a, ri, ci, 4, TPREC)
-        t = _dbl_level(t, a, ri, ci, 8, TPREC)
-        t = _dbl_level(t, a, ri, ci, 16, TPREC)
-        t = _dbl_level(t, a, ri, ci, 32, TPREC)
-        return _dbl_level(t, a, ri, ci, 64, TPREC)
-
-    @triton.jit
-    def _prep_doubling(
-        k_ptr, v_ptr, g_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
-        H, HV, REP, DK, DV,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
-        TPREC: tl.constexpr,
-    ):  # fmt: skip
-        """``_prep`` with whole-chunk tiles: ``A [64, 64]`` from one ``K K^T``, ``T`` by
-        :func:`_inv_doubling` (products at ``TPREC``), ``W = T (b exp(G) K)`` and ``U = T (b V)``
-        as single dots. Stores ``G``, ``T``, ``W``, ``U`` (``BT = 64``)."""
-        i_c = tl.program_id(0)
-        i_hv = tl.program_id(1)
-        L = tl.load(cl_ptr + i_c)
-        if L == 0:
-            return
-        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
-        i_h = i_hv // REP
-        r = tl.arange(0, BT)
-        mt = r < L
-        tok = t0 + r
-        ok = tl.arange(0, BK)
-        m_k = mt[:, None] & (ok[None, :] < DK)
-        g = tl.load(g_ptr + tok * HV + i_hv, mask=mt, other=0.0).to(tl.float32)
-        G = tl.cumsum(g, axis=0)
-        tl.store(gc_ptr + tok * HV + i_hv, G, mask=mt)
-        beta = tl.load(b_ptr + tok * HV + i_hv, mask=mt, other=0.0).to(tl.float32)
-        kp = k_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :]
-        k = tl.load(kp, mask=m_k, other=0.0)
-        a = tl.dot(k, tl.trans(k), input_precision=PREC)  # [BT, BT] float32
-        low = r[:, None] > r[None, :]
-        a = a * beta[:, None] * tl.exp(tl.where(low, G[:, None] - G[None, :], float("-inf")))
-        a = tl.where(low, a, 0.0)
-        tt = _inv_doubling(a, BT, TPREC)
-        tl.store(t_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :], tt, mask=mt[:, None])
-        dt = w_ptr.dtype.element_ty
-        t_lp = tt.to(dt)  # W and U take T in the input dtype, as the 16x16 kernels do
-        # the keys again (an L2 hit) rather than held in registers across the inversion
-        k = tl.load(kp, mask=m_k, other=0.0)
-        xw = (k.to(tl.float32) * (beta * tl.exp(G))[:, None]).to(dt)
-        w = tl.dot(t_lp, xw, input_precision=PREC)
-        tl.store(w_ptr + (tok[:, None] * HV + i_hv) * DK + ok[None, :], w.to(dt), mask=m_k)
-        for iv in range(0, NV):
-            ov = iv * BV + tl.arange(0, BV)
-            mv = mt[:, None] & (ov[None, :] < DV)
-            off = (tok[:, None] * HV + i_hv) * DV + ov[None, :]
-            v = tl.load(v_ptr + off, mask=mv, other=0.0).to(tl.float32)
-            u = tl.dot(t_lp, (v * beta[:, None]).to(dt), input_precision=PREC)
-            tl.store(u_ptr + off, u.to(u_ptr.dtype.element_ty), mask=mv)
 
     @triton.jit
     def _wu(
@@ -926,46 +852,13 @@ def _kernels() -> SimpleNamespace:
         tl.store(dg_ptr + tok * HV + i_hv, dg, mask=mt)
 
     @triton.jit
-    def _wy_bwd(
-        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, dw_ptr, du_ptr, dk_ptr, dv_ptr, db_ptr, dg_ptr,
-        cs_ptr, cl_ptr, xk_ptr, rk_ptr, dko_ptr,
-        H, HV, REP, DK, DV,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
-        L2_BWD: tl.constexpr, LOWP: tl.constexpr,
+    def _wy_values(
+        v_ptr, du_ptr, dv_ptr, tt, beta, dt, db, tok, mt, i_hv, HV, DV,
+        BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
-        """Backward of ``W, U`` through ``T = (I + A)^-1``, ``beta``, ``V`` and ``A``: adds to
-        ``dk`` (float32 in place), writes ``dv``, ``dbeta`` and ``dg`` (w.r.t. the raw ``g``:
-        reverse cumsum of the gradient w.r.t. ``G`` read from ``dg`` in place). ``L2_BWD``: the
-        finished ``dk`` goes through the L2 norm of the raw ``xk`` into ``dko`` (its dtype) instead.
-        ``LOWP``: the value-tile products take ``T`` and ``beta V`` in the input dtype, as the
-        forward's ``U = T (beta V)`` does (else float32 / TF32)."""
-        i_c = tl.program_id(0)
-        i_hv = tl.program_id(1)
-        L = tl.load(cl_ptr + i_c)
-        if L == 0:
-            return
-        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
-        i_h = i_hv // REP
-        r = tl.arange(0, BT)
-        mt = r < L
-        tok = t0 + r
-        ok = tl.arange(0, BK)
-        mk = ok < DK
-        m_qk = mt[:, None] & mk[None, :]
-        tt = tl.load(t_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :], mask=mt[:, None], other=0.0)
-        beta = tl.load(b_ptr + tok * HV + i_hv, mask=mt, other=0.0).to(tl.float32)
-        G = tl.load(gc_ptr + tok * HV + i_hv, mask=mt, other=0.0)
-        eg = tl.exp(G)
-        k = tl.load(k_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :], mask=m_qk, other=0.0)
-        kf = k.to(tl.float32)
-        o_k = (tok[:, None] * HV + i_hv) * DK + ok[None, :]
-        dw = tl.load(dw_ptr + o_k, mask=m_qk, other=0.0)
-        xw = kf * (beta * eg)[:, None]
-        dxw = tl.dot(tl.trans(tt), dw, input_precision=PREC)  # [BT, BK]
-        dt = tl.dot(dw, tl.trans(xw), input_precision=PREC)  # [BT, BT]
-        db = tl.sum(dxw * kf * eg[:, None], axis=1)
-        dgc = tl.sum(dxw * xw, axis=1)
-        dk = dxw * (beta * eg)[:, None]
+        """The value tiles of the ``W, U`` backward: stores ``dV = beta T^T dU``, returns ``dT`` and
+        ``dbeta`` with their value-side terms added. ``LOWP``: the products take ``T`` and
+        ``beta V`` in the input dtype, as the forward's ``U = T (beta V)`` does."""
         if LOWP:
             ttl = tl.trans(tt.to(du_ptr.dtype.element_ty))
         for iv in range(0, NV):
@@ -983,47 +876,62 @@ def _kernels() -> SimpleNamespace:
                 dt += tl.dot(du, tl.trans(v * beta[:, None]), input_precision=PREC)
             db += tl.sum(dxu * v, axis=1)
             tl.store(dv_ptr + tv, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=mv)
-        # T = (I + A)^-1  ->  dA = -T^T dT T^T on the strict lower triangle
-        low = r[:, None] > r[None, :]
+        return dt, db
+
+    @triton.jit
+    def _wy_da(tt, dt, mt, BT: tl.constexpr, PREC: tl.constexpr):
+        """``T = (I + A)^-1``  ->  ``dA = -T^T dT T^T`` on the strict lower triangle (valid rows)."""
+        r = tl.arange(0, BT)
         da = -tl.dot(tl.dot(tl.trans(tt), dt, input_precision=PREC), tl.trans(tt), input_precision=PREC)
-        da = tl.where(low & mt[:, None], da, 0.0)
-        gam = tl.exp(tl.where(low, G[:, None] - G[None, :], float("-inf")))
-        kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+        return tl.where((r[:, None] > r[None, :]) & mt[:, None], da, 0.0)
+
+    @triton.jit
+    def _wy_gamma(G, BT: tl.constexpr):
+        """``exp(G_i - G_j)`` on the strict lower triangle, 0 elsewhere ``[BT, BT]``."""
+        r = tl.arange(0, BT)
+        return tl.exp(tl.where(r[:, None] > r[None, :], G[:, None] - G[None, :], float("-inf")))
+
+    @triton.jit
+    def _wy_m(da, kk, gam, beta, db, dgc, BT: tl.constexpr):
+        """From ``dA``, ``K K^T`` and :func:`_wy_gamma`: ``dbeta`` and ``dG`` with the terms of
+        ``A = strict_lower(diag(beta) K K^T * exp(G_i - G_j))`` added, and ``M`` with
+        ``dK += M K + M^T K``. (The caller computes ``gam`` where its registers allow.)"""
+        r = tl.arange(0, BT)
+        low = r[:, None] > r[None, :]
         kkg = tl.where(low, kk * gam, 0.0)
         db += tl.sum(da * kkg, axis=1)
         e = da * kkg * beta[:, None]  # dA * A
         dgc += tl.sum(e, axis=1) - tl.sum(e, axis=0)
-        m = da * gam * beta[:, None]
-        m = tl.where(low, m, 0.0)
-        dk += tl.dot(m, kf, input_precision=PREC) + tl.dot(tl.trans(m), kf, input_precision=PREC)
-        dk += tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
-        if L2_BWD:
-            dk = _l2_tile_bwd(xk_ptr, rk_ptr, dk, tok, i_h, H, DK, ok, mt, m_qk)
-            tl.store(dko_ptr + o_k, dk.to(dko_ptr.dtype.element_ty), mask=m_qk)
-        else:
-            tl.store(dk_ptr + o_k, dk, mask=m_qk)
+        return db, dgc, tl.where(low, da * gam * beta[:, None], 0.0)
+
+    @triton.jit
+    def _wy_store_db_dg(db_ptr, dg_ptr, db, dgc, tok, mt, i_hv, HV):
+        """Store ``dbeta``; ``dg`` w.r.t. the raw ``g`` from the gradient w.r.t. ``G`` (plus the one
+        already in ``dg``): ``G`` is a cumsum, so ``dg_t = sum_{s >= t} dG_s`` within the chunk."""
         tl.store(db_ptr + tok * HV + i_hv, db.to(db_ptr.dtype.element_ty), mask=mt)
         dgc += tl.load(dg_ptr + tok * HV + i_hv, mask=mt, other=0.0)
         dgc = tl.where(mt, dgc, 0.0)
-        # g -> G is a cumsum: dg_t = sum_{s >= t} dG_s (within the chunk)
         dg = tl.sum(dgc, axis=0) - tl.cumsum(dgc, axis=0) + dgc
         tl.store(dg_ptr + tok * HV + i_hv, dg, mask=mt)
 
     @triton.jit
-    def _wy_bwd_ktile(
+    def _wy_bwd(
         k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, dw_ptr, du_ptr, dk_ptr, dv_ptr, db_ptr, dg_ptr,
         cs_ptr, cl_ptr, xk_ptr, rk_ptr, dko_ptr,
         H, HV, REP, DK, DV,
         BT: tl.constexpr, BKT: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
         PREC: tl.constexpr, L2_BWD: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
-        """:func:`_wy_bwd` over key tiles ``[BT, BKT]`` instead of whole ``[BT, DK]`` rows, so the
-        float32 key-side tiles (``K``, ``beta exp(G) K``, ``T^T dW``, ``dK``) are ``BKT`` wide.
-        Pass 1 (per key tile): ``dT``, ``dbeta``, ``dG``; the partial
-        ``dK = T^T dW beta exp(G) + dK_in`` goes back to ``dk`` (float32, this program's rows).
-        The value tiles and ``dA`` as in :func:`_wy_bwd`, then ``K K^T`` tile by tile. Pass 2 adds ``M K + M^T K`` to each
-        tile; with ``L2_BWD`` it also sums ``y . dK`` per row and pass 3 writes
-        ``r (dK - y (y . dK))`` into ``dko``."""
+        """Backward of ``W, U`` through ``T = (I + A)^-1``, ``beta``, ``V`` and ``A``: adds to
+        ``dk`` (float32 in place), writes ``dv``, ``dbeta`` and ``dg`` (w.r.t. the raw ``g``:
+        reverse cumsum of the gradient w.r.t. ``G`` read from ``dg`` in place). Over key tiles
+        ``[BT, BKT]``, so the float32 key-side tiles (``K``, ``beta exp(G) K``, ``T^T dW``,
+        ``dK``) are ``BKT`` wide. Pass 1 (per key tile): ``dT``, ``dbeta``, ``dG``; the partial
+        ``dK = T^T dW beta exp(G) + dK_in`` goes back to ``dk`` (this program's rows). Then the
+        value tiles (:func:`_wy_values`), ``dA``, and ``K K^T`` tile by tile. Pass 2 adds
+        ``M K + M^T K`` to each tile; with ``L2_BWD`` (the L2 norm of the raw ``xk``, one value
+        head per q/k head) it also sums ``y . dK`` per row and pass 3 writes
+        ``r (dK - y (y . dK))`` into ``dko`` (its dtype)."""
         i_c = tl.program_id(0)
         i_hv = tl.program_id(1)
         L = tl.load(cl_ptr + i_c)
@@ -1056,27 +964,10 @@ def _kernels() -> SimpleNamespace:
             dgc += tl.sum(dxw * xw, axis=1)
             dkp = dxw * (beta * eg)[:, None] + tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
             tl.store(dk_ptr + o_k, dkp, mask=m_qk)
-        if LOWP:
-            ttl = tl.trans(tt.to(du_ptr.dtype.element_ty))
-        for iv in range(0, NV):
-            ov = iv * BV + tl.arange(0, BV)
-            mv = mt[:, None] & (ov[None, :] < DV)
-            tv = (tok[:, None] * HV + i_hv) * DV + ov[None, :]
-            v = tl.load(v_ptr + tv, mask=mv, other=0.0).to(tl.float32)
-            if LOWP:
-                du = tl.load(du_ptr + tv, mask=mv, other=0.0)
-                dxu = tl.dot(ttl, du, input_precision=PREC)
-                dt += tl.dot(du, tl.trans((v * beta[:, None]).to(du.dtype)), input_precision=PREC)
-            else:
-                du = tl.load(du_ptr + tv, mask=mv, other=0.0).to(tl.float32)
-                dxu = tl.dot(tl.trans(tt), du, input_precision=PREC)
-                dt += tl.dot(du, tl.trans(v * beta[:, None]), input_precision=PREC)
-            db += tl.sum(dxu * v, axis=1)
-            tl.store(dv_ptr + tv, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=mv)
-        # T = (I + A)^-1  ->  dA = -T^T dT T^T on the strict lower triangle
-        low = r[:, None] > r[None, :]
-        da = -tl.dot(tl.dot(tl.trans(tt), dt, input_precision=PREC), tl.trans(tt), input_precision=PREC)
-        da = tl.where(low & mt[:, None], da, 0.0)
+        dt, db = _wy_values(
+            v_ptr, du_ptr, dv_ptr, tt, beta, dt, db, tok, mt, i_hv, HV, DV, BV, NV, PREC, LOWP
+        )
+        da = _wy_da(tt, dt, mt, BT, PREC)
         # K K^T after T and dT are dead (the keys again: L2 hits), not carried through the loops
         for ik in range(0, NK):
             ok = ik * BKT + tl.arange(0, BKT)
@@ -1086,12 +977,7 @@ def _kernels() -> SimpleNamespace:
                 other=0.0,
             )
             kk += tl.dot(k, tl.trans(k), input_precision=PREC)
-        gam = tl.exp(tl.where(low, G[:, None] - G[None, :], float("-inf")))
-        kkg = tl.where(low, kk * gam, 0.0)
-        db += tl.sum(da * kkg, axis=1)
-        e = da * kkg * beta[:, None]  # dA * A
-        dgc += tl.sum(e, axis=1) - tl.sum(e, axis=0)
-        m = tl.where(low, da * gam * beta[:, None], 0.0)
+        db, dgc, m = _wy_m(da, kk, _wy_gamma(G, BT), beta, db, dgc, BT)
         mT = tl.trans(m)
         tl.debug_barrier()  # pass 1's dk stores are read back by other threads
         yd = tl.zeros([BT], dtype=tl.float32)
@@ -1124,22 +1010,18 @@ def _kernels() -> SimpleNamespace:
                 dk = tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
                 dk = rr[:, None] * (dk - x * (rr * yd)[:, None])
                 tl.store(dko_ptr + o_k, dk.to(dko_ptr.dtype.element_ty), mask=m_qk)
-        tl.store(db_ptr + tok * HV + i_hv, db.to(db_ptr.dtype.element_ty), mask=mt)
-        dgc += tl.load(dg_ptr + tok * HV + i_hv, mask=mt, other=0.0)
-        dgc = tl.where(mt, dgc, 0.0)
-        # g -> G is a cumsum: dg_t = sum_{s >= t} dG_s (within the chunk)
-        dg = tl.sum(dgc, axis=0) - tl.cumsum(dgc, axis=0) + dgc
-        tl.store(dg_ptr + tok * HV + i_hv, dg, mask=mt)
+        _wy_store_db_dg(db_ptr, dg_ptr, db, dgc, tok, mt, i_hv, HV)
 
     # the kernels resolve the helpers they call through the module's globals
     globals().update(
         _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk,
-        _t_blocks=_t_blocks, _dbl_level=_dbl_level, _inv_doubling=_inv_doubling, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
-        _l2_tile_bwd=_l2_tile_bwd, _chunk_span=_chunk_span, _seq_span=_seq_span,
+        _t_blocks=_t_blocks, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
+        _l2_tile_bwd=_l2_tile_bwd, _wy_values=_wy_values, _wy_da=_wy_da, _wy_gamma=_wy_gamma, _wy_m=_wy_m,
+        _wy_store_db_dg=_wy_store_db_dg, _chunk_span=_chunk_span, _seq_span=_seq_span,
     )  # fmt: skip
     return SimpleNamespace(
-        l2norm_fwd=_l2norm_fwd, l2norm_bwd=_l2norm_bwd, kkt=_kkt, solve=_solve, prep=_prep, prep_doubling=_prep_doubling, wu=_wu, state=_state,
-        out=_out, dv_local=_dv_local, dstate=_dstate, dqkwg=_dqkwg, wy_bwd=_wy_bwd, wy_bwd_ktile=_wy_bwd_ktile,
+        l2norm_fwd=_l2norm_fwd, l2norm_bwd=_l2norm_bwd, kkt=_kkt, solve=_solve, prep=_prep, wu=_wu, state=_state,
+        out=_out, dv_local=_dv_local, dstate=_dstate, dqkwg=_dqkwg, wy_bwd=_wy_bwd,
     )  # fmt: skip
 
 
@@ -1162,7 +1044,6 @@ LAUNCH: dict[str, dict[str, int]] = {
     "kkt": {"num_warps": 4, "num_stages": 2},
     "solve": {"num_warps": 4, "num_stages": 2},
     "prep": {"num_warps": 4, "num_stages": 2},
-    "prep_doubling": {"num_warps": 4, "num_stages": 2},
     "wu": {"num_warps": 4, "num_stages": 2},
     "state": {"num_warps": 4, "num_stages": 2},
     "state_out": {"num_warps": 4, "num_stages": 1},
@@ -1170,8 +1051,7 @@ LAUNCH: dict[str, dict[str, int]] = {
     "dv_local": {"num_warps": 4, "num_stages": 2},
     "dstate": {"num_warps": 8, "num_stages": 2},
     "dqkwg": {"num_warps": 8, "num_stages": 3},
-    "wy_bwd": {"num_warps": 8, "num_stages": 1},
-    "wy_bwd_ktile": {"num_warps": 4, "num_stages": 2},
+    "wy_bwd": {"num_warps": 4, "num_stages": 2},
 }
 TILES: dict[str, int] = {
     "state_values": 8192,
@@ -1199,26 +1079,21 @@ TILES: dict[str, int] = {
 #   lease of 2026-12-03): a wash: dstate 0.556 -> 0.530 ms, the no-grad forward 1.154 -> 1.183,
 #   forward+backward 3.418 -> 3.432 (within run-to-run noise); kept, since the state_out s1 choice
 #   above was measured with it.
-# ``prep_doubling``: one 64x64 tile for ``A``, ``T`` (block doubling, 10 dots of 64^3) and ``W``/``U``
-#   instead of 16x16 blocks: slower (prep 0.47 -> 0.70-0.75 ms, TF32x3 products; gdn_bench
-#   triton_choices, H200, 2026-12-04, h200-2026-12-04-gdn-choices.json); off.
-# ``inverse_tf32x3``: the 16x16 inverse's products in TF32x3 instead of exact float32: slower
-#   (0.47 -> 0.57 ms; same run); off. (A variant running the substitution on ``T^T``, so that
-#   its reductions run along the other axis, compiled to 568 barriers against 230: not kept.)
-# ``wy_ktile``: ``_wy_bwd`` over key tiles of ``TILES["wy_key_tile"]`` columns (4 warps) instead of
-#   whole rows (8 warps, 255 registers, one program per SM): 0.998 -> 0.81 ms, forward+backward
-#   3.374 -> 3.186 ms, gradients within 2e-9 relative of each other (same run); on. Tiles of 32
-#   columns (``TILES["wy_key_tile"]``): 0.797 -> 0.777 ms, forward+backward 3.175 -> 3.147; 8 warps
-#   1.09, one stage a wash (second lease of 2026-12-04, h200-2026-12-04-r12-gdn-choices.json).
+# Measured and removed (git history has the code): the prep as one 64x64 tile for ``A``, ``T``
+#   (block doubling, 10 dots of 64^3) and ``W``/``U`` (prep 0.47 -> 0.70-0.75 ms, TF32x3 products;
+#   gdn_bench triton_choices, H200, 2026-12-04, h200-2026-12-04-gdn-choices.json); the 16x16
+#   inverse's products in TF32x3 (0.47 -> 0.57 ms, same run); the substitution run on ``T^T``
+#   (568 barriers against 230 when compiled); the whole-row ``_wy_bwd`` (8 warps, 255 registers,
+#   one program per SM), which the key tiles (``TILES["wy_key_tile"]``, 4 warps) replaced:
+#   0.998 -> 0.81 ms, forward+backward 3.374 -> 3.186 ms, gradients within 2e-9 relative (same
+#   run); tiles of 32 columns against 64: 0.797 -> 0.777 ms, forward+backward 3.175 -> 3.147; 8
+#   warps 1.09, one stage a wash (h200-2026-12-04-r12-gdn-choices.json).
 FUSED: dict[str, bool] = {
     "prep": True,
     "out": True,
     "keep_states": True,
     "wy_lowp": True,
     "seq_offsets": True,
-    "prep_doubling": False,
-    "inverse_tf32x3": False,
-    "wy_ktile": True,
 }
 _STAGE_HOOK: list[Any] = []
 
@@ -1234,12 +1109,6 @@ def _prec(dtype: torch.dtype) -> str:
     """``input_precision`` of float32 products: exact for float32 inputs, TF32 for bf16/fp16 ones
     (whose operands carry fewer mantissa bits than TF32 anyway)."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _inv_prec(dtype: torch.dtype) -> str:
-    """``input_precision`` of the products inside ``T = (I + A)^-1``: exact float32, or (bf16/fp16
-    inputs, ``FUSED["inverse_tf32x3"]``) three TF32 products per float32 one (about 2^-22 relative)."""
-    return "tf32x3" if FUSED["inverse_tf32x3"] and dtype != torch.float32 else "ieee"
 
 
 def _blocks(Dk: int, Dv: int) -> tuple[int, int, int]:
@@ -1277,10 +1146,18 @@ def _fuse_out(n_seq: int, B: int, HV: int, Dk: int, Dv: int, device: torch.devic
     sms = _sm_count(device)
     if sms == 0:
         return True
-    BK = max(16, _next_pow2(Dk))
-    bv = _fill_sms(max(16, min(_next_pow2(Dv), TILES["state_out_values"] // BK)), n_seq * HV, Dv, sms)
-    programs = n_seq * HV * -(-Dv // bv)
+    programs = n_seq * HV * -(-Dv // _recurrence_bv(Dk, Dv, n_seq * HV, sms, fuse_out=True))
     return n_seq == B and sms < programs <= 2 * sms
+
+
+def _recurrence_bv(Dk: int, Dv: int, rows: int, sms: int, *, fuse_out: bool) -> int:
+    """Value columns per program of the forward recurrence (``rows`` = sequences x value heads):
+    ``TILES["state_out_values"]`` / ``["state_values"]`` float32 values of state per program,
+    then :func:`_fill_sms`."""
+    BK, bv, _ = _blocks(Dk, Dv)
+    if fuse_out:
+        bv = max(16, min(_next_pow2(Dv), TILES["state_out_values"] // BK))
+    return _fill_sms(bv, rows, Dv, sms)
 
 
 def n_slots_for(n_tokens: int, n_seq: int, has_docs: bool, seq_len: int) -> int:
@@ -1389,10 +1266,8 @@ def _recurrence(
     dt, dev = kn.dtype, kn.device
     cs, cl, so = plan
     n_seq = so.shape[0] - 1
-    BK, BVs, _ = _blocks(Dk, Dv)
-    if fuse_out:
-        BVs = max(16, min(_next_pow2(Dv), TILES["state_out_values"] // BK))
-    BVs = _fill_sms(BVs, n_seq * HV, Dv, _sm_count(dev))
+    BK = _blocks(Dk, Dv)[0]
+    BVs = _recurrence_bv(Dk, Dv, n_seq * HV, _sm_count(dev), fuse_out=fuse_out)
     o = torch.empty(NT, HV, Dv, dtype=dt, device=dev) if fuse_out else kn.new_empty(0)
     h = torch.empty(n_slots, HV, Dk, Dv, dtype=dt, device=dev) if store_h else kn.new_empty(0)
     vn = torch.empty(NT, HV, Dv, dtype=dt, device=dev) if store_h else kn.new_empty(0)
@@ -1446,10 +1321,9 @@ def _fwd_impl(
     if FUSED["prep"]:
         w = torch.empty(NT, HV, Dk, dtype=dt, device=q.device)
         u = torch.empty(NT, HV, Dv, dtype=dt, device=q.device)
-        name = "prep_doubling" if FUSED["prep_doubling"] else "prep"
-        getattr(kern, name)[(n_slots, HV)](
+        kern.prep[(n_slots, HV)](
             kn, v2, g2, b2, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
-            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, TPREC=_inv_prec(dt), **_cfg(name),
+            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("prep"),
         )  # fmt: skip
     else:
         a = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
@@ -1560,40 +1434,12 @@ def _bwd_impl(
     dv = torch.empty(NT, HV, Dv, dtype=v.dtype, device=dev)
     db = torch.empty(NT, HV, dtype=beta.dtype, device=dev)
     dko = torch.empty(NT, H, Dk, dtype=k.dtype, device=dev) if l2_in else dkh
-    lowp = FUSED["wy_lowp"] and dt != torch.float32
-    wy_args = (
-        kn,
-        v2,
-        b2,
-        gc,
-        tm,
-        dw,
-        dvb,
-        dkh,
-        dv,
-        db,
-        dg,
-        cs,
-        cl,
-        xk,
-        rk if l2_in else gc,
-        dko,
-        H,
-        HV,
-        rep,
-        Dk,
-        Dv,
-    )
-    if FUSED["wy_ktile"]:
-        bkt = min(BK, TILES["wy_key_tile"])
-        kern.wy_bwd_ktile[(n_slots, HV)](
-            *wy_args, BT=CHUNK, BKT=bkt, NK=-(-Dk // bkt), BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in, LOWP=lowp,
-            **_cfg("wy_bwd_ktile"),
-        )  # fmt: skip
-    else:
-        kern.wy_bwd[(n_slots, HV)](
-            *wy_args, BT=CHUNK, BK=BK, BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in, LOWP=lowp, **_cfg("wy_bwd")
-        )
+    bkt = min(BK, TILES["wy_key_tile"])
+    kern.wy_bwd[(n_slots, HV)](
+        kn, v2, b2, gc, tm, dw, dvb, dkh, dv, db, dg, cs, cl, xk, rk if l2_in else gc, dko, H, HV, rep, Dk, Dv,
+        BT=CHUNK, BKT=bkt, NK=-(-Dk // bkt), BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in,
+        LOWP=FUSED["wy_lowp"] and dt != torch.float32, **_cfg("wy_bwd"),
+    )  # fmt: skip
     if l2_in:
         dq, dk = dqh, dko
     else:

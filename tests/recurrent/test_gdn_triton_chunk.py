@@ -125,9 +125,9 @@ print("OK")
 """
 )
 
-# the kernel choices: whole-chunk prep (T by block doubling), the key-tiled _wy_bwd (three key
-# tiles, the last one partial; L2-norm backward inside and outside it) against the whole-row one,
-# the TF32x3 products of the inverse (float16 inputs); each against float64
+# _wy_bwd's key tiles: one tile per row (Dk 40 in a tile of 64) as the yardstick against three
+# tiles of 16 (the last one partial), the L2-norm backward inside and outside it; each against
+# float64, float32 and float16
 CHOICES = (
     PRELUDE
     + r"""
@@ -137,18 +137,15 @@ lens = [37, 64, 65, 20]
 cu = lengths_to_cu(lens)
 gva = gdr_inputs(1, sum(lens), 1, 2, 40, 32, n_seq=len(lens), seed=7)
 one = gdr_inputs(2, 100, 2, 2, 40, 32, seed=8)
-tc.FUSED["wy_ktile"] = False  # the whole-row _wy_bwd as the yardstick
+tc.TILES["wy_key_tile"] = 64  # one key tile per row as the yardstick
 base = {"gva": compare(gva, cu, torch.float32, 1e-5), "one": compare(one, None, torch.float32, 1e-5)}
-tc.FUSED.update(prep_doubling=True, wy_ktile=True)
 tc.TILES["wy_key_tile"] = 16
 for name, inp, c in (("gva", gva, cu), ("one", one, None)):
     got = compare(inp, c, torch.float32, 1e-5)
     for n in got:
         assert rel_rms(got[n], base[name][n]) < 1e-5, (name, n)
     compare(inp, c, torch.float16, BUD)
-tc.FUSED["inverse_tf32x3"] = True
-compare(gva, cu, torch.float16, BUD)
-tc.FUSED["prep_doubling"] = False
+tc.FUSED["prep"] = False
 compare(one, None, torch.float16, BUD)
 print("OK")
 """
@@ -220,7 +217,7 @@ def test_triton_chunk_fused_and_split_forward_kernels_agree():
 
 
 @needs_triton
-def test_triton_chunk_kernel_choices_match_float64_and_the_defaults():
+def test_triton_chunk_key_tiles_match_float64_and_one_tile():
     _run(CHOICES, 600)
 
 
