@@ -886,18 +886,13 @@ def _kernels() -> SimpleNamespace:
         return tl.where((r[:, None] > r[None, :]) & mt[:, None], da, 0.0)
 
     @triton.jit
-    def _wy_gamma(G, BT: tl.constexpr):
-        """``exp(G_i - G_j)`` on the strict lower triangle, 0 elsewhere ``[BT, BT]``."""
-        r = tl.arange(0, BT)
-        return tl.exp(tl.where(r[:, None] > r[None, :], G[:, None] - G[None, :], float("-inf")))
-
-    @triton.jit
-    def _wy_m(da, kk, gam, beta, db, dgc, BT: tl.constexpr):
-        """From ``dA``, ``K K^T`` and :func:`_wy_gamma`: ``dbeta`` and ``dG`` with the terms of
+    def _wy_m(da, kk, G, beta, db, dgc, BT: tl.constexpr):
+        """From ``dA`` and ``K K^T``: ``dbeta`` and ``dG`` with the terms of
         ``A = strict_lower(diag(beta) K K^T * exp(G_i - G_j))`` added, and ``M`` with
-        ``dK += M K + M^T K``. (The caller computes ``gam`` where its registers allow.)"""
+        ``dK += M K + M^T K``."""
         r = tl.arange(0, BT)
         low = r[:, None] > r[None, :]
+        gam = tl.exp(tl.where(low, G[:, None] - G[None, :], float("-inf")))
         kkg = tl.where(low, kk * gam, 0.0)
         db += tl.sum(da * kkg, axis=1)
         e = da * kkg * beta[:, None]  # dA * A
@@ -977,7 +972,7 @@ def _kernels() -> SimpleNamespace:
                 other=0.0,
             )
             kk += tl.dot(k, tl.trans(k), input_precision=PREC)
-        db, dgc, m = _wy_m(da, kk, _wy_gamma(G, BT), beta, db, dgc, BT)
+        db, dgc, m = _wy_m(da, kk, G, beta, db, dgc, BT)
         mT = tl.trans(m)
         tl.debug_barrier()  # pass 1's dk stores are read back by other threads
         yd = tl.zeros([BT], dtype=tl.float32)
@@ -1016,7 +1011,7 @@ def _kernels() -> SimpleNamespace:
     globals().update(
         _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk,
         _t_blocks=_t_blocks, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
-        _l2_tile_bwd=_l2_tile_bwd, _wy_values=_wy_values, _wy_da=_wy_da, _wy_gamma=_wy_gamma, _wy_m=_wy_m,
+        _l2_tile_bwd=_l2_tile_bwd, _wy_values=_wy_values, _wy_da=_wy_da, _wy_m=_wy_m,
         _wy_store_db_dg=_wy_store_db_dg, _chunk_span=_chunk_span, _seq_span=_seq_span,
     )  # fmt: skip
     return SimpleNamespace(
