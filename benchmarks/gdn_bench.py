@@ -918,6 +918,48 @@ def triton_stages(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
     return [row]
 
 
+def _kernel_times(fn: Callable[[], Any], reps: int) -> list[dict[str, Any]]:
+    """GPU time of each kernel ``fn`` launches (``torch.profiler``, CUPTI): name, calls per ``fn``
+    call, microseconds per call, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA" and ev.device_time > 0:
+            per.setdefault(ev.name, []).append(ev.device_time)
+    rows = [{"kernel": name[:120], "calls": len(ts) / reps, "us": sum(ts) / reps} for name, ts in per.items()]
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def kernel_profile(device: torch.device, smoke: bool) -> list[dict[str, Any]]:
+    """Per-kernel GPU time at the benchmark shape: ours (forward without grad, forward+backward)
+    and fla's forward, each with its total, so a stage can be compared kernel by kernel."""
+    if device.type != "cuda":
+        return []
+    fwd, fb, leaves = _bench_leaves(device, smoke)
+    subjects: list[tuple[str, Callable[[], Any]]] = [("ours:triton fwd", fwd), ("ours:triton fwd+bwd", fb)]
+    ok_f, _why = fla_mod.fla_kernel_usable(device, leaves[0].dtype, backward=False)
+    if ok_f:
+        subjects.append(
+            ("fla fwd", lambda: fla_mod.fla_chunk_gated_delta_rule(*leaves, use_qk_l2norm=True)[0])
+        )
+    rows = []
+    for label, fn in subjects:
+        ctx = torch.no_grad() if label.endswith(" fwd") else contextlib.nullcontext()
+        with ctx:
+            kernels = _kernel_times(fn, reps=5)
+        row = {"subject": label, "total_us": sum(k["us"] for k in kernels), "kernels": kernels}
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
 TUNE_CANDIDATES = {  # largest stages first (a time budget cuts the tail); the default kernel choices' stages
     "wy_bwd": [(8, 1), (4, 2), (8, 2), (16, 1)],
     "state_out": [(4, 2), (8, 2), (4, 3), (8, 1)],
@@ -1008,6 +1050,14 @@ CHOICES: list[tuple[str, dict[str, bool], dict[str, int], dict[str, dict[str, in
         {k: {"num_stages": 1} for k in ("state", "state_out", "dstate")},
     ),
     ("prep: 16x16, num_warps 8", {}, {}, {"prep": {"num_warps": 8}}),
+    ("prep: W/U from T re-read", {}, {"prep_wu": 1}, {}),
+    ("prep: W/U from T re-read, w8", {}, {"prep_wu": 1}, {"prep": {"num_warps": 8}}),
+    ("prep: W/U from T re-read, s1", {}, {"prep_wu": 1}, {"prep": {"num_stages": 1}}),
+    ("prep: A and T, then _wu", {}, {"prep_wu": 2}, {}),
+    ("prep: A and T w8, then _wu", {}, {"prep_wu": 2}, {"prep": {"num_warps": 8}}),
+    ("prep: A and T, then _wu w8", {}, {"prep_wu": 2}, {"wu": {"num_warps": 8}}),
+    ("separate prep kernels, solve w8", {"prep": False}, {}, {"solve": {"num_warps": 8}}),
+    ("separate prep kernels, solve w2", {"prep": False}, {}, {"solve": {"num_warps": 2}}),
     ("wy_bwd: key tiles of 64, w4s1", {}, {"wy_key_tile": 64}, {"wy_bwd": {"num_stages": 1}}),
     ("wy_bwd: key tiles of 32, w8s1", {}, {}, {"wy_bwd": {"num_warps": 8, "num_stages": 1}}),
     ("wy_bwd: key tiles of 64, w4s2", {}, {"wy_key_tile": 64}, {}),
@@ -1324,6 +1374,7 @@ SECTIONS = (
     "triton_correctness",
     "triton_speed",
     "triton_stages",
+    "kernel_profile",
     "triton_choices",
     "layer",
     "triton_tune",
@@ -1385,6 +1436,15 @@ def main(argv: list[str] | None = None) -> int:
         "=0/1, TILES keys (state_values, state_out_values, chunk_bv, wy_key_tile) = int, LAUNCH: "
         "kernel.num_warps=N",
     )
+    ap.add_argument(
+        "--write-order",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="derive this architecture's GatedDeltaNet kernel order from this run (triton_speed rows, "
+        "correctness verdicts) and write it (default: the package's recurrent/kernel_order.json)",
+    )
     args = ap.parse_args(argv)
     _apply_settings(args.set)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -1399,6 +1459,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton_correctness": lambda: triton_correctness(device, args.smoke, deadline),
         "triton_speed": lambda: triton_speed(device, args.smoke, iters, warmup, deadline, args.shapes),
         "triton_stages": lambda: triton_stages(device, args.smoke),
+        "kernel_profile": lambda: kernel_profile(device, args.smoke),
         "triton_tune": lambda: triton_tune(device, args.smoke, deadline),
         "triton_choices": lambda: triton_choices(device, args.smoke, iters, warmup, deadline, args.choices),
         "layer": lambda: layer_speed(device, args.smoke, iters, warmup),
@@ -1436,6 +1497,20 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" not in r
     )
     out = _write(result, args.out)
+    if args.write_order is not None:
+        from olmo_attn.recurrent import kernel_order as ko
+
+        arch = f"sm_{str(result['env'].get('sm', '')).replace('.', '')}"
+        if device.type != "cuda" or not result.get("triton_speed"):
+            print("--write-order: needs a GPU run with the triton_speed section; nothing written")
+        else:
+            path = ko.write_order(
+                arch,
+                ko.derive([result]),
+                source=f"benchmarks/gdn_bench.py ({out.name})",
+                path=args.write_order or None,
+            )
+            print(f"kernel order for {arch} -> {path}")
     print(table)
     print(f"\nJSON: {out}")
     return 1 if failed else 0

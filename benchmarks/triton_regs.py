@@ -12,6 +12,7 @@ between GPU sessions. A stack frame (``stack B`` > 0) at 255 registers is spille
     python benchmarks/triton_regs.py --arch 100 --dtype float32
     python benchmarks/triton_regs.py --set wy_bwd.num_warps=4     # a LAUNCH override
     python benchmarks/triton_regs.py --fused prep=0 --tile wy_key_tile=64   # kernel choices
+    python benchmarks/triton_regs.py --sass       # and SASS instruction counts (barriers, shuffles, spills)
 
 Occupancy here is the register and shared-memory bound only (65,536 registers and 227 KiB of
 shared memory per multiprocessor, 64 warps), not a measurement.
@@ -71,6 +72,25 @@ def _resources(cubin: bytes, cuobjdump: str) -> dict[str, int]:
     return out
 
 
+SASS_OPS = ("BAR", "SHFL", "LDS", "STS", "LDL", "STL", "LDG", "STG", "HMMA", "HGMMA", "FFMA")
+
+
+def _sass_counts(cubin: bytes, nvdisasm: str) -> dict[str, int]:
+    """Instructions of the cubin's SASS: ``total`` and the count of each op in ``SASS_OPS``
+    (barriers, shuffles, shared/local/global memory, tensor-core and FMA ops)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([nvdisasm, f.name], capture_output=True, text=True, check=True).stdout
+    ops: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", line)
+        if m:
+            op = m.group(1).split(".")[0]
+            ops[op] = ops.get(op, 0) + 1
+    return {"total": sum(ops.values()), **{k: ops.get(k, 0) for k in SASS_OPS}}
+
+
 def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per distinct kernel launch of a forward (no grad and training) and a backward."""
     import triton
@@ -94,6 +114,8 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
                 seen.add(key)
                 k = _compile(self.fn, target, a, dict(kw))
                 res = _resources(k.asm["cubin"], cuobjdump)
+                if getattr(args, "sass", False):
+                    res["sass"] = _sass_counts(k.asm["cubin"], cuobjdump.replace("cuobjdump", "nvdisasm"))
                 warps = kw.get("num_warps", 4)
                 smem = int(k.metadata.shared)
                 fit = min(
@@ -165,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fused", action="append", default=[], metavar="NAME=0|1", help="override FUSED (kernel choices)"
     )
     p.add_argument("--tile", action="append", default=[], metavar="NAME=INT", help="override TILES")
+    p.add_argument("--sass", action="store_true", help="also count SASS instructions (total, barriers, ...)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
     for item in args.set:
@@ -181,13 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    sass_cols = ("total", "BAR", "SHFL", "LDL", "STL") if args.sass else ()
     print(
         f"{'kernel':<12} {'warps':>5} {'stages':>6} {'regs':>5} {'stack B':>8} {'smem KiB':>9} {'fit/SM':>6}"
+        + "".join(f" {c:>6}" for c in sass_cols)
     )
     for r in rows:
         print(
             f"{r['kernel']:<12} {r['num_warps']:>5} {r['num_stages']!s:>6} {r['regs']:>5} {r['stack']:>8} "
             f"{r['shared_bytes'] / 1024:>9.1f} {r['programs_per_sm']:>6}"
+            + "".join(f" {r['sass'][c]:>6}" for c in sass_cols)
         )
     return 0
 

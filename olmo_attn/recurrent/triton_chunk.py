@@ -16,6 +16,9 @@ Kernels (grid in brackets; ``NC`` = chunk slots, ``N`` = sequences):
 * ``_solve`` [NC, HV]: ``T = (I + A)^-1`` by forward substitution on the four 16x16 diagonal
   blocks, then the off-diagonal blocks ``T_ij = -T_ii sum_k A_ik T_kj`` by 16x16 dots.
 * ``_wu`` [NC, HV]: ``W`` and ``U``.
+* ``_prep`` [NC, HV] (the default): ``_kkt`` and ``_solve`` in one program, ``A`` and ``T`` as
+  16x16 register blocks; ``W`` and ``U`` from those blocks (``TILES["prep_wu"] = 0``), from ``T``
+  read back as one tile (1), or by ``_wu`` after it (2).
 * ``_state`` [N * HV, Dv / BV]: the only sequential part; the state tile ``[Dk, BV]`` stays in
   float32 registers while the program walks its sequence's chunks, storing each chunk's entering
   state ``h`` and ``V'``.
@@ -344,11 +347,14 @@ def _kernels() -> SimpleNamespace:
         k_ptr, v_ptr, g_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
         H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+        WU: tl.constexpr,
     ):  # fmt: skip
-        """``_kkt``, ``_solve`` and ``_wu`` in one program per chunk and value head, ``A`` and ``T``
-        held in registers as 16x16 blocks (``BT = 64``): the four diagonal blocks are inverted by
-        one forward-substitution loop (four independent chains per step), ``W`` and ``U`` are
-        block-row sums ``W_i = sum_j T_ij X_j``. Stores ``G``, ``T`` (for the backward), ``W``, ``U``."""
+        """``_kkt`` and ``_solve`` in one program per chunk and value head, ``A`` and ``T`` held in
+        registers as 16x16 blocks (``BT = 64``): the four diagonal blocks are inverted by one
+        forward-substitution loop (four independent chains per step). Stores ``G`` and ``T`` (for
+        the backward), then ``W`` and ``U`` by ``WU``: 0, block-row sums ``W_i = sum_j T_ij X_j``
+        of the registers' blocks; 1, ``T`` read back (after a barrier) as one ``[BT, BT]`` tile,
+        as ``_wu`` does; 2, not at all (``_wu`` runs next)."""
         i_c = tl.program_id(0)
         i_hv = tl.program_id(1)
         L = tl.load(cl_ptr + i_c)
@@ -380,13 +386,15 @@ def _kernels() -> SimpleNamespace:
         a30 = _a_blk(k3, k0, b3, G3, G0, False, PREC)
         a31 = _a_blk(k3, k1, b3, G3, G1, False, PREC)
         a32 = _a_blk(k3, k2, b3, G3, G2, False, PREC)
-        # the keys are dead past here: W's operands b exp(G) K in the input dtype
         dt = w_ptr.dtype.element_ty
-        x0 = (k0.to(tl.float32) * (b0 * tl.exp(G0))[:, None]).to(dt)
-        x1 = (k1.to(tl.float32) * (b1 * tl.exp(G1))[:, None]).to(dt)
-        x2 = (k2.to(tl.float32) * (b2 * tl.exp(G2))[:, None]).to(dt)
-        x3 = (k3.to(tl.float32) * (b3 * tl.exp(G3))[:, None]).to(dt)
+        if WU == 0:
+            # the keys are dead past here: W's operands b exp(G) K in the input dtype
+            x0 = (k0.to(tl.float32) * (b0 * tl.exp(G0))[:, None]).to(dt)
+            x1 = (k1.to(tl.float32) * (b1 * tl.exp(G1))[:, None]).to(dt)
+            x2 = (k2.to(tl.float32) * (b2 * tl.exp(G2))[:, None]).to(dt)
+            x3 = (k3.to(tl.float32) * (b3 * tl.exp(G3))[:, None]).to(dt)
         # (I + A_bb)^-1 of the four diagonal blocks, one substitution step of each per row
+        eye = (r[:, None] == r[None, :]).to(tl.float32)
         t00 = -a00
         t11 = -a11
         t22 = -a22
@@ -396,7 +404,6 @@ def _kernels() -> SimpleNamespace:
             t11 = _subst_row(a11, t11, i)
             t22 = _subst_row(a22, t22, i)
             t33 = _subst_row(a33, t33, i)
-        eye = (r[:, None] == r[None, :]).to(tl.float32)
         t00 += eye
         t11 += eye
         t22 += eye
@@ -404,58 +411,89 @@ def _kernels() -> SimpleNamespace:
         t10, t20, t21, t30, t31, t32 = _t_blocks(
             t00, t11, t22, t33, a10, a20, a21, a30, a31, a32, t_ptr, t0, L, HV, i_hv, BT
         )
-        # W_i = sum_j T_ij (b exp(G) K)_j, U_i = sum_j T_ij (b V)_j with T in the input dtype:
-        # converted once (the float32 blocks are stored for the backward and die here)
-        z = tl.zeros([16, 16], dtype=dt)
-        t00, t11, t22, t33 = t00.to(dt), t11.to(dt), t22.to(dt), t33.to(dt)
-        t10, t20, t21, t30, t31, t32 = t10.to(dt), t20.to(dt), t21.to(dt), t30.to(dt), t31.to(dt), t32.to(dt)
-        _put_rows(w_ptr, _wu_row(t00, z, z, z, x0, x0, x0, x0, 1, PREC), t0, 0, L, HV, i_hv, DK, BK, 0)
-        _put_rows(w_ptr, _wu_row(t10, t11, z, z, x0, x1, x1, x1, 2, PREC), t0, 16, L, HV, i_hv, DK, BK, 0)
-        _put_rows(w_ptr, _wu_row(t20, t21, t22, z, x0, x1, x2, x2, 3, PREC), t0, 32, L, HV, i_hv, DK, BK, 0)
-        _put_rows(w_ptr, _wu_row(t30, t31, t32, t33, x0, x1, x2, x3, 4, PREC), t0, 48, L, HV, i_hv, DK, BK, 0)
-        for iv in range(0, NV):
-            col0 = iv * BV
-            ov = col0 + tl.arange(0, BV)
-            mv = ov[None, :] < DV
-            vb = v_ptr + ((t0 + r)[:, None] * HV + i_hv) * DV + ov[None, :]
-            y0 = (tl.load(vb, mask=(r < L)[:, None] & mv, other=0.0).to(tl.float32) * b0[:, None]).to(dt)
-            y1 = (
-                tl.load(vb + 16 * HV * DV, mask=((16 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
-                * b1[:, None]
-            ).to(dt)
-            y2 = (
-                tl.load(vb + 32 * HV * DV, mask=((32 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
-                * b2[:, None]
-            ).to(dt)
-            y3 = (
-                tl.load(vb + 48 * HV * DV, mask=((48 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
-                * b3[:, None]
-            ).to(dt)
-            _put_rows(u_ptr, _wu_row(t00, z, z, z, y0, y0, y0, y0, 1, PREC), t0, 0, L, HV, i_hv, DV, BV, col0)
+        if WU == 1:
+            tl.debug_barrier()  # T and G, just stored by every thread of the program, read back
+            _wu_tile(
+                k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, t0, L, i_hv, i_h, H, HV, DK, DV,
+                BT, BK, BV, NV, PREC,
+            )  # fmt: skip
+        if WU == 0:
+            # W_i = sum_j T_ij (b exp(G) K)_j, U_i = sum_j T_ij (b V)_j with T in the input dtype:
+            # converted once (the float32 blocks are stored for the backward and die here)
+            z = tl.zeros([16, 16], dtype=dt)
+            t00, t11, t22, t33 = t00.to(dt), t11.to(dt), t22.to(dt), t33.to(dt)
+            t10, t20, t21, t30, t31, t32 = (
+                t10.to(dt),
+                t20.to(dt),
+                t21.to(dt),
+                t30.to(dt),
+                t31.to(dt),
+                t32.to(dt),
+            )
+            _put_rows(w_ptr, _wu_row(t00, z, z, z, x0, x0, x0, x0, 1, PREC), t0, 0, L, HV, i_hv, DK, BK, 0)
+            _put_rows(w_ptr, _wu_row(t10, t11, z, z, x0, x1, x1, x1, 2, PREC), t0, 16, L, HV, i_hv, DK, BK, 0)
             _put_rows(
-                u_ptr, _wu_row(t10, t11, z, z, y0, y1, y1, y1, 2, PREC), t0, 16, L, HV, i_hv, DV, BV, col0
+                w_ptr, _wu_row(t20, t21, t22, z, x0, x1, x2, x2, 3, PREC), t0, 32, L, HV, i_hv, DK, BK, 0
             )
             _put_rows(
-                u_ptr, _wu_row(t20, t21, t22, z, y0, y1, y2, y2, 3, PREC), t0, 32, L, HV, i_hv, DV, BV, col0
+                w_ptr, _wu_row(t30, t31, t32, t33, x0, x1, x2, x3, 4, PREC), t0, 48, L, HV, i_hv, DK, BK, 0
             )
-            _put_rows(
-                u_ptr, _wu_row(t30, t31, t32, t33, y0, y1, y2, y3, 4, PREC), t0, 48, L, HV, i_hv, DV, BV, col0
-            )
+            for iv in range(0, NV):
+                col0 = iv * BV
+                ov = col0 + tl.arange(0, BV)
+                mv = ov[None, :] < DV
+                vb = v_ptr + ((t0 + r)[:, None] * HV + i_hv) * DV + ov[None, :]
+                y0 = (tl.load(vb, mask=(r < L)[:, None] & mv, other=0.0).to(tl.float32) * b0[:, None]).to(dt)
+                y1 = (
+                    tl.load(vb + 16 * HV * DV, mask=((16 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
+                    * b1[:, None]
+                ).to(dt)
+                y2 = (
+                    tl.load(vb + 32 * HV * DV, mask=((32 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
+                    * b2[:, None]
+                ).to(dt)
+                y3 = (
+                    tl.load(vb + 48 * HV * DV, mask=((48 + r) < L)[:, None] & mv, other=0.0).to(tl.float32)
+                    * b3[:, None]
+                ).to(dt)
+                _put_rows(
+                    u_ptr, _wu_row(t00, z, z, z, y0, y0, y0, y0, 1, PREC), t0, 0, L, HV, i_hv, DV, BV, col0
+                )
+                _put_rows(
+                    u_ptr, _wu_row(t10, t11, z, z, y0, y1, y1, y1, 2, PREC), t0, 16, L, HV, i_hv, DV, BV, col0
+                )
+                _put_rows(
+                    u_ptr,
+                    _wu_row(t20, t21, t22, z, y0, y1, y2, y2, 3, PREC),
+                    t0,
+                    32,
+                    L,
+                    HV,
+                    i_hv,
+                    DV,
+                    BV,
+                    col0,
+                )
+                _put_rows(
+                    u_ptr,
+                    _wu_row(t30, t31, t32, t33, y0, y1, y2, y3, 4, PREC),
+                    t0,
+                    48,
+                    L,
+                    HV,
+                    i_hv,
+                    DV,
+                    BV,
+                    col0,
+                )
 
     @triton.jit
-    def _wu(
-        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
-        H, HV, REP, DK, DV,
+    def _wu_tile(
+        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, t0, L, i_hv, i_h, H, HV, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
-        """``W = T (b exp(G) K)`` ``[NT, HV, DK]`` and ``U = T (b V)`` ``[NT, HV, DV]``."""
-        i_c = tl.program_id(0)
-        i_hv = tl.program_id(1)
-        L = tl.load(cl_ptr + i_c)
-        if L == 0:
-            return
-        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
-        i_h = i_hv // REP
+        """``W = T (b exp(G) K)`` ``[BT, DK]`` and ``U = T (b V)`` ``[BT, DV]`` of one chunk from the
+        stored ``T`` and ``G``: one ``[BT, BT]`` product per output tile."""
         r = tl.arange(0, BT)
         mt = r < L
         tok = t0 + r
@@ -485,6 +523,24 @@ def _kernels() -> SimpleNamespace:
             xu = (v * beta[:, None]).to(u_ptr.dtype.element_ty)
             u = tl.dot(tt, xu, input_precision=PREC)
             tl.store(u_ptr + off, u.to(u_ptr.dtype.element_ty), mask=mv)
+
+    @triton.jit
+    def _wu(
+        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
+        H, HV, REP, DK, DV,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """``W = T (b exp(G) K)`` ``[NT, HV, DK]`` and ``U = T (b V)`` ``[NT, HV, DV]``."""
+        i_c = tl.program_id(0)
+        i_hv = tl.program_id(1)
+        L = tl.load(cl_ptr + i_c)
+        if L == 0:
+            return
+        t0 = tl.load(cs_ptr + i_c).to(tl.int64)
+        _wu_tile(
+            k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, t0, L, i_hv, i_hv // REP, H, HV, DK, DV,
+            BT, BK, BV, NV, PREC,
+        )  # fmt: skip
 
     @triton.jit
     def _chunk_span(c, c0, ts, te, cs_ptr, cl_ptr, BT: tl.constexpr, SEQ_OFFSETS: tl.constexpr):
@@ -1010,7 +1066,7 @@ def _kernels() -> SimpleNamespace:
     # the kernels resolve the helpers they call through the module's globals
     globals().update(
         _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk,
-        _t_blocks=_t_blocks, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
+        _t_blocks=_t_blocks, _wu_tile=_wu_tile, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
         _l2_tile_bwd=_l2_tile_bwd, _wy_values=_wy_values, _wy_da=_wy_da, _wy_m=_wy_m,
         _wy_store_db_dg=_wy_store_db_dg, _chunk_span=_chunk_span, _seq_span=_seq_span,
     )  # fmt: skip
@@ -1054,7 +1110,14 @@ TILES: dict[str, int] = {
     "chunk_bv": 64,
     "fill_sms": 1,
     "wy_key_tile": 32,
+    "prep_wu": 0,
 }
+# ``prep_wu`` (where ``W``, ``U`` are made; 0: the prep's block-row sums, 1: the prep re-reads the
+#   ``T`` it stored as one tile after a barrier, 2: ``_wu`` after a prep that stores ``A``'s
+#   inverse only). Compiled for sm_90 (benchmarks/triton_regs.py --sass): 0 has 230 barriers and
+#   144 B of spills, 1 has 77 and 24 B, 2 has 63 and 56 B (plus _wu: 13, none); all 255
+#   registers, two programs per SM. Not yet timed on a GPU (no device was lent on 2026-12-04,
+#   seventh session): gdn_bench triton_choices "prep:" does it.
 # Kernel choices, each timed both ways on the same inputs by ``benchmarks/gdn_bench.py``
 # (section ``triton_choices``); H200, B2 T8192 H16 Dk128 Dv256 bf16, 2026-12-03:
 # ``prep``: one kernel for ``_kkt``, ``_solve`` and ``_wu`` (0.47-0.53 ms against 0.50 for the
@@ -1318,8 +1381,13 @@ def _fwd_impl(
         u = torch.empty(NT, HV, Dv, dtype=dt, device=q.device)
         kern.prep[(n_slots, HV)](
             kn, v2, g2, b2, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
-            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("prep"),
+            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, WU=TILES["prep_wu"], **_cfg("prep"),
         )  # fmt: skip
+        if TILES["prep_wu"] == 2:
+            kern.wu[(n_slots, HV)](
+                kn, v2, b2, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
+                BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("wu"),
+            )  # fmt: skip
     else:
         a = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
         kern.kkt[(n_slots, HV)](

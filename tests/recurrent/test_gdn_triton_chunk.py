@@ -145,6 +145,17 @@ for name, inp, c in (("gva", gva, cu), ("one", one, None)):
     for n in got:
         assert rel_rms(got[n], base[name][n]) < 1e-5, (name, n)
     compare(inp, c, torch.float16, BUD)
+tc.TILES["wy_key_tile"] = 32
+# the prep's W and U from T read back as one tile, or by _wu after the prep: same as the
+# registers' block sums to float32 rounding
+for mode in (1, 2):
+    tc.TILES["prep_wu"] = mode
+    for name, inp, c in (("gva", gva, cu), ("one", one, None)):
+        got = compare(inp, c, torch.float32, 1e-5)
+        for n in got:
+            assert rel_rms(got[n], base[name][n]) < 1e-5, (mode, name, n)
+    compare(one, None, torch.float16, BUD)
+tc.TILES["prep_wu"] = 0
 tc.FUSED["prep"] = False
 compare(one, None, torch.float16, BUD)
 print("OK")
