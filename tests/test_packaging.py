@@ -1,8 +1,8 @@
 """The package as a user installs it: a built wheel, in a fresh virtual environment.
 
 The wheel is built from a copy of the sources (``pip wheel --no-deps --no-build-isolation``), must
-contain every data file of ``olmo_attn/`` (``backends/preference.json`` drives ``backend=None``;
-``py.typed``), and, installed into a new environment that borrows only PyTorch and NumPy from this
+contain every data file of ``olmo_attn/`` (``backends/preference.json`` drives ``backend=None``,
+``recurrent/kernel_order.json`` GatedDeltaNet's ``backend="auto"``; ``py.typed``), and, installed into a new environment that borrows only PyTorch and NumPy from this
 one, must make the same automatic backend choice from the same measured preferences as the source
 tree. Plus the metadata: one version (``olmo_attn.__version__`` = the distribution's), an SPDX
 license, extras pip can install, and a clean build (no setuptools deprecation warning).
@@ -48,6 +48,11 @@ out["sm_90_order"] = {
     for kind, feats in {"causal": [], "sliding_window": ["sliding_window"], "documents": ["documents"]}.items()
 }
 registry.info_for = real
+from olmo_attn.recurrent import kernel_order
+out["gdn_sm_90_order"] = {
+    f"{pas}_{lay}": kernel_order.kernel_order("sm_90", train=pas == "train", documents=lay == "documents")
+    for pas in ("infer", "train") for lay in ("rows", "documents")
+}
 try:
     import importlib.metadata as md
     out["dist_version"] = md.version("olmo-attn")
@@ -117,7 +122,11 @@ def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_wheel_contains_every_data_file(built_wheel):
     wheel, log = built_wheel
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = _data_files("olmo_attn") | {"olmo_attn/backends/preference.json", "olmo_attn/py.typed"}
+    expected = _data_files("olmo_attn") | {
+        "olmo_attn/backends/preference.json",
+        "olmo_attn/recurrent/kernel_order.json",
+        "olmo_attn/py.typed",
+    }
     assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
     for pkg in PACKAGES:  # every module of the three packages
         modules = {f"{pkg}/{p.relative_to(ROOT / pkg).as_posix()}" for p in (ROOT / pkg).rglob("*.py")}
@@ -170,7 +179,8 @@ def test_installed_wheel_chooses_like_the_source_tree(built_wheel, tmp_path: Pat
     assert Path(installed["file"]).resolve().is_relative_to(venv.resolve()), installed["file"]
     assert Path(source["file"]).resolve().is_relative_to(ROOT), source["file"]
     assert installed["preferences"], "the installed package found no preference.json"
-    for key in ("preferences", "cpu_choice", "sm_90_order", "version", "py_typed"):
+    assert installed["gdn_sm_90_order"]["train_rows"][0] == "triton", installed["gdn_sm_90_order"]
+    for key in ("preferences", "cpu_choice", "sm_90_order", "gdn_sm_90_order", "version", "py_typed"):
         assert installed[key] == source[key], (key, installed[key], source[key])
     assert installed["dist_version"] == installed["version"]
     assert installed["py_typed"] is True

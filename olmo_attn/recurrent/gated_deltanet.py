@@ -368,8 +368,11 @@ class GatedDeltaNet(SequenceMixer):
 
     # -------------------------------------------------------------------------------- forward
 
-    def _choose(self, x: torch.Tensor, needs_grad: bool) -> tuple[bool, bool]:
-        """``(fla for the chunk kernel, fla for conv + norm)`` for this call."""
+    def _choose(self, x: torch.Tensor, needs_grad: bool, documents: bool = False) -> tuple[bool, bool]:
+        """``(fla for the chunk kernel, fla for conv + norm)`` for this call. ``auto`` walks the
+        chunk kernels in the order measured on this GPU architecture for this pass (training or
+        inference) and layout (rows or ``documents``), :func:`.kernel_order.kernel_order`, taking
+        the first whose guard lets it run; our PyTorch kernel last."""
         if self.backend == GDNBackendName.torch:
             return False, False
         from .fla import fla_available, fla_kernel_usable
@@ -391,10 +394,17 @@ class GatedDeltaNet(SequenceMixer):
             # custom ops; fla's Python wrappers would be traced by Dynamo
             return False, False
         base_ok, _ = fla_kernel_usable(x.device, x.dtype, backward=False)
-        if self.backend == GDNBackendName.triton or self._ours_on_gpu(x):
+        if self.backend == GDNBackendName.triton:
             return False, base_ok
-        kernel_ok, _ = fla_kernel_usable(x.device, x.dtype, backward=needs_grad)
-        return kernel_ok, base_ok
+        from ..hardware import info_for
+        from .kernel_order import kernel_order
+
+        for name in kernel_order(info_for(x.device).arch, train=needs_grad, documents=documents):
+            if name == "triton" and self._ours_on_gpu(x):
+                return False, base_ok
+            if name == "fla" and fla_kernel_usable(x.device, x.dtype, backward=needs_grad)[0]:
+                return True, base_ok
+        return False, base_ok
 
     def _ours_on_gpu(self, x: torch.Tensor) -> bool:
         """Whether our Triton kernels take this call (``auto`` prefers them to fla on CUDA)."""
@@ -511,7 +521,7 @@ class GatedDeltaNet(SequenceMixer):
             g, beta = all_to_all_cp2hp([g, beta.to(g.dtype)], self.cp_group)  # [B, T, HV/W]
             beta = beta.to(beta_dtype)
 
-        use_fla_kernel, use_fla_ops = self._choose(q, needs_grad)
+        use_fla_kernel, use_fla_ops = self._choose(q, needs_grad, documents=cu_doc_lens is not None)
         cu = cu_doc_lens
         q, _ = self.q_conv1d(q, cu_seqlens=cu, cu_host=cu_host, use_fla=use_fla_ops)
         k, _ = self.k_conv1d(k, cu_seqlens=cu, cu_host=cu_host, use_fla=use_fla_ops)
