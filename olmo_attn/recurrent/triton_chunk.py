@@ -832,14 +832,16 @@ def _kernels() -> SimpleNamespace:
     def _dqkwg(
         q_ptr, k_ptr, gc_ptr, h_ptr, dh_ptr, vn_ptr, dv_ptr, do_ptr,
         dq_ptr, dk_ptr, dw_ptr, dg_ptr, cs_ptr, cl_ptr, xq_ptr, rq_ptr,
-        scale, H, HV, REP, DK, DV,
+        scale, H, HV, REP, DK, DV, DG_STRIDE,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
         L2_BWD: tl.constexpr,
     ):  # fmt: skip
-        """Per chunk: ``dQ``, the read-out and transition parts of ``dK`` (float32, per value head
-        ``[NT, HV, DK]``), ``dW = -dV' h^T`` and the decay gradient w.r.t. the cumulative ``G``.
-        ``L2_BWD`` (one value head per q/k head): ``dQ`` through the L2 norm of the raw ``xq``,
-        stored in ``dq``'s dtype."""
+        """Per chunk and key tile ``[BK]`` (grid axis 2): ``dQ``, the read-out and transition parts
+        of ``dK`` (float32, per value head ``[NT, HV, DK]``), ``dW = -dV' h^T`` and this tile's
+        part of the decay gradient w.r.t. the cumulative ``G`` (a sum over keys: tile ``i`` writes
+        ``dg[i] = dg_ptr + i * DG_STRIDE``, ``_wy_bwd`` adds them up). ``L2_BWD`` (one value head
+        per q/k head, one key tile): ``dQ`` through the L2 norm of the raw ``xq``, stored in
+        ``dq``'s dtype."""
         i_c = tl.program_id(0)
         i_hv = tl.program_id(1)
         L = tl.load(cl_ptr + i_c)
@@ -850,7 +852,7 @@ def _kernels() -> SimpleNamespace:
         r = tl.arange(0, BT)
         mt = r < L
         tok = t0 + r
-        ok = tl.arange(0, BK)
+        ok = tl.program_id(2) * BK + tl.arange(0, BK)
         mk = ok < DK
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -905,7 +907,7 @@ def _kernels() -> SimpleNamespace:
         tl.store(dq_ptr + o_k, dq.to(dq_ptr.dtype.element_ty), mask=m_qk)
         tl.store(dk_ptr + o_k, dk, mask=m_qk)
         tl.store(dw_ptr + o_k, -b_dw, mask=m_qk)
-        tl.store(dg_ptr + tok * HV + i_hv, dg, mask=mt)
+        tl.store(dg_ptr + tl.program_id(2).to(tl.int64) * DG_STRIDE + tok * HV + i_hv, dg, mask=mt)
 
     @triton.jit
     def _wy_values(
@@ -956,11 +958,13 @@ def _kernels() -> SimpleNamespace:
         return db, dgc, tl.where(low, da * gam * beta[:, None], 0.0)
 
     @triton.jit
-    def _wy_store_db_dg(db_ptr, dg_ptr, db, dgc, tok, mt, i_hv, HV):
-        """Store ``dbeta``; ``dg`` w.r.t. the raw ``g`` from the gradient w.r.t. ``G`` (plus the one
-        already in ``dg``): ``G`` is a cumsum, so ``dg_t = sum_{s >= t} dG_s`` within the chunk."""
+    def _wy_store_db_dg(db_ptr, dg_ptr, db, dgc, tok, mt, i_hv, HV, DG_STRIDE, NDG: tl.constexpr):
+        """Store ``dbeta``; ``dg`` w.r.t. the raw ``g`` from the gradient w.r.t. ``G`` (plus the
+        ``NDG`` parts already in ``dg``, ``DG_STRIDE`` apart; the result goes to the first): ``G``
+        is a cumsum, so ``dg_t = sum_{s >= t} dG_s`` within the chunk."""
         tl.store(db_ptr + tok * HV + i_hv, db.to(db_ptr.dtype.element_ty), mask=mt)
-        dgc += tl.load(dg_ptr + tok * HV + i_hv, mask=mt, other=0.0)
+        for j in tl.static_range(NDG):
+            dgc += tl.load(dg_ptr + j * DG_STRIDE + tok * HV + i_hv, mask=mt, other=0.0)
         dgc = tl.where(mt, dgc, 0.0)
         dg = tl.sum(dgc, axis=0) - tl.cumsum(dgc, axis=0) + dgc
         tl.store(dg_ptr + tok * HV + i_hv, dg, mask=mt)
@@ -969,13 +973,14 @@ def _kernels() -> SimpleNamespace:
     def _wy_bwd(
         k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, dw_ptr, du_ptr, dk_ptr, dv_ptr, db_ptr, dg_ptr,
         cs_ptr, cl_ptr, xk_ptr, rk_ptr, dko_ptr,
-        H, HV, REP, DK, DV,
+        H, HV, REP, DK, DV, DG_STRIDE,
         BT: tl.constexpr, BKT: tl.constexpr, NK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-        PREC: tl.constexpr, L2_BWD: tl.constexpr, LOWP: tl.constexpr,
+        PREC: tl.constexpr, L2_BWD: tl.constexpr, LOWP: tl.constexpr, NDG: tl.constexpr,
     ):  # fmt: skip
         """Backward of ``W, U`` through ``T = (I + A)^-1``, ``beta``, ``V`` and ``A``: adds to
         ``dk`` (float32 in place), writes ``dv``, ``dbeta`` and ``dg`` (w.r.t. the raw ``g``:
-        reverse cumsum of the gradient w.r.t. ``G`` read from ``dg`` in place). Over key tiles
+        reverse cumsum of the gradient w.r.t. ``G`` read from ``dg``'s ``NDG`` parts, written to
+        the first). Over key tiles
         ``[BT, BKT]``, so the float32 key-side tiles (``K``, ``beta exp(G) K``, ``T^T dW``,
         ``dK``) are ``BKT`` wide. Pass 1 (per key tile): ``dT``, ``dbeta``, ``dG``; the partial
         ``dK = T^T dW beta exp(G) + dK_in`` goes back to ``dk`` (this program's rows). Then the
@@ -1061,7 +1066,7 @@ def _kernels() -> SimpleNamespace:
                 dk = tl.load(dk_ptr + o_k, mask=m_qk, other=0.0)
                 dk = rr[:, None] * (dk - x * (rr * yd)[:, None])
                 tl.store(dko_ptr + o_k, dk.to(dko_ptr.dtype.element_ty), mask=m_qk)
-        _wy_store_db_dg(db_ptr, dg_ptr, db, dgc, tok, mt, i_hv, HV)
+        _wy_store_db_dg(db_ptr, dg_ptr, db, dgc, tok, mt, i_hv, HV, DG_STRIDE, NDG)
 
     # the kernels resolve the helpers they call through the module's globals
     globals().update(
@@ -1111,6 +1116,7 @@ TILES: dict[str, int] = {
     "fill_sms": 1,
     "wy_key_tile": 32,
     "prep_wu": 0,
+    "dqkwg_key_tile": 128,
 }
 # ``prep_wu`` (where ``W``, ``U`` are made; 0: the prep's block-row sums, 1: the prep re-reads the
 #   ``T`` it stored as one tile after a barrier, 2: ``_wu`` after a prep that stores ``A``'s
@@ -1480,18 +1486,22 @@ def _bwd_impl(
         SEQ_OFFSETS=FUSED["seq_offsets"], **_cfg("dstate"),
     )  # fmt: skip
     del w
-    # one value head per q/k head: the L2-norm backward happens inside _dqkwg / _wy_bwd
+    # one value head per q/k head: the L2-norm backward happens inside _dqkwg (one key tile) and
+    # _wy_bwd
     l2_in = use_l2 and rep == 1
-    xq = q.reshape(NT, H, Dk).contiguous() if l2_in else gc
+    bkq = min(BK, TILES["dqkwg_key_tile"])
+    nkq = -(-Dk // bkq)
+    l2_q = l2_in and nkq == 1
+    xq = q.reshape(NT, H, Dk).contiguous() if l2_q else gc
     xk = k.reshape(NT, H, Dk).contiguous() if l2_in else gc
-    dqh = torch.empty(NT, HV, Dk, dtype=q.dtype if l2_in else torch.float32, device=dev)
+    dqh = torch.empty(NT, HV, Dk, dtype=q.dtype if l2_q else torch.float32, device=dev)
     dkh = torch.empty(NT, HV, Dk, dtype=torch.float32, device=dev)
     dw = torch.empty_like(dkh)
-    dg = torch.empty(NT, HV, dtype=torch.float32, device=dev)
-    kern.dqkwg[(n_slots, HV)](
-        qn, kn, gc, h, dh, vn, dvb, do2, dqh, dkh, dw, dg, cs, cl, xq, rq if l2_in else gc,
-        float(scale), H, HV, rep, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in, **_cfg("dqkwg"),
+    dg = torch.empty(nkq, NT, HV, dtype=torch.float32, device=dev)  # a part per key tile
+    kern.dqkwg[(n_slots, HV, nkq)](
+        qn, kn, gc, h, dh, vn, dvb, do2, dqh, dkh, dw, dg, cs, cl, xq, rq if l2_q else gc,
+        float(scale), H, HV, rep, Dk, Dv, NT * HV,
+        BT=CHUNK, BK=bkq, BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_q, **_cfg("dqkwg"),
     )  # fmt: skip
     del h, dh, vn
     dv = torch.empty(NT, HV, Dv, dtype=v.dtype, device=dev)
@@ -1500,11 +1510,13 @@ def _bwd_impl(
     bkt = min(BK, TILES["wy_key_tile"])
     kern.wy_bwd[(n_slots, HV)](
         kn, v2, b2, gc, tm, dw, dvb, dkh, dv, db, dg, cs, cl, xk, rk if l2_in else gc, dko, H, HV, rep, Dk, Dv,
-        BT=CHUNK, BKT=bkt, NK=-(-Dk // bkt), BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in,
-        LOWP=FUSED["wy_lowp"] and dt != torch.float32, **_cfg("wy_bwd"),
+        NT * HV, BT=CHUNK, BKT=bkt, NK=-(-Dk // bkt), BV=BVc, NV=NV, PREC=prec, L2_BWD=l2_in,
+        LOWP=FUSED["wy_lowp"] and dt != torch.float32, NDG=nkq, **_cfg("wy_bwd"),
     )  # fmt: skip
+    dg = dg[0]
     if l2_in:
-        dq, dk = dqh, dko
+        dk = dko
+        dq = dqh if l2_q else _l2_bwd(q.reshape(NT * H, Dk).contiguous(), rq, dqh.view(NT * H, Dk), q.dtype)
     else:
         dq = dqh.view(NT, H, rep, Dk).sum(2) if rep > 1 else dqh.view(NT, H, Dk)
         dk = dkh.view(NT, H, rep, Dk).sum(2) if rep > 1 else dkh.view(NT, H, Dk)

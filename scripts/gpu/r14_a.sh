@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# First H200 lease of 2026-12-04's seventh session, one call: where the Gated DeltaNet forward's
+# Written 2026-12-04 (seventh session, when no device was lent; not run yet), one call: where the
+# Gated DeltaNet forward's
 # time goes, kernel by kernel, against fla's forward; and the prep variants (W/U from T read back
-# in the same kernel, A and T then _wu, the separate kernels at other warp counts).
+# in the same kernel, A and T then _wu, the separate kernels at other warp counts) and _dqkwg over
+# key tiles.
 #   run(command="BUDGET=<s> bash scripts/gpu/r14_a.sh", carry=[".carry/wheels"], timeout_s=<s + 30>)
 #   1. gdn_bench kernel_profile (ours forward and forward+backward, fla's forward);
-#   2. gdn_bench triton_choices for the prep choices.
+#   2. gdn_bench triton_choices for the prep and _dqkwg choices (each against the defaults and
+#      float64 on the same inputs). Then set the defaults from it and run r14_b.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/lib.sh
@@ -16,5 +19,5 @@ left() { echo $(( budget - (SECONDS - t0) - ${1:-0} )); }
 TAIL=4 step 120 gdn_profile.log python3 benchmarks/gdn_bench.py --sections kernel_profile \
   --out "$OUT/gdn-profile.json"
 TAIL=30 step "$(left 5)" gdn_choices.log python3 benchmarks/gdn_bench.py --sections triton_choices \
-  --choices "prep:" "solve w" --budget "$(left 15)" --out "$OUT/gdn-choices.json"
+  --choices "prep:" "solve w" "dqkwg: key" --budget "$(left 15)" --out "$OUT/gdn-choices.json"
 echo "call: $((SECONDS - t0)) s"

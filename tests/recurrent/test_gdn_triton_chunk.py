@@ -156,6 +156,15 @@ for mode in (1, 2):
             assert rel_rms(got[n], base[name][n]) < 1e-5, (mode, name, n)
     compare(one, None, torch.float16, BUD)
 tc.TILES["prep_wu"] = 0
+# _dqkwg over key tiles (three of 16, the last partial; dg summed over them in _wy_bwd, the q
+# L2-norm backward then outside it) against one tile per row
+tc.TILES["dqkwg_key_tile"] = 16
+for name, inp, c in (("gva", gva, cu), ("one", one, None)):
+    got = compare(inp, c, torch.float32, 1e-5)
+    for n in got:
+        assert rel_rms(got[n], base[name][n]) < 1e-5, ("dqkwg tiles", name, n)
+    compare(inp, c, torch.float16, BUD)
+tc.TILES["dqkwg_key_tile"] = 128
 tc.FUSED["prep"] = False
 compare(one, None, torch.float16, BUD)
 print("OK")

@@ -54,7 +54,7 @@ def test_prep_variants_compile_for_hopper():
     for mode, names in ((1, {"prep"}), (2, {"prep", "wu"})):
         cmd = [sys.executable, "benchmarks/triton_regs.py", "--json", "--seq-len", "64", "--heads", "2"]
         r = subprocess.run(
-            cmd + ["--tile", f"prep_wu={mode}"], cwd=ROOT, capture_output=True, text=True, timeout=600
+            [*cmd, "--tile", f"prep_wu={mode}"], cwd=ROOT, capture_output=True, text=True, timeout=600
         )
         assert r.returncode == 0, r.stderr[-3000:]
         rows = json.loads(r.stdout)
