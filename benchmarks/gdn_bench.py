@@ -1053,7 +1053,9 @@ CHOICES: list[tuple[str, dict[str, bool], dict[str, int], dict[str, dict[str, in
     ("prep: W/U from T re-read", {}, {"prep_wu": 1}, {}),
     ("prep: W/U from T re-read, w8", {}, {"prep_wu": 1}, {"prep": {"num_warps": 8}}),
     ("prep: W/U from T re-read, s1", {}, {"prep_wu": 1}, {"prep": {"num_stages": 1}}),
+    ("prep: W/U from T re-read, P stored for the read-out", {"pre_p": True}, {"prep_wu": 1}, {}),
     ("prep: A and T, then _wu", {}, {"prep_wu": 2}, {}),
+    ("prep: A and T, then _wu storing P for the read-out", {"pre_p": True}, {"prep_wu": 2}, {}),
     ("prep: A and T w8, then _wu", {}, {"prep_wu": 2}, {"prep": {"num_warps": 8}}),
     ("prep: A and T, then _wu w8", {}, {"prep_wu": 2}, {"wu": {"num_warps": 8}}),
     ("separate prep kernels, solve w8", {"prep": False}, {}, {"solve": {"num_warps": 8}}),
@@ -1445,9 +1447,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="kernel choices for the whole run: FUSED keys (prep, out, keep_states, wy_lowp, seq_offsets) "
-        "=0/1, TILES keys (state_values, state_out_values, chunk_bv, wy_key_tile) = int, LAUNCH: "
-        "kernel.num_warps=N",
+        help="kernel choices for the whole run: FUSED keys (prep, out, keep_states, wy_lowp, seq_offsets, "
+        "pre_p) =0/1, TILES keys (state_values, state_out_values, chunk_bv, wy_key_tile, prep_wu, "
+        "dqkwg_key_tile) = int, LAUNCH: kernel.num_warps=N",
     )
     ap.add_argument(
         "--write-order",

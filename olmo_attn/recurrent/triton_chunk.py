@@ -344,17 +344,18 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _prep(
-        k_ptr, v_ptr, g_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
-        H, HV, REP, DK, DV,
+        k_ptr, v_ptr, g_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, q_ptr, p_ptr, cs_ptr, cl_ptr,
+        scale, H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
-        WU: tl.constexpr,
+        WU: tl.constexpr, PRE_P: tl.constexpr,
     ):  # fmt: skip
         """``_kkt`` and ``_solve`` in one program per chunk and value head, ``A`` and ``T`` held in
         registers as 16x16 blocks (``BT = 64``): the four diagonal blocks are inverted by one
         forward-substitution loop (four independent chains per step). Stores ``G`` and ``T`` (for
         the backward), then ``W`` and ``U`` by ``WU``: 0, block-row sums ``W_i = sum_j T_ij X_j``
         of the registers' blocks; 1, ``T`` read back (after a barrier) as one ``[BT, BT]`` tile,
-        as ``_wu`` does; 2, not at all (``_wu`` runs next)."""
+        as ``_wu`` does (and ``P`` with ``PRE_P``, see :func:`_wu_tile`); 2, not at all (``_wu``
+        runs next)."""
         i_c = tl.program_id(0)
         i_hv = tl.program_id(1)
         L = tl.load(cl_ptr + i_c)
@@ -414,8 +415,8 @@ def _kernels() -> SimpleNamespace:
         if WU == 1:
             tl.debug_barrier()  # T and G, just stored by every thread of the program, read back
             _wu_tile(
-                k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, t0, L, i_hv, i_h, H, HV, DK, DV,
-                BT, BK, BV, NV, PREC,
+                k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, q_ptr, p_ptr, scale, t0, L, i_hv, i_h,
+                H, HV, DK, DV, BT, BK, BV, NV, PREC, PRE_P,
             )  # fmt: skip
         if WU == 0:
             # W_i = sum_j T_ij (b exp(G) K)_j, U_i = sum_j T_ij (b V)_j with T in the input dtype:
@@ -489,11 +490,14 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _wu_tile(
-        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, t0, L, i_hv, i_h, H, HV, DK, DV,
+        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, q_ptr, p_ptr, scale, t0, L, i_hv, i_h, H, HV, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+        PRE_P: tl.constexpr,
     ):  # fmt: skip
         """``W = T (b exp(G) K)`` ``[BT, DK]`` and ``U = T (b V)`` ``[BT, DV]`` of one chunk from the
-        stored ``T`` and ``G``: one ``[BT, BT]`` product per output tile."""
+        stored ``T`` and ``G``: one ``[BT, BT]`` product per output tile. ``PRE_P``: also the
+        read-out's ``P = lower_incl(scale Q K^T exp(G_i - G_j))`` ``[BT, BT]`` into ``p_ptr``
+        (``[NT, HV, BT]``, the input dtype: what the read-out multiplies ``V'`` by)."""
         r = tl.arange(0, BT)
         mt = r < L
         tok = t0 + r
@@ -510,6 +514,21 @@ def _kernels() -> SimpleNamespace:
         ).to(tl.float32)
         xw = (k * (beta * tl.exp(G))[:, None]).to(w_ptr.dtype.element_ty)
         w = tl.dot(tt, xw, input_precision=PREC)
+        if PRE_P:
+            q = tl.load(
+                q_ptr + tok[:, None] * (H * DK) + i_h * DK + ok[None, :],
+                mask=mt[:, None] & mk[None, :],
+                other=0.0,
+            )
+            incl = r[:, None] >= r[None, :]
+            pm = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)
+            pm = pm * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+            pm = tl.where(incl, pm, 0.0)
+            tl.store(
+                p_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :],
+                pm.to(p_ptr.dtype.element_ty),
+                mask=mt[:, None],
+            )
         tl.store(
             w_ptr + (tok[:, None] * HV + i_hv) * DK + ok[None, :],
             w.to(w_ptr.dtype.element_ty),
@@ -526,9 +545,10 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _wu(
-        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, cs_ptr, cl_ptr,
-        H, HV, REP, DK, DV,
+        k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, q_ptr, p_ptr, cs_ptr, cl_ptr,
+        scale, H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+        PRE_P: tl.constexpr,
     ):  # fmt: skip
         """``W = T (b exp(G) K)`` ``[NT, HV, DK]`` and ``U = T (b V)`` ``[NT, HV, DV]``."""
         i_c = tl.program_id(0)
@@ -538,8 +558,8 @@ def _kernels() -> SimpleNamespace:
             return
         t0 = tl.load(cs_ptr + i_c).to(tl.int64)
         _wu_tile(
-            k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, t0, L, i_hv, i_hv // REP, H, HV, DK, DV,
-            BT, BK, BV, NV, PREC,
+            k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, q_ptr, p_ptr, scale, t0, L, i_hv, i_hv // REP,
+            H, HV, DK, DV, BT, BK, BV, NV, PREC, PRE_P,
         )  # fmt: skip
 
     @triton.jit
@@ -569,9 +589,10 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _state_chunk(
-        s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr,
+        s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, p_ptr,
         i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV,
         BT: tl.constexpr, PREC: tl.constexpr, STORE_H: tl.constexpr, FUSE_OUT: tl.constexpr,
+        PRE_P: tl.constexpr,
     ):  # fmt: skip
         """One chunk (tokens ``[t0, t0 + L)``, slot ``c``) of the forward recurrence: store
         ``h_c = s`` and ``V'`` (``STORE_H``) or the chunk's output (``FUSE_OUT``, what ``_out``
@@ -606,10 +627,13 @@ def _kernels() -> SimpleNamespace:
                 other=0.0,
             )
             o = tl.dot(q, sd, input_precision=PREC) * (scale * tl.exp(G))[:, None]
-            incl = r[:, None] >= r[None, :]
-            p = tl.dot(q, kt, input_precision=PREC)
-            p = p * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-            p = tl.where(incl, p, 0.0)
+            if PRE_P:  # stored by the prep
+                p = tl.load(p_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :], mask=mt[:, None], other=0.0)
+            else:
+                incl = r[:, None] >= r[None, :]
+                p = tl.dot(q, kt, input_precision=PREC)
+                p = p * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+                p = tl.where(incl, p, 0.0)
             o += tl.dot(p.to(vn.dtype), vn, input_precision=PREC)
             tl.store(o_ptr + tv, o.to(o_ptr.dtype.element_ty), mask=m_tv)
         kd = (kt.to(tl.float32) * tl.exp(g_last - G)[None, :]).to(w.dtype)
@@ -617,11 +641,11 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _state(
-        q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, h0_ptr, ht_ptr, so_ptr, cs_ptr, cl_ptr,
+        q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, p_ptr, h0_ptr, ht_ptr, so_ptr, cs_ptr, cl_ptr,
         scale, H, HV, REP, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_H: tl.constexpr, FUSE_OUT: tl.constexpr,
-        PREC: tl.constexpr, INTERP: tl.constexpr, SEQ_OFFSETS: tl.constexpr,
+        PREC: tl.constexpr, INTERP: tl.constexpr, SEQ_OFFSETS: tl.constexpr, PRE_P: tl.constexpr,
     ):  # fmt: skip
         """State recurrence of sequence ``n`` / value head / value tile: stores ``h [NC, HV, DK, DV]``
         (state entering each chunk) and ``V' [NT, HV, DV]`` (``STORE_H``: for the backward) or the
@@ -648,27 +672,28 @@ def _kernels() -> SimpleNamespace:
             while c < c1:
                 t0, L = _chunk_span(c, c0, ts, te, cs_ptr, cl_ptr, BT, SEQ_OFFSETS)
                 s = _state_chunk(
-                    s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr,
-                    i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC, STORE_H, FUSE_OUT,
+                    s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, p_ptr,
+                    i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC, STORE_H, FUSE_OUT, PRE_P,
                 )  # fmt: skip
                 c += 1
         else:
             for c in range(c0, c1):
                 t0, L = _chunk_span(c, c0, ts, te, cs_ptr, cl_ptr, BT, SEQ_OFFSETS)
                 s = _state_chunk(
-                    s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr,
-                    i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC, STORE_H, FUSE_OUT,
+                    s, t0, L, c, q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, p_ptr,
+                    i_hv, i_h, ok, ov, mk, mv, scale, H, HV, DK, DV, BT, PREC, STORE_H, FUSE_OUT, PRE_P,
                 )  # fmt: skip
         if STORE_HT:
             tl.store(ht_ptr + s_off, s, mask=mk[:, None] & mv[None, :])
 
     @triton.jit
     def _out(
-        q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, cs_ptr, cl_ptr,
+        q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, p_ptr, cs_ptr, cl_ptr,
         scale, H, HV, REP, DK, DV,
-        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PRE_P: tl.constexpr,
     ):  # fmt: skip
-        """``O = scale exp(G) Q h + lower_incl(scale Q K^T exp(G_i - G_j)) V'`` for one value tile."""
+        """``O = scale exp(G) Q h + lower_incl(scale Q K^T exp(G_i - G_j)) V'`` for one value tile
+        (``PRE_P``: the second matrix as the prep stored it)."""
         i_c = tl.program_id(0)
         i_hv = tl.program_id(1)
         i_v = tl.program_id(2)
@@ -686,7 +711,8 @@ def _kernels() -> SimpleNamespace:
         mv = ov < DV
         qk_off = tok[:, None] * (H * DK) + i_h * DK + ok[None, :]
         q = tl.load(q_ptr + qk_off, mask=mt[:, None] & mk[None, :], other=0.0)
-        k = tl.load(k_ptr + qk_off, mask=mt[:, None] & mk[None, :], other=0.0)
+        if not PRE_P:
+            k = tl.load(k_ptr + qk_off, mask=mt[:, None] & mk[None, :], other=0.0)
         G = tl.load(gc_ptr + tok * HV + i_hv, mask=mt, other=0.0)
         h = tl.load(
             h_ptr + ((i_c.to(tl.int64) * HV + i_hv) * DK + ok[:, None]) * DV + ov[None, :],
@@ -694,10 +720,13 @@ def _kernels() -> SimpleNamespace:
             other=0.0,
         )
         o = tl.dot(q, h, input_precision=PREC) * (scale * tl.exp(G))[:, None]
-        incl = r[:, None] >= r[None, :]
-        p = tl.dot(q, tl.trans(k), input_precision=PREC)
-        p = p * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-        p = tl.where(incl, p, 0.0)
+        if PRE_P:
+            p = tl.load(p_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :], mask=mt[:, None], other=0.0)
+        else:
+            incl = r[:, None] >= r[None, :]
+            p = tl.dot(q, tl.trans(k), input_precision=PREC)
+            p = p * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+            p = tl.where(incl, p, 0.0)
         tv = (tok[:, None] * HV + i_hv) * DV + ov[None, :]
         vn = tl.load(vn_ptr + tv, mask=mt[:, None] & mv[None, :], other=0.0)
         o += tl.dot(p.to(vn.dtype), vn, input_precision=PREC)
@@ -1124,6 +1153,17 @@ TILES: dict[str, int] = {
 #   144 B of spills, 1 has 77 and 24 B, 2 has 63 and 56 B (plus _wu: 13, none); all 255
 #   registers, two programs per SM. Not yet timed on a GPU (no device was lent on 2026-12-04,
 #   seventh session): gdn_bench triton_choices "prep:" does it.
+# ``pre_p`` (with ``prep_wu`` 1 or 2): the prep (or ``_wu``) also stores the read-out's
+#   intra-chunk matrix ``P`` (input dtype, ``[NT, HV, 64]``), so the no-grad recurrence and
+#   ``_out`` load it instead of recomputing ``Q K^T`` per value tile: compiled for sm_90, the
+#   no-grad recurrence 2248 -> 1504 instructions (255 -> 246 registers), ``_out`` 1376 -> 664
+#   (153 -> 90 registers, 3 -> 5 programs per SM); the prep gains one 64x64x128 product and a
+#   store. Same precision (``P`` was cast to the input dtype before its product anyway). Not yet
+#   timed on a GPU.
+# ``dqkwg_key_tile``: ``_dqkwg`` over key tiles of this width (grid axis 2), the decay gradient's
+#   parts summed in ``_wy_bwd``; with one value head per q/k head the q L2-norm backward then
+#   runs as its own kernel. 64 at 8 warps: 158 registers (from 252), one program per SM either
+#   way; at 4 warps 252, two per SM. Not yet timed on a GPU.
 # Kernel choices, each timed both ways on the same inputs by ``benchmarks/gdn_bench.py``
 # (section ``triton_choices``); H200, B2 T8192 H16 Dk128 Dv256 bf16, 2026-12-03:
 # ``prep``: one kernel for ``_kkt``, ``_solve`` and ``_wu`` (0.47-0.53 ms against 0.50 for the
@@ -1158,6 +1198,7 @@ FUSED: dict[str, bool] = {
     "keep_states": True,
     "wy_lowp": True,
     "seq_offsets": True,
+    "pre_p": False,
 }
 _STAGE_HOOK: list[Any] = []
 
@@ -1311,8 +1352,8 @@ def _wu_pass(
     w = torch.empty(NT, HV, Dk, dtype=kn.dtype, device=kn.device)
     u = torch.empty(NT, HV, Dv, dtype=kn.dtype, device=kn.device)
     _kernels().wu[(n_slots, HV)](
-        kn, v, beta, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=_prec(kn.dtype), **_cfg("wu"),
+        kn, v, beta, gc, tm, w, u, kn, gc, cs, cl, 1.0, H, HV, HV // H, Dk, Dv,
+        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=_prec(kn.dtype), PRE_P=False, **_cfg("wu"),
     )  # fmt: skip
     return w, u
 
@@ -1320,11 +1361,12 @@ def _wu_pass(
 def _recurrence(
     qn: torch.Tensor, kn: torch.Tensor, w: torch.Tensor, u: torch.Tensor, gc: torch.Tensor,
     h0: torch.Tensor | None, plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_slots: int, H: int,
-    scale: float, *, fuse_out: bool, store_final: bool, store_h: bool = True,
+    scale: float, *, fuse_out: bool, store_final: bool, store_h: bool = True, p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The sequential kernel: ``(h, vn, o, final)``. ``fuse_out``: write the output from the
-    registers (the forward); ``store_h``: store each chunk's entering state ``h`` and ``V'``
-    (what the backward reads; else ``[0]``-sized)."""
+    registers (the forward; ``p``: the read-out's intra-chunk matrix as the prep stored it);
+    ``store_h``: store each chunk's entering state ``h`` and ``V'`` (what the backward reads; else
+    ``[0]``-sized)."""
     NT, HV = gc.shape
     Dk, Dv = kn.shape[-1], u.shape[-1]
     dt, dev = kn.dtype, kn.device
@@ -1337,11 +1379,11 @@ def _recurrence(
     vn = torch.empty(NT, HV, Dv, dtype=dt, device=dev) if store_h else kn.new_empty(0)
     final = torch.empty(n_seq if store_final else 0, HV, Dk, Dv, dtype=torch.float32, device=dev)
     _kernels().state[(n_seq * HV, -(-Dv // BVs))](
-        qn, kn, w, u, gc, h, vn, o, h0 if h0 is not None else final, final, so, cs, cl,
+        qn, kn, w, u, gc, h, vn, o, p if p is not None else gc, h0 if h0 is not None else final, final, so, cs, cl,
         float(scale), H, HV, HV // H, Dk, Dv,
         BT=CHUNK, BK=BK, BV=BVs, HAS_H0=h0 is not None, STORE_HT=store_final, STORE_H=store_h,
         FUSE_OUT=fuse_out, PREC=_prec(dt), INTERP=_interpreting(), SEQ_OFFSETS=FUSED["seq_offsets"],
-        **_cfg("state_out" if fuse_out else "state"),
+        PRE_P=fuse_out and p is not None, **_cfg("state_out" if fuse_out else "state"),
     )  # fmt: skip
     return h, vn, o, final
 
@@ -1382,17 +1424,25 @@ def _fwd_impl(
     prec = _prec(dt)
     gc = torch.empty(NT, HV, dtype=torch.float32, device=q.device)
     tm = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
+    pre_p = FUSED["pre_p"]
+    if pre_p and not (FUSED["prep"] and TILES["prep_wu"] in (1, 2)):
+        raise ValueError(
+            'FUSED["pre_p"] needs the fused prep with TILES["prep_wu"] 1 or 2 (W, U as one tile)'
+        )
+    p = torch.empty(NT, HV, CHUNK, dtype=dt, device=q.device) if pre_p else None
+    pp = p if p is not None else gc
     if FUSED["prep"]:
         w = torch.empty(NT, HV, Dk, dtype=dt, device=q.device)
         u = torch.empty(NT, HV, Dv, dtype=dt, device=q.device)
+        pre = TILES["prep_wu"]
         kern.prep[(n_slots, HV)](
-            kn, v2, g2, b2, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
-            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, WU=TILES["prep_wu"], **_cfg("prep"),
+            kn, v2, g2, b2, gc, tm, w, u, qn, pp, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
+            BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, WU=pre, PRE_P=pre_p and pre == 1, **_cfg("prep"),
         )  # fmt: skip
-        if TILES["prep_wu"] == 2:
+        if pre == 2:
             kern.wu[(n_slots, HV)](
-                kn, v2, b2, gc, tm, w, u, cs, cl, H, HV, HV // H, Dk, Dv,
-                BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, **_cfg("wu"),
+                kn, v2, b2, gc, tm, w, u, qn, pp, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
+                BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, PRE_P=pre_p, **_cfg("wu"),
             )  # fmt: skip
     else:
         a = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
@@ -1405,14 +1455,15 @@ def _fwd_impl(
     h0c = None if h0 is None else h0.float().contiguous()
     fuse = not keep and _fuse_out(cu.numel() - 1, B, HV, Dk, Dv, q.device)
     h, vn, o, final = _recurrence(
-        qn, kn, w, u, gc, h0c, plan, n_slots, H, scale, fuse_out=fuse, store_final=True, store_h=keep or not fuse
+        qn, kn, w, u, gc, h0c, plan, n_slots, H, scale, fuse_out=fuse, store_final=True, store_h=keep or not fuse,
+        p=p,
     )  # fmt: skip
     del u
     if not fuse:
         o = torch.empty(NT, HV, Dv, dtype=v.dtype, device=q.device)
         kern.out[(n_slots, HV, -(-Dv // BVc))](
-            qn, kn, gc, h, vn, o, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
-            BT=CHUNK, BK=BK, BV=BVc, PREC=prec, **_cfg("out"),
+            qn, kn, gc, h, vn, o, pp, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
+            BT=CHUNK, BK=BK, BV=BVc, PREC=prec, PRE_P=pre_p, **_cfg("out"),
         )  # fmt: skip
     if not keep:
         w, h, vn = (q2.new_empty(0) for _ in range(3))

@@ -146,16 +146,34 @@ for name, inp, c in (("gva", gva, cu), ("one", one, None)):
         assert rel_rms(got[n], base[name][n]) < 1e-5, (name, n)
     compare(inp, c, torch.float16, BUD)
 tc.TILES["wy_key_tile"] = 32
-# the prep's W and U from T read back as one tile, or by _wu after the prep: same as the
-# registers' block sums to float32 rounding
+# the prep's W and U from T read back as one tile, or by _wu after it, each also storing the
+# read-out's intra-chunk matrix P for _out and the no-grad recurrence (pre_p): same as the
+# registers' block sums to float32 rounding, with grad and without
+def no_grad_out(inp, c):
+    with torch.no_grad():
+        x = {n: t.float() for n, t in inp.items()}
+        return chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                      output_final_state=True, use_qk_l2norm=True, cu_seqlens=c, kernel="triton")
+ng = {"gva": no_grad_out(gva, cu), "one": no_grad_out(one, None)}
 for mode in (1, 2):
-    tc.TILES["prep_wu"] = mode
-    for name, inp, c in (("gva", gva, cu), ("one", one, None)):
-        got = compare(inp, c, torch.float32, 1e-5)
-        for n in got:
-            assert rel_rms(got[n], base[name][n]) < 1e-5, (mode, name, n)
-    compare(one, None, torch.float16, BUD)
+    for pre_p in (False, True):
+        tc.TILES["prep_wu"], tc.FUSED["pre_p"] = mode, pre_p
+        for name, inp, c in (("gva", gva, cu), ("one", one, None)):
+            got = compare(inp, c, torch.float32, 1e-5)
+            for n in got:
+                assert rel_rms(got[n], base[name][n]) < 1e-5, (mode, pre_p, name, n)
+            o, f = no_grad_out(inp, c)
+            assert rel_rms(o, ng[name][0]) < 1e-5 and rel_rms(f, ng[name][1]) < 1e-5, (mode, pre_p, name)
+        compare(one, None, torch.float16, BUD)
+tc.FUSED["pre_p"] = False
 tc.TILES["prep_wu"] = 0
+try:
+    tc.FUSED["pre_p"] = True  # needs W, U as one tile
+    compare(one, None, torch.float32, 1e-5)
+    raise AssertionError("pre_p with the block-sum prep ran")
+except ValueError as e:
+    assert "prep_wu" in str(e), e
+tc.FUSED["pre_p"] = False
 # _dqkwg over key tiles (three of 16, the last partial; dg summed over them in _wy_bwd, the q
 # L2-norm backward then outside it) against one tile per row
 tc.TILES["dqkwg_key_tile"] = 16
