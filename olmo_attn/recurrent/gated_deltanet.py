@@ -32,9 +32,9 @@ __all__ = ["GDNBackendName", "GDNCache", "GatedDeltaNet", "GatedDeltaNetConfig",
 
 
 class GDNBackendName(StrEnum):
-    """Which Gated DeltaNet kernels run: ``auto`` (on CUDA our fused Triton kernels, falling back
-    to fla where ours cannot run and fla is correct, then to our PyTorch kernel; our PyTorch kernel
-    on CPU), ``triton`` (our Triton kernels or an error), ``torch`` (our PyTorch chunked kernel,
+    """Which Gated DeltaNet kernels run: ``auto`` (the chunk kernel in the order measured on this
+    GPU architecture for the pass and layout, :mod:`.kernel_order`, the first whose guard lets it
+    run, our PyTorch kernel last and on CPU), ``triton`` (our Triton kernels or an error), ``torch`` (our PyTorch chunked kernel,
     on any device), ``fla`` (flash-linear-attention or an error)."""
 
     auto = "auto"
@@ -149,7 +149,8 @@ class GatedDeltaNet(SequenceMixer):
     """Gated DeltaNet layer (OLMo-core's): gated delta rule with short convolutions,
     L2-normalised q/k, optional negative eigenvalues and grouped value heads.
 
-    Keyword args beyond OLMo-core's: ``backend`` (``"auto" | "torch" | "fla"``, default auto),
+    Keyword args beyond OLMo-core's: ``backend`` (``"auto" | "torch" | "triton" | "fla"``, default
+    auto),
     ``chunk_size`` of our chunked kernel (64) and ``recompute`` (our kernel keeps only its inputs
     for the backward and recomputes the rest: about one extra kernel forward, much less memory).
     Attribute ``decode_kernel`` picks the kernel of single-token decoding steps (``"auto"``:
