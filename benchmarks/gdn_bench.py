@@ -970,6 +970,7 @@ TUNE_CANDIDATES = {  # largest stages first (a time budget cuts the tail); the d
 }
 TILE_CANDIDATES = {
     "state_values": [8192, 4096, 16384],
+    "dstate_values": [8192, 4096],
     "state_out_values": [8192, 4096, 2048],
     "chunk_bv": [64, 128, 32],
 }
@@ -1035,7 +1036,8 @@ CHOICES: list[tuple[str, dict[str, bool], dict[str, int], dict[str, dict[str, in
     ("separate prep kernels", {"prep": False}, {}, {}),
     ("separate out kernel", {"out": False}, {}, {}),
     ("state+out BV64", {}, {"state_out_values": 8192}, {}),
-    ("state/dstate BV32", {}, {"state_values": 4096}, {}),
+    ("state/dstate BV32", {}, {"state_values": 4096, "dstate_values": 4096}, {}),
+    ("state BV32 (dstate 64)", {}, {"state_values": 4096}, {}),
     ("chunk spans loaded in the recurrences", {"seq_offsets": False}, {}, {}),
     (
         "recurrences num_stages 3",

@@ -1140,6 +1140,7 @@ LAUNCH: dict[str, dict[str, int]] = {
 }
 TILES: dict[str, int] = {
     "state_values": 8192,
+    "dstate_values": 8192,
     "state_out_values": 4096,
     "chunk_bv": 64,
     "fill_sms": 1,
@@ -1160,6 +1161,11 @@ TILES: dict[str, int] = {
 #   (153 -> 90 registers, 3 -> 5 programs per SM); the prep gains one 64x64x128 product and a
 #   store. Same precision (``P`` was cast to the input dtype before its product anyway). Not yet
 #   timed on a GPU.
+# ``state_values`` / ``dstate_values``: float32 state values per program of the forward (training,
+#   and the backward's recomputation) and the reverse recurrence; one setting until 2026-12-04,
+#   where both at 4096 measured state 0.398 -> 0.363 ms but dstate 0.530 -> 0.915 (r12 choices;
+#   the out stage after it read 0.30 -> 0.43, launch to launch, so the state figure alone is not
+#   conclusive). Split so the next lease can time the forward's alone.
 # ``dqkwg_key_tile``: ``_dqkwg`` over key tiles of this width (grid axis 2), the decay gradient's
 #   parts summed in ``_wy_bwd``; with one value head per q/k head the q L2-norm backward then
 #   runs as its own kernel. 64 at 8 warps: 158 registers (from 252), one program per SM either
@@ -1510,7 +1516,8 @@ def _bwd_impl(
     plan = _plan_for(cu, n_slots)
     cs, cl, so = plan
     n_seq = so.shape[0] - 1
-    BK, BVs, BVc = _blocks(Dk, Dv)
+    BK, _, BVc = _blocks(Dk, Dv)
+    BVs = max(16, min(max(16, _next_pow2(Dv)), TILES["dstate_values"] // BK))  # the reverse recurrence's tile
     NV = -(-Dv // BVc)
     prec = _prec(dt)
     if h.numel() == 0:  # the forward kept no states: recompute W, U, h and V'
