@@ -357,12 +357,24 @@ def run_info(args: argparse.Namespace) -> int:
 
     fp = fingerprint()
     prov = {"olmo_attn_version": olmo_attn_version(), "git_commit": git_commit()}
+    gdn = _gdn_order(fp.arch)
     if args.json:
-        print(json.dumps({"provenance": prov, **fp.as_dict()}, indent=1))
+        print(json.dumps({"provenance": prov, **fp.as_dict(), "gdn_kernel_order": gdn}, indent=1))
         return 0
     print(f"olmo-attn {prov['olmo_attn_version']}   commit: {prov['git_commit'] or 'not a git checkout'}")
     for line in format_fingerprint(fp):
         print(line)
+    if fp.arch == "cpu":
+        print(
+            "GatedDeltaNet backend='auto' on cpu: our PyTorch kernel (the Triton and fla kernels need CUDA)"
+        )
+    else:
+        measured = "measured on it" if gdn["measured"] else "not measured on it: ours first"
+        print(
+            f"GatedDeltaNet backend='auto' on {fp.arch} ({measured}; a kernel runs where its guard lets it):"
+        )
+        for slot, order in gdn["order"].items():
+            print(f"    {slot.replace('_', ' ')}: {' > '.join([*order, 'torch'])}")
     rows = capability_rows(fp)
     if sys.stdout.isatty():
         try:
@@ -387,6 +399,19 @@ def run_info(args: argparse.Namespace) -> int:
                 for i, line in enumerate(textwrap.wrap(str(r[k]), 96 - len(k)) or [""]):
                     print(f"    {k + ':' if i == 0 else ' ' * (len(k) + 1)} {line}")
     return 0
+
+
+def _gdn_order(arch: str) -> dict[str, Any]:
+    """GatedDeltaNet's chunk-kernel order on ``arch`` per pass and layout (what ``backend="auto"``
+    walks; our PyTorch kernel closes each)."""
+    from olmo_attn.recurrent import kernel_order as ko
+
+    order = {
+        f"{pas}_{lay}": list(ko.kernel_order(arch, train=pas == "train", documents=lay == "documents"))
+        for pas in ("train", "infer")
+        for lay in ("rows", "documents")
+    }
+    return {"measured": arch in ko.load_orders(), "order": order}
 
 
 def _pipe_safe(fn: Callable[[], int]) -> int:

@@ -139,6 +139,21 @@ def test_info_lists_every_backend(capsys):
     assert {b["name"] for b in doc["backends"]} == set(TABLE)
     for b in doc["backends"]:
         assert b["version"] or b["reason"]
+    # GatedDeltaNet's automatic kernel order for this machine, and for the measured Hopper entry
+    assert set(doc["gdn_kernel_order"]["order"]) == {
+        "train_rows",
+        "train_documents",
+        "infer_rows",
+        "infer_documents",
+    }
+    if doc["arch"] == "cpu":
+        assert "GatedDeltaNet backend='auto' on cpu: our PyTorch kernel" in text
+    from conformance.cli import _gdn_order
+
+    hopper = _gdn_order("sm_90")
+    assert hopper["measured"] and hopper["order"]["infer_rows"][0] == "fla"
+    assert hopper["order"]["train_rows"][0] == "triton"
+    assert not _gdn_order("sm_80")["measured"]
 
 
 def _env() -> dict[str, str]:
