@@ -373,7 +373,9 @@ class GatedDeltaNet(SequenceMixer):
         """``(fla for the chunk kernel, fla for conv + norm)`` for this call. ``auto`` walks the
         chunk kernels in the order measured on this GPU architecture for this pass (training or
         inference) and layout (rows or ``documents``), :func:`.kernel_order.kernel_order`, taking
-        the first whose guard lets it run; our PyTorch kernel last."""
+        the first whose guard lets it run; our PyTorch kernel last. A module in training mode takes
+        the training order even without grad (a reentrant activation checkpoint's first pass), so
+        the recomputed forward runs the kernel the first one did."""
         if self.backend == GDNBackendName.torch:
             return False, False
         from .fla import fla_available, fla_kernel_usable
@@ -400,7 +402,8 @@ class GatedDeltaNet(SequenceMixer):
         from ..hardware import info_for
         from .kernel_order import kernel_order
 
-        for name in kernel_order(info_for(x.device).arch, train=needs_grad, documents=documents):
+        train = needs_grad or self.training
+        for name in kernel_order(info_for(x.device).arch, train=train, documents=documents):
             if name == "triton" and self._ours_on_gpu(x):
                 return False, base_ok
             if name == "fla" and fla_kernel_usable(x.device, x.dtype, backward=needs_grad)[0]:

@@ -122,10 +122,13 @@ def test_layer_auto_walks_the_measured_order(monkeypatch):
         return ("fla", "triton") if not train and not documents else ("triton", "fla")
 
     monkeypatch.setattr(ko, "kernel_order", order)
+    m.eval()
     assert m._choose(x, needs_grad=False) == (True, True)  # inference on rows: fla first
     assert m._choose(x, needs_grad=False, documents=True) == (False, True)  # documents: ours
     assert m._choose(x, needs_grad=True) == (False, True)  # training: ours
-    assert seen == [(False, False), (False, True), (True, False)]
+    m.train()  # no grad in training mode (a reentrant checkpoint's first pass): the training order
+    assert m._choose(x, needs_grad=False) == (False, True)
+    assert seen == [(False, False), (False, True), (True, False), (True, False)]
     monkeypatch.setattr(ko, "kernel_order", lambda arch, *, train, documents: ("fla", "triton"))
     assert m._choose(x, needs_grad=True) == (False, True)  # fla first, but its guard refuses: ours
     monkeypatch.setattr(GatedDeltaNet, "_ours_on_gpu", lambda self, x: False)
