@@ -489,6 +489,15 @@ def _kernels() -> SimpleNamespace:
                 )
 
     @triton.jit
+    def _readout_p(q, kt, G, scale, r, PREC: tl.constexpr):
+        """The read-out's intra-chunk matrix ``lower_incl(scale Q K^T exp(G_i - G_j))`` ``[BT, BT]``
+        float32 from ``q [BT, BK]`` and ``kt = K^T [BK, BT]``; ``r = arange(BT)``."""
+        incl = r[:, None] >= r[None, :]
+        p = tl.dot(q, kt, input_precision=PREC)
+        p = p * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+        return tl.where(incl, p, 0.0)
+
+    @triton.jit
     def _wu_tile(
         k_ptr, v_ptr, b_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, q_ptr, p_ptr, scale, t0, L, i_hv, i_h, H, HV, DK, DV,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
@@ -520,10 +529,7 @@ def _kernels() -> SimpleNamespace:
                 mask=mt[:, None] & mk[None, :],
                 other=0.0,
             )
-            incl = r[:, None] >= r[None, :]
-            pm = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)
-            pm = pm * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-            pm = tl.where(incl, pm, 0.0)
+            pm = _readout_p(q, tl.trans(k.to(q.dtype)), G, scale, r, PREC)
             tl.store(
                 p_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :],
                 pm.to(p_ptr.dtype.element_ty),
@@ -630,10 +636,7 @@ def _kernels() -> SimpleNamespace:
             if PRE_P:  # stored by the prep
                 p = tl.load(p_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :], mask=mt[:, None], other=0.0)
             else:
-                incl = r[:, None] >= r[None, :]
-                p = tl.dot(q, kt, input_precision=PREC)
-                p = p * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-                p = tl.where(incl, p, 0.0)
+                p = _readout_p(q, kt, G, scale, r, PREC)
             o += tl.dot(p.to(vn.dtype), vn, input_precision=PREC)
             tl.store(o_ptr + tv, o.to(o_ptr.dtype.element_ty), mask=m_tv)
         kd = (kt.to(tl.float32) * tl.exp(g_last - G)[None, :]).to(w.dtype)
@@ -723,10 +726,7 @@ def _kernels() -> SimpleNamespace:
         if PRE_P:
             p = tl.load(p_ptr + (tok[:, None] * HV + i_hv) * BT + r[None, :], mask=mt[:, None], other=0.0)
         else:
-            incl = r[:, None] >= r[None, :]
-            p = tl.dot(q, tl.trans(k), input_precision=PREC)
-            p = p * scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-            p = tl.where(incl, p, 0.0)
+            p = _readout_p(q, tl.trans(k), G, scale, r, PREC)
         tv = (tok[:, None] * HV + i_hv) * DV + ov[None, :]
         vn = tl.load(vn_ptr + tv, mask=mt[:, None] & mv[None, :], other=0.0)
         o += tl.dot(p.to(vn.dtype), vn, input_precision=PREC)
@@ -1100,7 +1100,7 @@ def _kernels() -> SimpleNamespace:
     # the kernels resolve the helpers they call through the module's globals
     globals().update(
         _diag_inv=_diag_inv, _blk=_blk, _put=_put, _state_chunk=_state_chunk, _dstate_chunk=_dstate_chunk,
-        _t_blocks=_t_blocks, _wu_tile=_wu_tile, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
+        _t_blocks=_t_blocks, _wu_tile=_wu_tile, _readout_p=_readout_p, _piece=_piece, _a_blk=_a_blk, _subst_row=_subst_row, _wu_row=_wu_row, _put_rows=_put_rows,
         _l2_tile_bwd=_l2_tile_bwd, _wy_values=_wy_values, _wy_da=_wy_da, _wy_m=_wy_m,
         _wy_store_db_dg=_wy_store_db_dg, _chunk_span=_chunk_span, _seq_span=_seq_span,
     )  # fmt: skip
