@@ -931,8 +931,10 @@ def _kernel_times(fn: Callable[[], Any], reps: int) -> list[dict[str, Any]]:
         torch.cuda.synchronize()
     per: dict[str, list[float]] = {}
     for ev in prof.events():
-        if ev.device_type.name == "CUDA" and ev.device_time > 0:
-            per.setdefault(ev.name, []).append(ev.device_time)
+        if ev.device_type.name == "CUDA":  # a kernel (or memcpy / memset) on the GPU's timeline
+            us = ev.device_time_total  # its elapsed time
+            if us > 0:
+                per.setdefault(ev.name, []).append(us)
     rows = [{"kernel": name[:120], "calls": len(ts) / reps, "us": sum(ts) / reps} for name, ts in per.items()]
     return sorted(rows, key=lambda r: -r["us"])
 
