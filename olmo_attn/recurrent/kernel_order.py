@@ -58,7 +58,7 @@ def _failures(result: dict[str, Any]) -> dict[str, str]:
     bad: dict[str, str] = {}
     for sec in ("triton_correctness", "correctness"):
         for row in result.get(sec, []) or []:
-            name = row.get("kernel")
+            name = _SUBJECTS.get(row.get("kernel", ""), row.get("kernel"))  # "ours:triton" -> "triton"
             if name in KERNELS and row.get("pass") is False:
                 bad.setdefault(name, f"gdn_bench {sec}: case {row.get('case')} failed against float64")
     for case in result.get("results", []) or []:  # a conformance report

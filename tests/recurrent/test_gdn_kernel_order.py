@@ -70,6 +70,10 @@ def test_derive_ranks_by_geometric_mean_and_excludes_failures():
     excluded = ko.derive([res, bad])["excluded"]
     assert set(excluded) == {"fla", "triton"} and "bench-8k" in excluded["fla"]
     assert "gpu/gdn/triton/rule/float32" in excluded["triton"]
+    # gdn_bench names our Triton kernel "ours:triton"; "ours" (the PyTorch kernel) is not ranked
+    ours_bad = {"triton_correctness": [{"case": "docs", "kernel": "ours:triton", "pass": False}],
+                "correctness": [{"case": "small", "kernel": "ours", "pass": False}]}  # fmt: skip
+    assert set(ko.derive([res, ours_bad])["excluded"]) == {"triton"}
 
 
 def test_write_order_keeps_other_architectures_and_kernel_order_drops_excluded(tmp_path, monkeypatch):
