@@ -34,8 +34,9 @@ __all__ = ["GDNBackendName", "GDNCache", "GatedDeltaNet", "GatedDeltaNetConfig",
 class GDNBackendName(StrEnum):
     """Which Gated DeltaNet kernels run: ``auto`` (the chunk kernel in the order measured on this
     GPU architecture for the pass and layout, :mod:`.kernel_order`, the first whose guard lets it
-    run, our PyTorch kernel last and on CPU), ``triton`` (our Triton kernels or an error), ``torch`` (our PyTorch chunked kernel,
-    on any device), ``fla`` (flash-linear-attention or an error)."""
+    run; our PyTorch kernel last, and on CPU), ``triton`` (our Triton kernels or an error),
+    ``torch`` (our PyTorch chunked kernel, on any device), ``fla`` (flash-linear-attention or an
+    error)."""
 
     auto = "auto"
     torch = "torch"
@@ -411,7 +412,7 @@ class GatedDeltaNet(SequenceMixer):
         return False, base_ok
 
     def _ours_on_gpu(self, x: torch.Tensor) -> bool:
-        """Whether our Triton kernels take this call (``auto`` prefers them to fla on CUDA)."""
+        """Whether our Triton kernels can take this call (the ``triton`` entry of ``auto``'s order)."""
         from .chunked import TRITON_FAILURES
         from .triton_chunk import CHUNK, MAX_DK, triton_available
 
