@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .triton_chunk import triton_available
+from .triton_chunk import _next_pow2, triton_available
 
 __all__ = ["triton_gated_delta_rule_step", "triton_step_usable"]
 
@@ -110,10 +110,6 @@ def _kernel() -> Any:
         tl.store(o_ptr + i_b * so_b + i_hv * so_h + ov, o.to(o_ptr.dtype.element_ty), mask=mv)
 
     return _gdn_step_kernel
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def triton_gated_delta_rule_step(
