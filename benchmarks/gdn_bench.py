@@ -1517,10 +1517,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = _write(result, args.out)
     if args.write_order is not None:
+        from gdn_order import arch_of  # this folder (on sys.path when its scripts run)
+
         from olmo_attn.recurrent import kernel_order as ko
 
-        arch = f"sm_{str(result['env'].get('sm', '')).replace('.', '')}"
-        if device.type != "cuda" or not result.get("triton_speed"):
+        arch = arch_of(result)
+        if device.type != "cuda" or not result.get("triton_speed") or arch is None:
             print("--write-order: needs a GPU run with the triton_speed section; nothing written")
         else:
             path = ko.write_order(
