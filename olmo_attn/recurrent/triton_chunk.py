@@ -1349,8 +1349,10 @@ def _l2_bwd(x: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, dtype: torch.dty
 def _wu_pass(
     kn: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, gc: torch.Tensor, tm: torch.Tensor,
     plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_slots: int, H: int,
+    *, qn: torch.Tensor | None = None, p: torch.Tensor | None = None, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``W``, ``U`` from the saved ``T`` (the backward's recomputation)."""
+    """``W``, ``U`` from the stored ``T`` (after the separate or the inverse-only prep, and in the
+    backward's recomputation); with ``p`` (and ``qn``, ``scale``) also the read-out's ``P`` into it."""
     NT, HV = gc.shape
     Dk, Dv = kn.shape[-1], v.shape[-1]
     cs, cl, _ = plan
@@ -1358,8 +1360,9 @@ def _wu_pass(
     w = torch.empty(NT, HV, Dk, dtype=kn.dtype, device=kn.device)
     u = torch.empty(NT, HV, Dv, dtype=kn.dtype, device=kn.device)
     _kernels().wu[(n_slots, HV)](
-        kn, v, beta, gc, tm, w, u, kn, gc, cs, cl, 1.0, H, HV, HV // H, Dk, Dv,
-        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=_prec(kn.dtype), PRE_P=False, **_cfg("wu"),
+        kn, v, beta, gc, tm, w, u, qn if p is not None else kn, p if p is not None else gc, cs, cl, float(scale),
+        H, HV, HV // H, Dk, Dv,
+        BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=_prec(kn.dtype), PRE_P=p is not None, **_cfg("wu"),
     )  # fmt: skip
     return w, u
 
@@ -1438,18 +1441,15 @@ def _fwd_impl(
     p = torch.empty(NT, HV, CHUNK, dtype=dt, device=q.device) if pre_p else None
     pp = p if p is not None else gc
     if FUSED["prep"]:
-        w = torch.empty(NT, HV, Dk, dtype=dt, device=q.device)
-        u = torch.empty(NT, HV, Dv, dtype=dt, device=q.device)
         pre = TILES["prep_wu"]
+        w = torch.empty(NT if pre != 2 else 0, HV, Dk, dtype=dt, device=q.device)  # mode 2: by _wu
+        u = torch.empty(NT if pre != 2 else 0, HV, Dv, dtype=dt, device=q.device)
         kern.prep[(n_slots, HV)](
             kn, v2, g2, b2, gc, tm, w, u, qn, pp, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
             BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, WU=pre, PRE_P=pre_p and pre == 1, **_cfg("prep"),
         )  # fmt: skip
         if pre == 2:
-            kern.wu[(n_slots, HV)](
-                kn, v2, b2, gc, tm, w, u, qn, pp, cs, cl, float(scale), H, HV, HV // H, Dk, Dv,
-                BT=CHUNK, BK=BK, BV=BVc, NV=-(-Dv // BVc), PREC=prec, PRE_P=pre_p, **_cfg("wu"),
-            )  # fmt: skip
+            w, u = _wu_pass(kn, v2, b2, gc, tm, plan, n_slots, H, qn=qn, p=p, scale=scale)
     else:
         a = torch.empty(NT, HV, CHUNK, dtype=torch.float32, device=q.device)
         kern.kkt[(n_slots, HV)](
